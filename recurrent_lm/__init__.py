@@ -1,0 +1,14 @@
+"""recurrent-lm: recurrent-depth ("looped") language models that reason in latent space."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .cache import RecurrentCache
+from .config import RecurrentConfig
+from .flops import FlopCount, forward_flops
+from .model import RecurrentLM, RecurrentLMOutput, sample_num_steps
+
+AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig, exist_ok=True)
+AutoModelForCausalLM.register(RecurrentConfig, RecurrentLM, exist_ok=True)
+
+__all__ = ["FlopCount", "RecurrentCache", "RecurrentConfig", "RecurrentLM", "RecurrentLMOutput", "forward_flops",
+           "sample_num_steps"]

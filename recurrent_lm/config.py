@@ -1,0 +1,131 @@
+"""Configuration of a recurrent-depth language model.
+
+The layout is Huginn-0125's (Geiping et al. 2025): a prelude of transformer blocks embeds the input, a recurrent
+core of blocks is applied r times with the prelude's output injected at every step, and a coda decodes. The
+defaults are Huginn-0125's own shape; `RecurrentConfig.preset("debug")` gives a tiny model for tests.
+"""
+
+import math
+from typing import Any, ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict
+class RecurrentConfig(PreTrainedConfig):
+    r"""Configuration of [`RecurrentLM`].
+
+    Args:
+        vocab_size: number of tokens in the vocabulary (rows of the embedding and of the LM head).
+        hidden_size: width d of the residual stream and of the latent state.
+        num_attention_heads: attention heads per block; hidden_size must divide by it.
+        intermediate_size: width of the gated SiLU MLP.
+        num_prelude_layers: blocks that embed the input once per token (may be 0).
+        num_core_layers: blocks of the recurrent core, applied `num_steps` times (at least 1).
+        num_coda_layers: blocks that decode the final latent state (may be 0).
+        mean_recurrence: mean number of core steps drawn per training forward pass, and the depth used in eval
+            mode when no `num_steps` is given.
+        mean_backprop_depth: steps at the end of the unrolled core that get gradients during training; earlier
+            steps run without an autograd graph (truncated backpropagation). It may exceed mean_recurrence: then
+            every drawn step gets gradients.
+        max_position_embeddings: longest sequence (prompt plus generated tokens) the model accepts.
+        rope_theta: base of the rotary position embedding.
+        use_rope: rotary positions on queries and keys; False gives a position-free (NoPE) causal model.
+        qk_bias: a learned bias added to queries and keys before the rotation (Huginn-0125 has one).
+        rms_norm_eps: epsilon of every RMSNorm.
+        scale_embeddings: multiply token embeddings (and the random initial state) by sqrt(hidden_size).
+        init_scale: scale of the random initial latent state (a truncated normal of std
+            sqrt(2 / (5 d)) * init_scale, cut at 3 std); 0 gives a zero, deterministic initial state.
+        initializer_range: std of the weight initialisation; None means sqrt(2 / (5 d)) ("small init" of
+            Nguyen & Salazar, used by Huginn), with output projections further scaled by
+            1 / sqrt(2 * effective depth at mean_recurrence).
+        tie_word_embeddings: share the LM head with the token embedding.
+    """
+
+    model_type: ClassVar[str] = "recurrent_lm"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+
+    vocab_size: int = 65536
+    hidden_size: int = 5280
+    num_attention_heads: int = 55
+    intermediate_size: int = 17920
+    num_prelude_layers: int = 2
+    num_core_layers: int = 4
+    num_coda_layers: int = 2
+    mean_recurrence: int = 32
+    mean_backprop_depth: int = 8
+    max_position_embeddings: int = 4096
+    rope_theta: float = 50000.0
+    use_rope: bool = True
+    qk_bias: bool = True
+    rms_norm_eps: float = 1e-6
+    scale_embeddings: bool = True
+    init_scale: float = 1.0
+    initializer_range: float | None = None
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Effective depth at mean_recurrence: prelude + core * mean_recurrence + coda."""
+        return self.effective_depth(self.mean_recurrence)
+
+    def effective_depth(self, num_steps: int) -> int:
+        return self.num_prelude_layers + self.num_core_layers * num_steps + self.num_coda_layers
+
+    @property
+    def embedding_scale(self) -> float:
+        return math.sqrt(self.hidden_size) if self.scale_embeddings else 1.0
+
+    @property
+    def base_std(self) -> float:
+        """Std of the weights and of the random initial state: sqrt(2 / (5 d)) unless initializer_range is set."""
+        return self.initializer_range if self.initializer_range is not None else math.sqrt(2 / (5 * self.hidden_size))
+
+    def validate_architecture(self):
+        """Called by @strict on construction: every invalid value is a ValueError that names the field."""
+        positive = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_core_layers",
+                    "mean_recurrence", "mean_backprop_depth", "max_position_embeddings")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"RecurrentConfig.{name} must be at least 1, got {getattr(self, name)}"
+                                 + (" (a recurrent-depth model needs a core)" if name == "num_core_layers" else ""))
+        for name in ("num_prelude_layers", "num_coda_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RecurrentConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"RecurrentConfig.hidden_size ({self.hidden_size}) is not divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.use_rope and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of channels: head_dim = hidden_size / num_attention_heads must be "
+                             f"even, got {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RecurrentConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.init_scale < 0:
+            raise ValueError(f"RecurrentConfig.init_scale must be >= 0, got {self.init_scale}")
+        if self.initializer_range is not None and self.initializer_range <= 0:
+            raise ValueError(f"RecurrentConfig.initializer_range must be > 0 or None, got {self.initializer_range}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "RecurrentConfig":
+        """A named shape: "huginn-0125" (3.5B, the defaults) or "debug" (tiny, for tests and CPU smoke runs)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "huginn-0125": {},
+    "debug": dict(vocab_size=256, hidden_size=64, num_attention_heads=4, intermediate_size=160,
+                  num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4,
+                  mean_backprop_depth=2, max_position_embeddings=256),
+}

@@ -1,0 +1,65 @@
+"""The one compute counter: forward FLOPs of a RecurrentLM, used by every evaluation in this project.
+
+Counted: every matrix multiply (2 FLOPs per multiply-add) of the linear layers a token passes through, and the
+two attention products (q k^T and attn v) of every attention layer. Attention is counted at the dense q x k size
+the kernel computes (q new tokens against context + q keys), as torch's FlopCounterMode and the usual MFU formula
+do; norms, activations and rotary embeddings (a few FLOPs per channel) are left out.
+
+A model with r core steps passes every token through prelude + r * (adapter + core) + coda, so compute is linear
+in r: the latent model's "thinking longer" and a chain-of-thought model's "writing more tokens" land on one axis.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import RecurrentConfig
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    flops: int  # forward FLOPs
+    params: int  # matmul parameters each new token passes through (layers applied r times counted r times)
+
+    def __add__(self, other: "FlopCount") -> "FlopCount":
+        return FlopCount(self.flops + other.flops, self.params + other.params)
+
+
+def _total_steps(num_steps) -> int:
+    return sum(num_steps) if isinstance(num_steps, (tuple, list)) else int(num_steps)
+
+
+def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new_tokens: int = 1,
+                  context_length: int = 0, batch_size: int = 1, logit_tokens: int | None = None) -> FlopCount:
+    """FLOPs of one forward call that feeds `new_tokens` tokens (per sequence) with `context_length` tokens already
+    in the cache, running `num_steps` core steps (an int or a (no-grad, grad) pair), computing logits for
+    `logit_tokens` positions (default: all new tokens)."""
+    steps = _total_steps(num_steps)
+    if steps < 1 or new_tokens < 0 or context_length < 0 or batch_size < 1:
+        raise ValueError(f"need num_steps >= 1, new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
+                         f"{steps}, {new_tokens}, {context_length}, {batch_size}")
+    d, inter = config.hidden_size, config.intermediate_size
+    block = 4 * d * d + 3 * d * inter  # qkv (3d^2) + attention out (d^2) + fused gate/up (2dI) + down (dI)
+    head = config.vocab_size * d
+    blocks = config.num_prelude_layers + steps * config.num_core_layers + config.num_coda_layers
+    body = blocks * block + steps * 2 * d * d  # the adapter maps [state, input] (2d) -> d at every step
+    logit_tokens = new_tokens if logit_tokens is None else min(logit_tokens, new_tokens)
+    attention = blocks * 4 * new_tokens * (context_length + new_tokens) * d
+    flops = batch_size * (2 * new_tokens * body + 2 * logit_tokens * head + attention)
+    return FlopCount(flops=flops, params=body + head)
+
+
+def generation_flops(config: RecurrentConfig, prompt_length: int, num_steps: int | Sequence[int],
+                     new_tokens: int | None = None, batch_size: int = 1) -> FlopCount:
+    """FLOPs of generating tokens with a KV cache: one prefill of the prompt that yields the first token, then one
+    single-token forward for each further token. `num_steps` is one depth for all tokens or the depth each
+    generated token used (adaptive exit); the prefill runs at the first token's depth. Logits are computed for
+    the last position only, as generate does."""
+    steps = [int(num_steps)] * (new_tokens or 0) if isinstance(num_steps, int) else list(num_steps)
+    if new_tokens is not None and len(steps) != new_tokens:
+        raise ValueError(f"got {len(steps)} per-token depths for {new_tokens} new tokens")
+    if not steps:
+        return FlopCount(0, 0)
+    total = forward_flops(config, steps[0], prompt_length, 0, batch_size, logit_tokens=1)
+    for i, depth in enumerate(steps[1:]):
+        total = total + forward_flops(config, depth, 1, prompt_length + i, batch_size)
+    return total

@@ -1,0 +1,422 @@
+"""A recurrent-depth ("looped") language model, Huginn-0125's layout, as a Hugging Face causal LM.
+
+    tokens -> embedding * sqrt(d) -> prelude blocks -> e
+    s_0 = random (or zero, or given) latent state
+    s_t = core_blocks(adapter([s_{t-1}, e]))              for t = 1 .. r
+    logits = head(norm(coda_blocks(norm(s_r))))
+
+r ("num_steps") is chosen per call: at training time it is drawn at random so the model learns to use any depth,
+and at test time it is the knob that trades compute for accuracy. Read top to bottom: norms, rotary positions,
+attention, MLP, the sandwich block, the step-count sampler, then the model.
+"""
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import RecurrentCache
+from .config import RecurrentConfig
+
+StepCounts = tuple[int, int]  # (steps run without gradient, steps run with gradient)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (low-precision squares overflow), cast back before the gain."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_angles(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, float32, shaped (batch, 1, seq, head_dim / 2) to broadcast over heads."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    angles = position_ids.float()[:, None, :, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ADJACENT channel pairs (2i, 2i+1) of each head, as Huginn does (Llama rotates the two halves)."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention through torch SDPA, with a fused qkv projection and an optional qk bias."""
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.qk_bias = nn.Parameter(torch.zeros(2, config.num_attention_heads, 1, config.head_dim)) if config.qk_bias else None
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.proj.is_residual_output = True  # scaled down at init, see RecurrentPreTrainedModel._init_weights
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache=None, cache_key=None) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
+        if self.qk_bias is not None:
+            q, k = q + self.qk_bias[0], k + self.qk_bias[1]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # keys and values of earlier tokens at this (layer, step), plus these
+            k, v = cache.update(k, v, cache_key)
+        # mask None means plain causal attention over q (no padding, nothing cached) or one query seeing everything
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+        return self.proj(rearrange(y, "b h s d -> b s (h d)"))
+
+
+class GatedMLP(nn.Module):
+    """SiLU-gated MLP with one fused input projection: silu(a) * b, where [a, b] = fc(x)."""
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.proj.is_residual_output = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class SandwichBlock(nn.Module):
+    """x = norm(attn(norm(x)) + x); x = norm(mlp(norm(x)) + x). Normalising after each residual add keeps the
+    state's scale fixed however many times the core is applied, which is what makes deep unrolling stable."""
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.attn_in_norm, self.attn_out_norm = RMSNorm(config.hidden_size, eps), RMSNorm(config.hidden_size, eps)
+        self.mlp_in_norm, self.mlp_out_norm = RMSNorm(config.hidden_size, eps), RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None) -> Tensor:
+        x = self.attn_out_norm(self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key) + x)
+        return self.mlp_out_norm(self.mlp(self.mlp_in_norm(x)) + x)
+
+
+def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None) -> StepCounts:
+    """Draw a training depth r >= 1 and split it into (steps without gradient, steps with gradient).
+
+    r = 1 + Poisson(lambda), lambda ~ LogNormal(mu, 0.5) with E[lambda] = mean_recurrence - 1, so E[r] equals
+    mean_recurrence exactly (Huginn's reference draws lambda with mean mean_recurrence, so its mean is one step
+    more). The heavy right tail trains the model to keep improving at depths well past the mean. Only the last
+    `backprop_depth` steps get gradients, so memory does not grow with r.
+    """
+    sigma = 0.5
+    if mean_recurrence <= 1:
+        depth = 1
+    else:
+        mu = math.log(mean_recurrence - 1) - sigma**2 / 2
+        rate = torch.exp(mu + sigma * torch.randn((), generator=generator))
+        depth = int(torch.poisson(rate, generator=generator)) + 1
+    with_grad = min(backprop_depth, depth)
+    return depth - with_grad, with_grad
+
+
+def _step_count(value: Any, what: str) -> int:
+    """An int (or 0-d integer tensor) >= 0; anything else is a clear error."""
+    if isinstance(value, Tensor):
+        if value.ndim != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{what} must be an integer or a 0-d integer tensor, got a tensor {tuple(value.shape)} {value.dtype}")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return int(value)
+
+
+def resolve_num_steps(num_steps: Any) -> StepCounts:
+    """num_steps as given by a caller -> (steps without gradient, steps with gradient).
+
+    An int r runs r steps that all keep the autograd graph (when grad is enabled at all); a pair (n, k) runs n
+    steps under no_grad and then k steps with gradient (truncated backprop).
+    """
+    if isinstance(num_steps, (tuple, list)) or (isinstance(num_steps, Tensor) and num_steps.ndim == 1):
+        if len(num_steps) != 2:
+            raise ValueError(f"num_steps as a pair must be (steps without gradient, steps with gradient), got {num_steps!r}")
+        counts = (_step_count(num_steps[0], "num_steps[0]"), _step_count(num_steps[1], "num_steps[1]"))
+        if sum(counts) < 1:
+            raise ValueError(f"num_steps must total at least 1 step, got {tuple(counts)}")
+        return counts
+    steps = _step_count(num_steps, "num_steps")
+    if steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {steps}")
+    return 0, steps
+
+
+@dataclass
+class RecurrentLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus what is particular to a recurrent-depth model.
+
+    latent_state: the core's final state (before the shared norm), e.g. to warm-start the next token.
+    latent_states: the state after every core step, if output_latent_states.
+    step_logits: the logits the coda gives after every step ("logit lens"), if output_step_logits.
+    num_steps: the (without gradient, with gradient) step counts this call ran.
+    """
+
+    latent_state: Tensor | None = None
+    latent_states: tuple[Tensor, ...] | None = None
+    step_logits: tuple[Tensor, ...] | None = None
+    num_steps: StepCounts | None = None
+
+
+class RecurrentPreTrainedModel(PreTrainedModel):
+    config_class = RecurrentConfig
+    config: RecurrentConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["SandwichBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal "small init" of std sqrt(2 / 5d); output projections of the blocks are scaled by
+        1 / sqrt(2 * effective depth) so the residual stream does not grow with depth (Huginn's "takase")."""
+        std = self.config.base_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_output", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, Attention) and module.qk_bias is not None:
+            init.zeros_(module.qk_bias)
+
+
+class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
+    """Recurrent-depth causal LM. See the module docstring for the data flow and `forward` for the arguments."""
+
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_prelude_layers))
+        self.adapter = nn.Linear(2 * d, d, bias=False)  # input injection: [state, embedded input] -> state
+        self.core = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_core_layers))
+        self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_coda_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps)  # shared: after the core and again after the coda
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # Source of the random training depths; seed it identically on every rank (see seed_recurrence).
+        self.recurrence_generator = torch.Generator().manual_seed(0)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def seed_recurrence(self, seed: int) -> None:
+        """Make the training-time depth draws reproducible, and identical on every rank that uses the same seed."""
+        self.recurrence_generator.manual_seed(seed)
+
+    def sample_num_steps(self) -> StepCounts:
+        return sample_num_steps(self.config.mean_recurrence, self.config.mean_backprop_depth, self.recurrence_generator)
+
+    def initial_state(self, like: Tensor, init_scale: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """s_0: truncated normal of std sqrt(2/5d) * init_scale cut at 3 std (times the embedding scale); zeros if
+        init_scale is 0. The noise is why two calls differ; pass a seeded generator to make them repeat."""
+        scale = self.config.init_scale if init_scale is None else init_scale
+        state = torch.zeros_like(like)
+        std = self.config.base_std * scale
+        if std > 0:
+            torch.nn.init.trunc_normal_(state, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+            state = state * self.config.embedding_scale
+        return state
+
+    # --- the three stages ------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: Tensor, rope, mask, cache=None) -> Tensor:
+        x = self.embed_tokens(input_ids) * self.config.embedding_scale
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, mask, cache, ("prelude", i))
+        return x
+
+    def core_step(self, state: Tensor, embedded: Tensor, step: int, rope, mask, cache=None) -> Tensor:
+        """One recurrence: inject the prelude's output into the state, then run the core blocks."""
+        x = self.adapter(torch.cat([state, embedded], dim=-1))
+        for i, block in enumerate(self.core):
+            x = block(x, rope, mask, cache, ("core", i, step))
+        return x
+
+    def decode(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0) -> Tensor:
+        """Shared norm -> coda -> shared norm -> LM head; logits in float32."""
+        x = self.norm(state)
+        for i, block in enumerate(self.coda):
+            x = block(x, rope, mask, cache, ("coda", i))
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x).float()
+
+    # --- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        labels: Tensor | None = None,
+        num_steps: int | tuple[int, int] | Tensor | None = None,
+        use_cache: bool | None = None,
+        initial_state: Tensor | None = None,
+        init_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        output_latent_states: bool = False,
+        output_step_logits: bool = False,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **unused: Any,
+    ) -> RecurrentLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (batch, seq) token ids in [0, vocab_size).
+            attention_mask: (batch, past + seq), 1 for real tokens and 0 for padding (left padding). Padded keys are
+                never attended to, so each row gets the logits it would get alone.
+            position_ids: (batch, seq); by default counted over the real tokens of each row.
+            past_key_values: a RecurrentCache holding keys/values per (layer, recurrence step).
+            labels: (batch, seq) targets in the transformers convention: the same ids as input_ids (they are
+                shifted inside, token t predicts label t+1), with -100 at positions that take no loss.
+            num_steps: core recurrences. An int r (or 0-d integer tensor) runs r steps, all with gradient when
+                grad is enabled; a pair (n, k) runs n steps under no_grad, then k with gradient. None draws a
+                random pair in training mode (see sample_num_steps) and means mean_recurrence in eval mode.
+            initial_state: (batch, seq, hidden) latent state to start from instead of a random one.
+            init_scale / generator: scale of, and random source for, the random initial state.
+            output_latent_states / output_step_logits: also return the state / the coda's logits after every step.
+            logits_to_keep: if > 0, compute logits only for the last that many positions (generation).
+        """
+        unknown = set(unused) - {"cache_position", "output_attentions", "output_hidden_states", "inputs_embeds"}
+        if unknown:
+            raise TypeError(f"RecurrentLM.forward got unexpected arguments {sorted(unknown)}")
+        if unused.get("inputs_embeds") is not None:
+            raise ValueError("RecurrentLM takes input_ids, not inputs_embeds")
+        config = self.config
+        if num_steps is None:
+            no_grad_steps, grad_steps = self.sample_num_steps() if self.training else (0, config.mean_recurrence)
+        else:
+            no_grad_steps, grad_steps = resolve_num_steps(num_steps)
+        self._check_token_ids(input_ids)
+        batch, seq_len = input_ids.shape
+        if use_cache is None:  # a cache costs memory that grows with num_steps: only when asked for
+            use_cache = past_key_values is not None
+        if use_cache and past_key_values is None:
+            past_key_values = RecurrentCache()
+        cache = past_key_values if use_cache else None
+        past_len = cache.get_seq_length() if cache is not None else 0
+
+        position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device)
+        rope = rope_angles(position_ids, config.head_dim, config.rope_theta) if config.use_rope else None
+        mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device)
+
+        embedded = self.embed(input_ids, rope, mask, cache)
+        state = initial_state if initial_state is not None else self.initial_state(embedded, init_scale, generator)
+        if state.shape != embedded.shape:
+            raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(state.shape)}")
+        states = []
+        for step in range(no_grad_steps + grad_steps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= no_grad_steps):
+                state = self.core_step(state, embedded, step, rope, mask, cache)
+            states.append(state)
+
+        step_logits = None
+        if output_step_logits:  # the logit lens: decode every step, without writing the coda's cache for them
+            lens_cache = cache.read_only() if cache is not None else None
+            step_logits = tuple(self.decode(s, rope, mask, lens_cache, logits_to_keep) for s in states)
+        logits = self.decode(state, rope, mask, cache, logits_to_keep)
+
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need logits at every position: leave logits_to_keep at 0")
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+        return RecurrentLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            latent_state=state,
+            latent_states=tuple(states) if output_latent_states else None,
+            step_logits=step_logits,
+            num_steps=(no_grad_steps, grad_steps),
+        )
+
+    def _check_token_ids(self, input_ids: Tensor) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def _positions(self, position_ids, attention_mask, batch, seq_len, past_len, device) -> Tensor:
+        if attention_mask is not None and attention_mask.shape != (batch, past_len + seq_len):
+            raise ValueError(f"attention_mask must be (batch, past + seq) = {(batch, past_len + seq_len)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:  # count real tokens only, so a left-padded row starts at position 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq_len, device=device).expand(batch, -1)
+        elif position_ids.ndim == 1:
+            position_ids = position_ids.expand(batch, -1)
+        limit = self.config.max_position_embeddings
+        if past_len + seq_len > limit or (position_ids.numel() and int(position_ids.max()) >= limit):
+            raise ValueError(f"sequence of {past_len + seq_len} tokens (positions up to "
+                             f"{int(position_ids.max()) if position_ids.numel() else 0}) exceeds "
+                             f"max_position_embeddings = {limit}")
+        return position_ids
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, except that a checkpoint that does not match its config (missing,
+        unexpected or wrongly shaped weights) is an error instead of a silently re-initialised model."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            raise ValueError(f"checkpoint does not match its config: {error}") from error
+        problems = {name: sorted(info.get(name) or []) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {name: keys for name, keys in problems.items() if keys}
+        if problems:
+            raise ValueError(f"checkpoint does not match its config: {problems}")
+        return (model, info) if want_info else model
+
+
+def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device) -> Tensor | None:
+    """Boolean SDPA mask (batch, 1, q, past + q), True = may attend; None where plain causal attention is exact.
+
+    Padded keys are masked out. A padded query still sees itself, so no row is empty (an all-False row makes SDPA
+    return NaN); its output is garbage that no real token ever reads.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_len == 0 or q_len == 1):
+        return None
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
+    k_pos = torch.arange(past_len + q_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None]
+    if padded:
+        allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos == q_pos)[None]
+    return allowed[:, None]
