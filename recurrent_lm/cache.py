@@ -31,8 +31,10 @@ class RecurrentCache(Cache):
             layer = DynamicLayer()
             self.layers.append(layer)
             earlier = self._earlier_step(key)
-            if earlier is not None and earlier.get_seq_length() > 0:
-                layer.update(earlier.keys.clone(), earlier.values.clone())
+            # tokens cached before this forward call; the first key of every call is updated before any other
+            past = self.get_seq_length() - key_states.shape[-2] if len(self.layers) > 1 else 0
+            if earlier is not None and past > 0:
+                layer.update(earlier.keys[..., :past, :].clone(), earlier.values[..., :past, :].clone())
         return self._layer(key).update(key_states, value_states)
 
     def _earlier_step(self, key: Hashable) -> DynamicLayer | None:

@@ -137,7 +137,7 @@ def convert_huginn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dt
     if not src.is_dir():
         raise FileNotFoundError(f"Huginn checkpoint directory {src} does not exist")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True, or --overwrite true on the command line, to replace it)")
     config = huginn_config(src)
     expected = _expected_shapes(config)
     cast = getattr(torch, dtype) if dtype else None

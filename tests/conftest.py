@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from recurrent_lm import RecurrentConfig, RecurrentLM
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HUGINN_TINY = FIXTURES / "huginn-tiny"
+
+
+@pytest.fixture
+def tiny_config() -> RecurrentConfig:
+    return RecurrentConfig.preset("debug")
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> RecurrentLM:
+    torch.manual_seed(0)
+    return RecurrentLM(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def huginn_dir(tmp_path_factory) -> Path:
+    """The huginn-tiny fixture converted once per test session."""
+    from recurrent_lm.huginn import convert_huginn_checkpoint
+
+    return convert_huginn_checkpoint(HUGINN_TINY, tmp_path_factory.mktemp("converted") / "huginn-tiny")
+
+
+@pytest.fixture(scope="session")
+def huginn_cases() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(HUGINN_TINY / "cases.safetensors")

@@ -1,0 +1,58 @@
+"""The one compute counter against torch's own FLOP counter."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from recurrent_lm import RecurrentConfig, RecurrentLM, forward_flops
+from recurrent_lm.flops import generation_flops
+
+
+def measured_flops(model, **kwargs) -> int:
+    # The math SDPA backend runs attention as matmuls that FlopCounterMode sees (the fused CPU kernel it does not).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**kwargs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("steps", [1, 3, (2, 2)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_flops_match_torch_flop_counter(steps, tied):
+    config = RecurrentConfig.preset("debug", tie_word_embeddings=tied)
+    model = RecurrentLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (3, 24))
+    measured = measured_flops(model, input_ids=ids, num_steps=steps)
+    counted = forward_flops(config, steps, new_tokens=24, batch_size=3).flops
+    assert abs(counted - measured) / measured < 0.05
+
+
+def test_flops_with_cache_context_and_last_logits_only():
+    config = RecurrentConfig.preset("debug")
+    model = RecurrentLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        cache = model(ids[:, :15], num_steps=3, use_cache=True).past_key_values
+    measured = measured_flops(model, input_ids=ids[:, 15:], num_steps=3, past_key_values=cache, logits_to_keep=1)
+    counted = forward_flops(config, 3, new_tokens=5, context_length=15, batch_size=2, logit_tokens=1).flops
+    assert abs(counted - measured) / measured < 0.05
+
+
+def test_flops_grow_linearly_with_depth_and_params_count_repeats():
+    config = RecurrentConfig.preset("debug")
+    f1, f2, f3 = (forward_flops(config, r, new_tokens=16) for r in (1, 2, 3))
+    assert f3.flops - f2.flops == f2.flops - f1.flops > 0
+    d, inter = config.hidden_size, config.intermediate_size
+    per_step = config.num_core_layers * (4 * d * d + 3 * d * inter) + 2 * d * d
+    assert f2.params - f1.params == per_step
+
+
+def test_generation_flops_is_prefill_plus_one_token_per_step():
+    config = RecurrentConfig.preset("debug")
+    total = generation_flops(config, prompt_length=10, num_steps=[4, 2, 8])
+    expected = (forward_flops(config, 4, 10, logit_tokens=1).flops + forward_flops(config, 2, 1, 10).flops
+                + forward_flops(config, 8, 1, 11).flops)
+    assert total.flops == expected
+    assert generation_flops(config, 10, 4, new_tokens=3).flops == generation_flops(config, 10, [4, 4, 4]).flops
+    with pytest.raises(ValueError, match="num_steps >= 1"):
+        forward_flops(config, 0)
