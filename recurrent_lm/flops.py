@@ -41,7 +41,8 @@ def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new
     block = 4 * d * d + 3 * d * inter  # qkv (3d^2) + attention out (d^2) + fused gate/up (2dI) + down (dI)
     head = config.vocab_size * d
     blocks = config.num_prelude_layers + steps * config.num_core_layers + config.num_coda_layers
-    body = blocks * block + steps * 2 * d * d  # the adapter maps [state, input] (2d) -> d at every step
+    # the adapter maps [state, input] (2d) -> d: its state half runs every step, its input half once per forward
+    body = blocks * block + steps * d * d + d * d
     logit_tokens = new_tokens if logit_tokens is None else min(logit_tokens, new_tokens)
     attention = blocks * 4 * new_tokens * (context_length + new_tokens) * d
     flops = batch_size * (2 * new_tokens * body + 2 * logit_tokens * head + attention)
