@@ -281,3 +281,21 @@ def test_cached_continuation_matches_full_forward(tiny_model):
         rest = tiny_model(x[:, 8:], num_steps=3, init_scale=0.0, past_key_values=prefix.past_key_values)
     torch.testing.assert_close(rest.logits, full[:, 8:], atol=1e-5, rtol=1e-5)
     assert prefix.past_key_values.get_seq_length() == 12
+
+
+@pytest.mark.parametrize("name", ["debug", "huginn-0125"])
+def test_model_yaml_configs_match_presets(name):
+    import yaml
+
+    from .conftest import FIXTURES
+
+    fields = yaml.safe_load((FIXTURES.parent.parent / "configs" / "model" / f"{name}.yaml").read_text())
+    assert RecurrentConfig(**fields).to_dict() == RecurrentConfig.preset(name).to_dict()
+
+
+def test_huginn_0125_shape_has_the_published_parameter_counts():
+    with torch.device("meta"):
+        model = RecurrentLM(RecurrentConfig())
+    total = sum(p.numel() for p in model.parameters())
+    core = sum(p.numel() for p in model.core.parameters())
+    assert 3.4e9 < total < 3.6e9 and 1.55e9 < core < 1.6e9

@@ -1,0 +1,1 @@
+"""Lightning training of recurrent-depth models (random depth, truncated backprop)."""
