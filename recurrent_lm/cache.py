@@ -2,11 +2,19 @@
 
 Step j of the core at a new token attends to the step-j keys and values of earlier tokens, so the cache is keyed
 by ("prelude", layer), ("core", layer, step) and ("coda", layer). Each key owns one transformers DynamicLayer, so
-transformers' own cache operations (crop, batch reordering for beam search) work unchanged. Keys appear lazily:
-`generate(num_steps=R)` works for any R, unlike a DynamicCache that pre-allocates num_hidden_layers slots.
+transformers' own cache operations (crop, batch reordering) work unchanged, and keys appear lazily:
+`generate(num_steps=R)` works for any R, where a DynamicCache pre-allocates num_hidden_layers slots and fails.
 
-When a step appears for the first time after earlier tokens were cached without it, its past is a copy of the
-previous step's past: every token then contributes its latest computed step (Huginn's "latest" substitute).
+Strategies (`core_slots`), with the cache bytes per token for P prelude, C core, K coda layers, r steps, width d:
+- None, "full": every step keeps its own entry; 2 * (P + C * r + K) * d values per token: memory grows with r.
+- N, "ring": a fixed budget of N slots per core layer; step j reads and writes slot j mod N, so each slot holds,
+  for every earlier token, its latest step congruent to j (Huginn's "compress-sN"). 2 * (P + C * min(r, N) + K)
+  * d values per token, whatever r is. N = 1 keeps only each token's last step.
+
+Substitutes: a token that did not compute step j (it exited early, or was generated at a smaller depth) has no
+step-j entry of its own. A later token's step j then reads that token's latest computed step (the previous
+slot's entry; Huginn's "latest" lookup). The same holds inside a batch: a row that has exited freezes its state,
+and the entries it would write at later steps are replaced by its latest computed ones.
 """
 
 from collections.abc import Hashable
@@ -17,38 +25,85 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class RecurrentCache(Cache):
-    def __init__(self):
+    """Cache keyed by (layer, step). See the module docstring for the strategies.
+
+    Besides keys and values it carries what decoding needs between calls: `latent_state`, the final latent state
+    of the last token fed (for continuous chain of thought), and `steps_used`, the steps each fed token ran
+    (one (batch, tokens) tensor per forward call).
+    """
+
+    def __init__(self, core_slots: int | None = None):
+        if core_slots is not None and (isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1):
+            raise ValueError(f"core_slots must be None (full cache) or an integer >= 1, got {core_slots!r}")
         super().__init__(layer_class_to_replicate=DynamicLayer)
+        self.core_slots = core_slots
         self.slot_of: dict[Hashable, int] = {}
+        self.latent_state: Tensor | None = None
+        self.steps_used: list[Tensor] = []
+        self.exited: Tensor | None = None  # (batch, new tokens) bool, set by the model while it steps
+        self.seen_tokens = 0
+
+    def begin(self, new_tokens: int) -> None:
+        """Called once at the start of every forward call that feeds new_tokens tokens."""
+        self.seen_tokens += new_tokens
+        self.exited = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def slot(self, key: Hashable) -> Hashable:
+        if self.core_slots is not None and key[0] == "core":
+            return ("core", key[1], key[2] % self.core_slots)
+        return key
 
     def _layer(self, key: Hashable) -> DynamicLayer | None:
-        slot = self.slot_of.get(key)
-        return None if slot is None else self.layers[slot]
+        index = self.slot_of.get(self.slot(key))
+        return None if index is None else self.layers[index]
+
+    def _previous_step(self, key: Hashable) -> DynamicLayer | None:
+        return self._layer(("core", key[1], key[2] - 1)) if key[0] == "core" and key[2] > 0 else None
 
     def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if key not in self.slot_of:
-            self.slot_of[key] = len(self.layers)
+        layer = self._layer(key)
+        if layer is None:
+            self.slot_of[self.slot(key)] = len(self.layers)
             layer = DynamicLayer()
             self.layers.append(layer)
-            earlier = self._earlier_step(key)
-            # tokens cached before this forward call; the first key of every call is updated before any other
-            past = self.get_seq_length() - key_states.shape[-2] if len(self.layers) > 1 else 0
-            if earlier is not None and past > 0:
-                layer.update(earlier.keys[..., :past, :].clone(), earlier.values[..., :past, :].clone())
-        return self._layer(key).update(key_states, value_states)
-
-    def _earlier_step(self, key: Hashable) -> DynamicLayer | None:
-        if isinstance(key, tuple) and key[0] == "core" and key[2] > 0:
-            return self._layer(("core", key[1], key[2] - 1))
-        return None
+        total, new = self.seen_tokens, key_states.shape[-2]  # tokens including this call's
+        past, have = total - new, layer.get_seq_length()
+        previous = self._previous_step(key)
+        if self.exited is not None and previous is not None:  # frozen rows keep their latest computed entries
+            frozen = self.exited[:, None, :, None]
+            key_states = torch.where(frozen, previous.keys[..., past:total, :], key_states)
+            value_states = torch.where(frozen, previous.values[..., past:total, :], value_states)
+        if have == total:  # a ring slot this call already wrote at an earlier step: overwrite this call's part
+            layer.keys[..., past:, :] = key_states
+            layer.values[..., past:, :] = value_states
+            return layer.keys, layer.values
+        if have < past:  # earlier tokens never computed this step: they contribute their latest computed step
+            layer.update(previous.keys[..., have:past, :], previous.values[..., have:past, :])
+        return layer.update(key_states, value_states)
 
     def read_only(self) -> "ReadOnlyCache":
-        """A view whose update returns past + new keys/values without storing them (used by the logit lens)."""
+        """A view whose update returns past + new keys/values without storing them (the logit lens decodes every
+        step through the coda, but only the final step's coda entries belong in the cache)."""
         return ReadOnlyCache(self)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first max_length tokens (a negative value removes that many from the end)."""
+        keep = max_length if max_length >= 0 else max(self.seen_tokens + max_length, 0)
+        for layer in self.layers:
+            if layer.get_seq_length() > keep:
+                layer.crop(keep - layer.get_seq_length())
+        self.seen_tokens = min(self.seen_tokens, keep)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
+
+    def bytes_per_token(self) -> float:
+        tokens = self.seen_tokens * (self.layers[0].keys.shape[0] if self.layers else 0)
+        return self.num_bytes() / tokens if tokens else 0.0
 
 
 class ReadOnlyCache:
@@ -59,7 +114,9 @@ class ReadOnlyCache:
         return self.cache.get_seq_length()
 
     def update(self, key_states: Tensor, value_states: Tensor, key: Hashable) -> tuple[Tensor, Tensor]:
-        layer = self.cache._layer(key) or self.cache._earlier_step(key)
+        layer = self.cache._layer(key)
         if layer is None or not layer.is_initialized:
             return key_states, value_states
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+        past = self.cache.get_seq_length() - key_states.shape[-2]
+        return (torch.cat([layer.keys[..., :past, :], key_states], dim=-2),
+                torch.cat([layer.values[..., :past, :], value_states], dim=-2))

@@ -23,6 +23,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .adaptive import AdaptiveExit
 from .cache import RecurrentCache
 from .config import RecurrentConfig
 
@@ -171,12 +172,14 @@ class RecurrentLMOutput(CausalLMOutputWithPast):
     latent_states: the state after every core step, if output_latent_states.
     step_logits: the logits the coda gives after every step ("logit lens"), if output_step_logits.
     num_steps: the (without gradient, with gradient) step counts this call ran.
+    steps_used: (batch, seq) core steps each position ran (fewer than num_steps where it exited early).
     """
 
     latent_state: Tensor | None = None
     latent_states: tuple[Tensor, ...] | None = None
     step_logits: tuple[Tensor, ...] | None = None
     num_steps: StepCounts | None = None
+    steps_used: Tensor | None = None
 
 
 class RecurrentPreTrainedModel(PreTrainedModel):
@@ -296,6 +299,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         output_latent_states: bool = False,
         output_step_logits: bool = False,
         logits_to_keep: int = 0,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        min_steps: int = 1,
+        continuous_cot: bool = False,
         return_dict: bool | None = None,
         **unused: Any,
     ) -> RecurrentLMOutput:
@@ -316,6 +323,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             init_scale / generator: scale of, and random source for, the random initial state.
             output_latent_states / output_step_logits: also return the state / the coda's logits after every step.
             logits_to_keep: if > 0, compute logits only for the last that many positions (generation).
+            exit_criterion / exit_threshold / min_steps: adaptive depth per position (see recurrent_lm.adaptive):
+                num_steps is then the maximum, and `steps_used` in the output says where each position stopped.
+            continuous_cot: with a cache, start the first new token from the previous token's final latent state
+                (kept in the cache) instead of a fresh random one.
         """
         unknown = set(unused) - {"cache_position", "output_attentions", "output_hidden_states", "inputs_embeds"}
         if unknown:
@@ -340,26 +351,23 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         rope = rope_angles(position_ids, config.head_dim, config.rope_theta) if config.use_rope else None
         mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device)
 
+        if cache is not None:
+            cache.begin(seq_len)
         embedded = self.embed(input_ids, rope, mask, cache)
-        state = initial_state if initial_state is not None else self.initial_state(embedded, init_scale, generator)
-        if state.shape != embedded.shape:
-            raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(state.shape)}")
-        states = []
-        injected = {}  # computed once in each grad mode, so no-grad steps build no graph back to the prelude
-        for step in range(no_grad_steps + grad_steps):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= no_grad_steps):
-                grad = torch.is_grad_enabled()
-                if grad not in injected:
-                    injected[grad] = self.inject(embedded)
-                state = self.core_step(state, injected[grad], step, rope, mask, cache)
-            if output_latent_states or output_step_logits:  # otherwise let each step's memory be reused
-                states.append(state)
+        state = self._start_state(embedded, initial_state, init_scale, generator, cache if continuous_cot else None)
+        exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
+        state, states, steps_used = self._recur(state, embedded, no_grad_steps, grad_steps, rope, mask, cache,
+                                                exit_rule, keep_states=output_latent_states or output_step_logits)
 
         step_logits = None
         if output_step_logits:  # the logit lens: decode every step, without writing the coda's cache for them
             lens_cache = cache.read_only() if cache is not None else None
             step_logits = tuple(self.decode(s, rope, mask, lens_cache, logits_to_keep) for s in states)
         logits = self.decode(state, rope, mask, cache, logits_to_keep)
+        if cache is not None:
+            cache.exited = None
+            cache.latent_state = state[:, -1:].detach()
+            cache.steps_used.append(steps_used)
 
         loss = None
         if labels is not None:
@@ -374,7 +382,48 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             latent_states=tuple(states) if output_latent_states else None,
             step_logits=step_logits,
             num_steps=(no_grad_steps, grad_steps),
+            steps_used=steps_used,
         )
+
+    def _start_state(self, embedded: Tensor, initial_state, init_scale, generator, warm_cache) -> Tensor:
+        if initial_state is not None:
+            if initial_state.shape != embedded.shape:
+                raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(initial_state.shape)}")
+            return initial_state
+        state = self.initial_state(embedded, init_scale, generator)
+        if warm_cache is not None and warm_cache.latent_state is not None:
+            # continuous chain of thought: the first new token starts where the previous token's thinking ended
+            state = torch.cat([warm_cache.latent_state.to(state.dtype), state[:, 1:]], dim=1)
+        return state
+
+    def _recur(self, state, embedded, no_grad_steps, grad_steps, rope, mask, cache, exit_rule, keep_states):
+        """Unroll the core. With an exit rule, each position stops (its state frozen) once the rule says it has
+        converged, and the loop ends when every position has; returns (state, per-step states, steps used)."""
+        total = no_grad_steps + grad_steps
+        steps_used = torch.full(state.shape[:2], total, dtype=torch.long, device=state.device)
+        tracker = exit_rule.tracker() if exit_rule is not None else None
+        lens_cache = cache.read_only() if cache is not None else None
+        exited, states, injected = None, [], {}
+        for step in range(total):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= no_grad_steps):
+                grad = torch.is_grad_enabled()
+                if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
+                    injected[grad] = self.inject(embedded)
+                new_state = self.core_step(state, injected[grad], step, rope, mask, cache)
+            state = new_state if exited is None else torch.where(exited[..., None], state, new_state)
+            if keep_states:  # otherwise let each step's memory be reused
+                states.append(state)
+            if tracker is not None and step + 1 < total:
+                logits = self.decode(state, rope, mask, lens_cache) if exit_rule.needs_logits else None
+                done = tracker.converged(step + 1, state, logits)
+                newly = done if exited is None else done & ~exited
+                steps_used = torch.where(newly, step + 1, steps_used)
+                exited = done if exited is None else exited | done
+                if bool(exited.all()):
+                    break
+                if cache is not None:
+                    cache.exited = exited  # frozen positions write their latest entries at later steps
+        return state, states, steps_used
 
     def _check_token_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2:

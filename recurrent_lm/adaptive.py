@@ -1,0 +1,80 @@
+"""Per-token adaptive depth: stop unrolling the core for a token once its prediction (or latent state) settles.
+
+Each criterion compares step t with step t-1, for every position of every row, from step max(2, min_steps) on:
+- "kl":               KL(p_t || p_{t-1}) of the next-token distributions < threshold (Huginn's default, 1e-3)
+- "entropy-diff":     |H(p_t) - H(p_{t-1})| < threshold
+- "latent-diff":      ||s_t - s_{t-1}|| / ||s_t|| < threshold (no decoding needed)
+- "cosine":           1 - cos(s_t, s_{t-1}) < threshold (no decoding needed)
+- "argmax-stability": the top token has not changed for `threshold` consecutive steps (an integer, e.g. 5)
+The logit criteria decode every step through the coda (the logit lens); the compute counter counts that.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
+DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5}
+
+
+@dataclass(frozen=True)
+class AdaptiveExit:
+    criterion: str
+    threshold: float | None = None  # None: the criterion's default
+    min_steps: int = 1
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown exit criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"exit threshold must be > 0, got {self.threshold}")
+        if self.criterion == "argmax-stability" and self.threshold is not None and self.threshold != int(self.threshold):
+            raise ValueError(f"argmax-stability counts steps: its threshold must be an integer, got {self.threshold}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
+            raise ValueError(f"min_steps must be an integer >= 1, got {self.min_steps!r}")
+
+    @property
+    def limit(self) -> float:
+        return DEFAULT_THRESHOLDS[self.criterion] if self.threshold is None else self.threshold
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.criterion in ("kl", "entropy-diff", "argmax-stability")
+
+    def tracker(self) -> "ExitTracker":
+        return ExitTracker(self)
+
+
+class ExitTracker:
+    """Holds the previous step of one forward call and says, after each step, which positions have converged."""
+
+    def __init__(self, rule: AdaptiveExit):
+        self.rule = rule
+        self.previous: Tensor | None = None  # previous state (latent criteria) or log-probs (logit criteria)
+        self.stable_steps: Tensor | None = None
+
+    def converged(self, step: int, state: Tensor, logits: Tensor | None) -> Tensor:
+        """step is 1-based; returns a (batch, seq) bool mask."""
+        rule = self.rule
+        current = logits.float().log_softmax(-1) if rule.needs_logits else state.float()
+        previous, self.previous = self.previous, current
+        if previous is None:
+            done = torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
+            self.stable_steps = torch.zeros(state.shape[:2], dtype=torch.long, device=state.device)
+            return done
+        if rule.criterion == "kl":
+            score = F.kl_div(previous, current, log_target=True, reduction="none").sum(-1)  # KL(p_t || p_{t-1})
+        elif rule.criterion == "entropy-diff":
+            entropy = lambda logp: -(logp.exp() * logp).sum(-1)  # noqa: E731
+            score = (entropy(current) - entropy(previous)).abs()
+        elif rule.criterion == "latent-diff":
+            score = (current - previous).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
+        elif rule.criterion == "cosine":
+            score = 1 - F.cosine_similarity(current, previous, dim=-1)
+        else:  # argmax-stability
+            same = current.argmax(-1) == previous.argmax(-1)
+            self.stable_steps = torch.where(same, self.stable_steps + 1, torch.zeros_like(self.stable_steps))
+            return (self.stable_steps >= rule.limit) & (step >= rule.min_steps)
+        return (score < rule.limit) & (step >= rule.min_steps)
