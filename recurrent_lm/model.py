@@ -425,6 +425,55 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                     cache.exited = exited  # frozen positions write their latest entries at later steps
         return state, states, steps_used
 
+    @torch.no_grad()
+    def generate(self, inputs: Tensor | None = None, generation_config=None, *, num_steps=None,
+                 exit_criterion: str | None = None, exit_threshold: float | None = None, min_steps: int = 1,
+                 continuous_cot: bool = False, draft_steps: int | None = None, draft_length: int = 4,
+                 core_slots: int | None = None, **kwargs):
+        """transformers' generate (greedy, sampling, left-padded batches, streamers, stopping criteria) with depth
+        control per generated token:
+
+        num_steps: core steps per token (the maximum, with adaptive exit); default mean_recurrence.
+        exit_criterion / exit_threshold / min_steps: adaptive exit, see recurrent_lm.adaptive.
+        continuous_cot: warm-start each new token from the previous token's final latent state.
+        draft_steps / draft_length: self-speculative decoding (greedy only): draft draft_length tokens at
+            draft_steps, verify them in one forward at num_steps.
+        core_slots: bounded cache memory, a ring of that many slots per core layer (see recurrent_lm.cache).
+        Other keyword arguments go to transformers' generate or to forward (init_scale, generator, ...).
+        With return_dict_in_generate=True the output also has `steps_per_token` (batch, generated tokens).
+        """
+        from .generation import GenerateDepthOutput, check_generation_args, speculative_generate, steps_per_generated_token
+
+        inputs = kwargs.pop("input_ids", None) if inputs is None else inputs
+        config = generation_config or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new_tokens is None:
+            max_new_tokens = kwargs.get("max_length", config.max_length) - inputs.shape[1]
+        check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
+                              draft_length)
+        steps = num_steps if num_steps is not None else self.config.mean_recurrence
+        if draft_steps is not None:
+            if exit_criterion is not None or continuous_cot:
+                raise ValueError("speculative decoding cannot be combined with adaptive exit or continuous CoT")
+            if kwargs.get("do_sample", config.do_sample):
+                raise ValueError("speculative decoding is greedy only: drop do_sample")
+            return speculative_generate(
+                self, inputs, kwargs.get("attention_mask"), num_steps=sum(resolve_num_steps(steps)),
+                draft_steps=draft_steps, draft_length=draft_length, max_new_tokens=max_new_tokens,
+                eos_token_id=kwargs.get("eos_token_id", config.eos_token_id),
+                pad_token_id=kwargs.get("pad_token_id", config.pad_token_id), init_scale=kwargs.get("init_scale"),
+                generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), core_slots=core_slots)
+        cache = kwargs.pop("past_key_values", None)
+        cache = RecurrentCache(core_slots) if cache is None else cache
+        depth = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot)
+        if exit_criterion is not None:
+            depth.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
+        out = super().generate(inputs, generation_config, past_key_values=cache, use_cache=True, **depth, **kwargs)
+        if not isinstance(out, Tensor):
+            generated = out.sequences.shape[1] - inputs.shape[1]
+            out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(cache, generated))
+        return out
+
     def _check_token_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")

@@ -1,0 +1,124 @@
+"""Generation with depth control: plain transformers generate (any num_steps, adaptive exit, continuous CoT all
+ride on the model's forward and RecurrentCache) and self-speculative decoding (draft shallow, verify deep)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .cache import RecurrentCache
+
+
+@dataclass
+class GenerateDepthOutput(GenerateDecoderOnlyOutput):
+    """transformers' generate output plus the depth each generated token used.
+
+    steps_per_token: (batch, generated tokens) core steps behind each generated token (the first comes from the
+        prompt's last position); with speculative decoding, the verify depth.
+    acceptance_rate / drafted_tokens / accepted_tokens / forward_passes: speculative decoding statistics.
+    """
+
+    steps_per_token: Tensor | None = None
+    acceptance_rate: float | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
+    forward_passes: int | None = None
+
+
+def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
+                          draft_length) -> None:
+    """Clear errors for bad generation settings, before any compute."""
+    from .adaptive import AdaptiveExit
+    from .model import resolve_num_steps
+
+    steps = sum(resolve_num_steps(num_steps)) if num_steps is not None else None
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if exit_criterion is not None:
+        rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps)
+        if steps is not None and rule.min_steps > steps:
+            raise ValueError(f"min_steps ({rule.min_steps}) > max steps (num_steps = {steps})")
+    elif exit_threshold is not None:
+        raise ValueError("exit_threshold given without exit_criterion")
+    if draft_steps is not None:
+        if isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1:
+            raise ValueError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
+        if steps is not None and draft_steps > steps:
+            raise ValueError(f"draft_steps ({draft_steps}) > verify steps (num_steps = {steps})")
+        if draft_length < 1:
+            raise ValueError(f"draft_length must be >= 1, got {draft_length}")
+
+
+def steps_per_generated_token(cache: RecurrentCache, generated: int) -> Tensor:
+    """From the cache's per-call records: the prompt call's last position, then one entry per decode call."""
+    calls = cache.steps_used
+    per_token = [calls[0][:, -1:]] + [c[:, -1:] for c in calls[1:]]
+    return torch.cat(per_token, dim=1)[:, :generated]
+
+
+@torch.no_grad()
+def speculative_generate(model, input_ids: Tensor, attention_mask: Tensor | None, *, num_steps: int, draft_steps: int,
+                         draft_length: int, max_new_tokens: int, eos_token_id=None, pad_token_id=None,
+                         init_scale: float | None = None, generator: torch.Generator | None = None, streamer=None,
+                         core_slots: int | None = None) -> GenerateDepthOutput:
+    """Greedy self-speculative decoding: draft `draft_length` tokens at `draft_steps`, then verify them all in one
+    forward at `num_steps`. The longest drafted prefix that the deep model agrees with is kept, plus the deep
+    model's own next token, so the output equals plain greedy decoding at num_steps (exactly, when the initial
+    state is deterministic, init_scale=0). Never emits more than max_new_tokens. Rows of a batch advance in
+    lockstep by the smallest acceptance, each taking its own verified next token."""
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                       dtype=torch.long, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    cache = RecurrentCache(core_slots)
+    kwargs = dict(init_scale=init_scale, generator=generator, past_key_values=cache, use_cache=True)
+    sequences, finished = input_ids, torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    drafted = accepted = passes = 0
+
+    def run(tokens: Tensor, steps: int) -> Tensor:
+        nonlocal attention_mask, passes
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, tokens.shape[1])], dim=1)
+        passes += 1
+        return model(tokens, attention_mask=attention_mask, num_steps=steps, **kwargs).logits
+
+    def emit(tokens: Tensor) -> None:
+        nonlocal sequences, finished
+        tokens = torch.where(finished[:, None], torch.full_like(tokens, pad), tokens)
+        sequences = torch.cat([sequences, tokens], dim=1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        finished = finished | torch.isin(tokens, eos).any(dim=1)
+
+    if max_new_tokens > 0:  # the prompt, at the verify depth, gives the first token
+        passes += 1
+        logits = model(input_ids, attention_mask=attention_mask, num_steps=num_steps, logits_to_keep=1, **kwargs).logits
+        emit(logits[:, -1:].argmax(-1))
+    while sequences.shape[1] - input_ids.shape[1] < max_new_tokens and not bool(finished.all()):
+        remaining = max_new_tokens - (sequences.shape[1] - input_ids.shape[1])
+        k = min(draft_length, remaining - 1)  # k drafts + 1 verified token never pass max_new_tokens
+        pending = sequences[:, -1:]
+        drafts = []
+        for _ in range(k):
+            drafts.append(run(pending if not drafts else drafts[-1], draft_steps)[:, -1:].argmax(-1))
+        cache.crop(cache.get_seq_length() - k)
+        attention_mask = attention_mask[:, : attention_mask.shape[1] - k]
+        candidates = torch.cat([pending, *drafts], dim=1)  # (batch, k + 1)
+        verified = run(candidates, num_steps).argmax(-1)  # verified[:, i] follows candidates[:, i]
+        agree = (verified[:, :k] == candidates[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # per-row accepted prefix
+        keep = int(agree.min()) if k else 0
+        drafted, accepted = drafted + k * batch, accepted + int(agree.sum())
+        cache.crop(cache.get_seq_length() - (k - keep))  # forget the cache entries of rejected drafts
+        attention_mask = attention_mask[:, : attention_mask.shape[1] - (k - keep)]
+        emit(torch.cat([candidates[:, 1 : keep + 1], verified[:, keep : keep + 1]], dim=1))
+    if streamer is not None:
+        streamer.end()
+    generated = sequences.shape[1] - input_ids.shape[1]
+    return GenerateDepthOutput(
+        sequences=sequences, past_key_values=cache,
+        steps_per_token=torch.full((batch, generated), num_steps, dtype=torch.long),
+        acceptance_rate=accepted / drafted if drafted else None, drafted_tokens=drafted, accepted_tokens=accepted,
+        forward_passes=passes,
+    )

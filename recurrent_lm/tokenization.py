@@ -1,0 +1,48 @@
+"""Tokenizers, built with the tokenizers library and saved as transformers fast tokenizers (AutoTokenizer loads
+them). Every tokenizer here has bos, eos and pad tokens and the thinking delimiters as special tokens."""
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+THINK_START, THINK_END = "<think>", "</think>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, THINK_START, THINK_END)
+
+
+class RecurrentCharacterTokenizer(PreTrainedTokenizerFast):
+    """One token per character of a fixed alphabet. Text with a character outside it is a clear error (a plain
+    WordLevel tokenizer would fail with an opaque message, or silently map it to an unknown token)."""
+
+    def _check_alphabet(self, texts) -> None:
+        alphabet = self.init_kwargs.get("alphabet")
+        if not alphabet:
+            return
+        allowed = set(alphabet)
+        for text in [texts] if isinstance(texts, str) else texts:
+            if not isinstance(text, str):
+                continue
+            for special in self.all_special_tokens:
+                text = text.replace(special, "")
+            unknown = sorted(set(text) - allowed)
+            if unknown:
+                raise ValueError(f"text {text[:40]!r} has characters outside the tokenizer's alphabet: {unknown}")
+
+    def _encode_plus(self, text, text_pair=None, *args, **kwargs):
+        self._check_alphabet(text)
+        if text_pair is not None:
+            self._check_alphabet(text_pair)
+        return super()._encode_plus(text, text_pair, *args, **kwargs)
+
+
+def character_tokenizer(alphabet: Iterable[str]) -> "RecurrentCharacterTokenizer":
+    """A character-level tokenizer: ids 0-4 are <pad> <bos> <eos> <think> </think>, then one id per character."""
+    characters = sorted(set(alphabet) - set(SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *characters])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is its own token
+    backend.decoder = decoders.Fuse()  # and decoding joins them back without spaces
+    return RecurrentCharacterTokenizer(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                              additional_special_tokens=[THINK_START, THINK_END], alphabet="".join(characters),
+                              padding_side="left")
