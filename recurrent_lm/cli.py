@@ -89,7 +89,8 @@ def generate(
     new_ids = out.sequences[0, encoded.input_ids.shape[1]:]
     steps = out.steps_per_token[0].tolist()
     print(prompt + tok.decode(new_ids, skip_special_tokens=False))
-    print("steps per token: " + " ".join(f"{tok.decode([t])!r}:{s}" for t, s in zip(new_ids.tolist(), steps)))
+    print("tokens: " + " ".join(repr(tok.decode([t])) for t in new_ids.tolist()))
+    print("steps per token: " + " ".join(map(str, steps)))
     summary = f"{len(steps)} tokens, mean {sum(steps) / max(len(steps), 1):.2f} core steps per token"
     if out.acceptance_rate is not None:
         summary += f", draft acceptance rate {out.acceptance_rate:.2f} ({out.forward_passes} forward passes)"

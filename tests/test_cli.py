@@ -1,22 +1,36 @@
 """The `rlm` command line."""
 
+import contextlib
+import io
 import subprocess
 import sys
 
 import torch
 
 from recurrent_lm import RecurrentLM
+from recurrent_lm.cli import COMMANDS, main
 
 from .conftest import HUGINN_TINY
 
 
 def rlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recurrent_lm.cli", *args], capture_output=True, text=True)
+    """Run `rlm ARGS` in this process (a subprocess per call would spend seconds importing torch)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(list(args))
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
-def test_help_lists_subcommands():
-    result = rlm("--help")
-    assert result.returncode == 0 and "convert-huginn" in result.stdout
+def test_console_command_lists_subcommands():
+    result = subprocess.run(["rlm", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in COMMANDS)
 
 
 def test_convert_huginn_command(tmp_path, huginn_cases):
@@ -40,3 +54,50 @@ def test_convert_huginn_takes_a_yaml_config(tmp_path):
     result = rlm("convert-huginn", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def tiny_model_dir(tmp_path):
+    from recurrent_lm import RecurrentConfig, character_tokenizer
+
+    tokenizer = character_tokenizer("abcdefgh =+")
+    torch.manual_seed(0)
+    RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(tokenizer))).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_generate_command_prints_text_and_steps(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    result = rlm("generate", "--model", str(model), "--prompt", "ab=", "--num-steps", "6", "--max-new-tokens", "5",
+                 "--exit-criterion", "kl", "--exit-threshold", "1e-2", "--continuous-cot")
+    assert result.returncode == 0, result.stderr
+    text, tokens, steps, summary = result.stdout.strip().splitlines()[-4:]
+    assert text.startswith("ab=") and tokens.startswith("tokens: ")
+    counts = [int(item) for item in steps.removeprefix("steps per token: ").split()]
+    assert len(counts) == 5 and all(1 <= c <= 6 for c in counts)
+    assert summary.startswith("5 tokens, mean")
+
+
+def test_generate_command_speculative(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    result = rlm("generate", "--model", str(model), "--prompt", "ab=", "--num-steps", "4", "--draft-steps", "2",
+                 "--max-new-tokens", "6", "--init-scale", "0")
+    assert result.returncode == 0, result.stderr
+    assert "draft acceptance rate" in result.stdout
+
+
+def test_generate_command_bad_input(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    for args, message in [
+        (["--num-steps", "4", "--draft-steps", "5"], "draft_steps (5) > verify steps"),
+        (["--exit-criterion", "kl", "--exit-threshold", "0"], "threshold must be > 0"),
+        (["--num-steps", "2", "--exit-criterion", "kl", "--min-steps", "3"], "min_steps (3) > max steps"),
+        (["--max-new-tokens", "-1"], "max_new_tokens must be >= 0"),
+        (["--max-new-tokens", "1000"], "exceeds the model's max_position_embeddings"),
+    ]:
+        result = rlm("generate", "--model", str(model), "--prompt", "ab", *args)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+    result = rlm("generate", "--model", str(model), "--prompt", "xyz")
+    assert result.returncode != 0 and "outside the tokenizer's alphabet" in result.stderr
+    result = rlm("generate", "--model", str(HUGINN_TINY), "--prompt", "ab")
+    assert result.returncode != 0 and "convert it first" in result.stderr

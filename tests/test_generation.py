@@ -1,0 +1,248 @@
+"""Inference: the (layer, step) cache, generation with depth control, adaptive exit, continuous CoT and
+self-speculative decoding."""
+
+import pytest
+import torch
+from transformers import TextStreamer
+
+from recurrent_lm import RecurrentCache, RecurrentConfig, RecurrentLM, character_tokenizer
+
+
+@pytest.fixture(scope="module")
+def huginn(huginn_dir):
+    return RecurrentLM.from_pretrained(huginn_dir).eval()
+
+
+def prompt(batch=1, length=6, seed=0):
+    return torch.randint(5, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def recompute_greedy(model, ids, new_tokens, steps, attention_mask=None):
+    """Reference: re-run the whole sequence without a cache for every new token."""
+    for _ in range(new_tokens):
+        mask = None if attention_mask is None else torch.cat(
+            [attention_mask, attention_mask.new_ones(ids.shape[0], ids.shape[1] - attention_mask.shape[1])], 1)
+        logits = model(ids, attention_mask=mask, num_steps=steps, init_scale=0.0).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+# --- cache --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 4, 9])  # 9 > mean_recurrence: a DynamicCache would run out of slots
+def test_cached_greedy_equals_recomputation(huginn, steps):
+    ids = prompt()
+    out = huginn.generate(ids, num_steps=steps, max_new_tokens=10, do_sample=False, init_scale=0.0)
+    assert torch.equal(out, recompute_greedy(huginn, ids, 10, steps))
+
+
+def test_generate_reproduces_reference_greedy_tokens(huginn, huginn_cases):
+    ids = huginn_cases["input_ids"][:1]
+    expected = huginn_cases["greedy_zero_state_steps_4"]
+    out = huginn.generate(ids, num_steps=4, max_new_tokens=len(expected), do_sample=False, init_scale=0.0)
+    assert out[0, ids.shape[1]:].tolist() == expected.tolist()
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone(huginn):
+    rows = [prompt(1, n, seed=n)[0] for n in (7, 4, 2)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 7 - len(row):], mask[i, 7 - len(row):] = row, 1
+    out = huginn.generate(ids, attention_mask=mask, num_steps=3, max_new_tokens=6, do_sample=False, init_scale=0.0)
+    for i, row in enumerate(rows):
+        alone = huginn.generate(row[None], num_steps=3, max_new_tokens=6, do_sample=False, init_scale=0.0)
+        assert out[i, 7:].tolist() == alone[0, len(row):].tolist()
+
+
+def test_cache_grows_one_entry_per_step_and_ring_bounds_it(huginn):
+    ids = prompt()
+    full, ring = RecurrentCache(), RecurrentCache(core_slots=2)
+    huginn.generate(ids, num_steps=8, max_new_tokens=4, do_sample=False, init_scale=0.0, past_key_values=full)
+    huginn.generate(ids, num_steps=8, max_new_tokens=4, do_sample=False, init_scale=0.0, past_key_values=ring)
+    config = huginn.config
+    per_entry = 2 * config.hidden_size * 4  # keys and values, float32
+    assert full.bytes_per_token() == per_entry * (config.num_prelude_layers + config.num_core_layers * 8 + config.num_coda_layers)
+    assert ring.bytes_per_token() == per_entry * (config.num_prelude_layers + config.num_core_layers * 2 + config.num_coda_layers)
+
+
+def test_ring_with_a_slot_per_step_is_the_full_cache(huginn):
+    ids = prompt()
+    full = huginn.generate(ids, num_steps=3, max_new_tokens=8, do_sample=False, init_scale=0.0)
+    ring = huginn.generate(ids, num_steps=3, max_new_tokens=8, do_sample=False, init_scale=0.0, core_slots=3)
+    assert torch.equal(full, ring)
+
+
+def test_new_steps_see_earlier_tokens_latest_step():
+    """A token fed at depth 2 then a token at depth 4: steps 3 and 4 of the second token read the first
+    token's step-2 keys (its latest), which is what a cache filled at depth 2 everywhere would give."""
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig.preset("debug")).eval()
+    cache = RecurrentCache()
+    ids = prompt(1, 5)
+    with torch.no_grad():
+        model(ids[:, :4], num_steps=2, init_scale=0.0, past_key_values=cache)
+        model(ids[:, 4:], num_steps=4, init_scale=0.0, past_key_values=cache)
+    step2, step4 = cache._layer(("core", 0, 1)), cache._layer(("core", 0, 3))
+    assert step4.keys.shape == step2.keys.shape
+    torch.testing.assert_close(step4.keys[..., :4, :], step2.keys[..., :4, :])
+
+
+# --- sampling, seeds, streaming --------------------------------------------------------------------------------
+
+
+def test_sampling_and_random_initial_states_follow_the_seed(huginn):
+    ids = prompt()
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return huginn.generate(ids, num_steps=4, max_new_tokens=8, do_sample=True, top_k=0,
+                               generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_streamer_prints_generated_text(capsys):
+    tokenizer = character_tokenizer("abcdefgh =")
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(tokenizer))).eval()
+    ids = tokenizer("ab=", return_tensors="pt").input_ids
+    out = model.generate(ids, num_steps=2, max_new_tokens=5, do_sample=False, init_scale=0.0,
+                         streamer=TextStreamer(tokenizer))
+    printed = capsys.readouterr().out
+    assert printed.strip() == tokenizer.decode(out[0]).strip()
+
+
+# --- adaptive exit ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion, threshold", [("kl", 1e-2), ("entropy-diff", 1e-2), ("latent-diff", 0.1),
+                                                  ("cosine", 1e-2), ("argmax-stability", 3)])
+def test_adaptive_exit_reports_steps_within_bounds(huginn, criterion, threshold):
+    out = huginn.generate(prompt(), num_steps=24, max_new_tokens=8, do_sample=False, init_scale=0.0,
+                          exit_criterion=criterion, exit_threshold=threshold, min_steps=3,
+                          return_dict_in_generate=True)
+    steps = out.steps_per_token
+    assert steps.shape == (1, 8)
+    assert bool(((steps >= 3) & (steps <= 24)).all())
+    assert bool((steps < 24).any()), "the tiny model converges well before 24 steps under these thresholds"
+
+
+def test_adaptive_exit_thresholds_trade_depth(huginn):
+    def mean_steps(threshold, min_steps=1):
+        out = huginn.generate(prompt(), num_steps=32, max_new_tokens=8, do_sample=False, init_scale=0.0,
+                              exit_criterion="kl", exit_threshold=threshold, min_steps=min_steps,
+                              return_dict_in_generate=True)
+        return out.steps_per_token.float().mean().item()
+
+    assert mean_steps(1e-1) < mean_steps(1e-6) < 32
+    assert mean_steps(1e-1, min_steps=32) == 32
+
+
+def test_exited_token_leaves_its_latest_step_in_the_cache(huginn):
+    cache = RecurrentCache()
+    out = huginn.generate(prompt(), num_steps=16, max_new_tokens=6, do_sample=False, init_scale=0.0,
+                          exit_criterion="latent-diff", exit_threshold=0.2, past_key_values=cache,
+                          return_dict_in_generate=True)
+    steps = torch.cat([c[0] for c in cache.steps_used])  # steps every fed position ran
+    assert bool((steps < 16).any())
+    checked = 0
+    for step in range(16):
+        layer = cache._layer(("core", 0, step))
+        if layer is None:  # no token reached this step
+            continue
+        for position in range(layer.keys.shape[-2]):
+            used = int(steps[position])
+            if used <= step:  # a step past its exit holds the entry of its last computed step
+                latest = cache._layer(("core", 0, used - 1)).keys[..., position, :]
+                torch.testing.assert_close(layer.keys[..., position, :], latest)
+                checked += 1
+    assert checked > 0
+
+
+def test_batched_adaptive_exit_matches_rows_alone(huginn):
+    ids = torch.cat([prompt(1, 6, seed=1), prompt(1, 6, seed=2)])
+    settings = dict(num_steps=16, max_new_tokens=6, do_sample=False, init_scale=0.0, exit_criterion="kl",
+                    exit_threshold=1e-3, return_dict_in_generate=True)
+    both = huginn.generate(ids, **settings)
+    for i in range(2):
+        alone = huginn.generate(ids[i:i + 1], **settings)
+        assert both.sequences[i].tolist() == alone.sequences[0].tolist()
+        assert both.steps_per_token[i].tolist() == alone.steps_per_token[0].tolist()
+
+
+# --- continuous CoT --------------------------------------------------------------------------------------------
+
+
+def test_continuous_cot_starts_from_the_previous_final_state(huginn):
+    ids = prompt(1, 7)
+    with torch.no_grad():
+        cache = RecurrentCache()
+        first = huginn(ids[:, :6], num_steps=4, init_scale=0.0, past_key_values=cache)
+        warm = huginn(ids[:, 6:], num_steps=4, init_scale=0.0, past_key_values=cache, continuous_cot=True)
+        cache2 = RecurrentCache()
+        huginn(ids[:, :6], num_steps=4, init_scale=0.0, past_key_values=cache2)
+        explicit = huginn(ids[:, 6:], num_steps=4, past_key_values=cache2, initial_state=first.latent_state[:, -1:])
+    torch.testing.assert_close(warm.logits, explicit.logits)
+    plain = huginn.generate(ids, num_steps=4, max_new_tokens=6, do_sample=False, init_scale=0.0)
+    cot = huginn.generate(ids, num_steps=4, max_new_tokens=6, do_sample=False, init_scale=0.0, continuous_cot=True)
+    assert cot.shape == plain.shape
+
+
+# --- self-speculative decoding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_steps, draft_length", [(1, 3), (2, 4), (4, 2)])
+def test_speculative_greedy_equals_plain_greedy_at_verify_depth(huginn, draft_steps, draft_length):
+    ids = prompt()
+    plain = huginn.generate(ids, num_steps=6, max_new_tokens=12, do_sample=False, init_scale=0.0)
+    spec = huginn.generate(ids, num_steps=6, max_new_tokens=12, init_scale=0.0, draft_steps=draft_steps,
+                           draft_length=draft_length)
+    assert torch.equal(spec.sequences, plain)
+    assert 0.0 <= spec.acceptance_rate <= 1.0
+    assert spec.drafted_tokens > 0 and spec.forward_passes > 0
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 3, 5, 8])
+def test_speculative_never_exceeds_max_new_tokens(huginn, max_new_tokens):
+    ids = prompt()
+    spec = huginn.generate(ids, num_steps=4, max_new_tokens=max_new_tokens, init_scale=0.0, draft_steps=4,
+                           draft_length=3)
+    assert spec.sequences.shape[1] - ids.shape[1] == max_new_tokens
+    assert spec.steps_per_token.shape == (1, max_new_tokens)
+
+
+def test_speculative_with_the_verify_depth_accepts_everything(huginn):
+    spec = huginn.generate(prompt(), num_steps=3, max_new_tokens=10, init_scale=0.0, draft_steps=3, draft_length=3)
+    assert spec.acceptance_rate == 1.0
+
+
+def test_speculative_batch_matches_plain_greedy(huginn):
+    ids = torch.cat([prompt(1, 6, seed=3), prompt(1, 6, seed=4)])
+    plain = huginn.generate(ids, num_steps=5, max_new_tokens=9, do_sample=False, init_scale=0.0)
+    spec = huginn.generate(ids, num_steps=5, max_new_tokens=9, init_scale=0.0, draft_steps=2, draft_length=3)
+    assert torch.equal(spec.sequences, plain)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(exit_criterion="kl", exit_threshold=0.0), "threshold must be > 0"),
+    (dict(exit_criterion="kl", exit_threshold=-1.0), "threshold must be > 0"),
+    (dict(exit_criterion="vibes"), "unknown exit criterion"),
+    (dict(exit_criterion="kl", min_steps=9), r"min_steps \(9\) > max steps"),
+    (dict(exit_threshold=0.1), "without exit_criterion"),
+    (dict(draft_steps=5), r"draft_steps \(5\) > verify steps"),
+    (dict(draft_steps=0), "draft_steps must be an integer >= 1"),
+    (dict(draft_steps=2, do_sample=True), "greedy only"),
+    (dict(num_steps=0), "num_steps must be >= 1"),
+    (dict(core_slots=0), "core_slots"),
+])
+def test_bad_generation_settings(huginn, settings, message):
+    settings = {"num_steps": 4, "max_new_tokens": 3, **settings}
+    with pytest.raises(ValueError, match=message):
+        huginn.generate(prompt(), **settings)
