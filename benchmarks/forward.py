@@ -7,25 +7,11 @@ Target: ratio <= 1.15.  Run: python benchmarks/forward.py [--steps 4 16] [--batc
 """
 
 import argparse
-import time
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
-
-
-def paired_best_seconds(first, second, repeats: int) -> tuple[float, float]:
-    """Best times of two functions run alternately: interference on a shared machine only ever adds time, so the
-    minimum is the most repeatable estimate, and alternating makes drifting load hit both alike."""
-    first(), second()  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
+from timing import paired_best_seconds
 
 
 def main() -> None:
@@ -56,7 +42,7 @@ def main() -> None:
             max_position_embeddings=args.seq, tie_word_embeddings=True, attn_implementation="sdpa")).eval()
         with torch.no_grad():
             t_ours, t_llama = paired_best_seconds(lambda: ours(ids, num_steps=steps),
-                                                    lambda: llama(ids, use_cache=False), args.repeats)
+                                                  lambda: llama(ids, use_cache=False), repeats=args.repeats)
         print(f"{steps:>4} {config.effective_depth(steps):>7} {t_ours:>8.3f} {t_llama:>8.3f} {t_ours / t_llama:>6.2f}")
 
 
