@@ -97,6 +97,84 @@ def generate(
     print(summary)
 
 
+def tasks_list() -> None:
+    """List the reasoning tasks with their difficulty ranges."""
+    from .tasks import TASKS
+
+    print(f"{'task':<12} {'difficulty':<11} description")
+    for task in TASKS.values():
+        print(f"{task.name:<12} {f'{task.min_difficulty}..{task.max_difficulty}':<11} {task.description}")
+    print("reasoning-gym:NAME  (any reasoning-gym dataset, with the reasoning-gym extra installed)")
+
+
+def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, seed: int = 0) -> None:
+    """Print problems as the model sees them: the prompt, then the completion it learns after "|".
+
+    Args:
+        name: the task (see `rlm tasks list`).
+        difficulty: reasoning steps per problem.
+        n: how many problems.
+        cot: the chain-of-thought rendering instead of the direct-answer one.
+        seed: problems are a pure function of (task, difficulty, seed).
+    """
+    from .tasks import get_task
+
+    task = get_task(name)
+    for problem in task.problems(difficulty, n, seed=seed):
+        print(f"{task.prompt(problem, cot)} | {task.completion(problem, cot)}")
+
+
+def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, seed: int = 0) -> None:
+    """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere).
+
+    Args:
+        name: the task.
+        out: the JSONL file to write.
+        difficulties: difficulties, e.g. "1,2,4" or "1-8".
+        n: problems per difficulty.
+        seed: the set is a pure function of (task, difficulties, n, seed).
+    """
+    from .tasks import get_task, parse_int_list, save_jsonl
+
+    task = get_task(name)
+    problems = [p for d in parse_int_list(difficulties) for p in task.problems(d, n, seed=seed)]
+    print(f"wrote {len(problems)} problems to {save_jsonl(problems, out)}")
+
+
+def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency: int = 2) -> None:
+    """Train a byte-level BPE tokenizer on text files and save it as a transformers fast tokenizer.
+
+    Args:
+        files: plain-text training files: comma-separated paths or glob patterns, e.g. "data/*.txt".
+        out: directory to save it in (AutoTokenizer.from_pretrained loads it).
+        vocab_size: vocabulary size, special tokens included.
+        min_frequency: merges seen fewer times are not learned.
+    """
+    import glob
+
+    from .tokenization import train_bpe_tokenizer
+
+    paths = [match for pattern in files.split(",") for match in (sorted(glob.glob(pattern.strip())) or [pattern.strip()])]
+    tokenizer = train_bpe_tokenizer(paths, vocab_size, min_frequency)
+    tokenizer.save_pretrained(out)
+    print(f"wrote a {len(tokenizer)}-token BPE tokenizer to {out}")
+
+
+def tokenizer_tasks(out: Path, tasks: list[str] | None = None) -> None:
+    """Save the character tokenizer of the synthetic tasks (all of them by default).
+
+    Args:
+        out: directory to save it in.
+        tasks: task names whose characters it covers.
+    """
+    from .tasks import TASKS
+    from .tokenization import task_tokenizer
+
+    tokenizer = task_tokenizer(tasks or list(TASKS))
+    tokenizer.save_pretrained(out)
+    print(f"wrote a {len(tokenizer)}-token character tokenizer to {out}")
+
+
 def load_model(path: Path):
     """A RecurrentLM from a directory, in eval mode, with a clear error for anything else."""
     import json
@@ -113,30 +191,54 @@ def load_model(path: Path):
     return RecurrentLM.from_pretrained(path).eval()
 
 
-# name -> (function, whether its required arguments are positional: `rlm convert-huginn SRC DST`)
-COMMANDS = {"convert-huginn": (convert_huginn, True), "generate": (generate, False)}
+# name -> (function, whether its required arguments are positional), or a group of subcommands
+COMMANDS = {
+    "convert-huginn": (convert_huginn, True),
+    "generate": (generate, False),
+    "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
+    "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
+}
+
+
+def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
+    subcommands = parser.add_subcommands(dest=dest)
+    for name, entry in commands.items():
+        if isinstance(entry, dict):
+            group = ArgumentParser(description=f"rlm {name} subcommands")
+            subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")
+            _add_commands(group, entry, dest="subcommand")  # jsonargparse wants levels added top-down
+            continue
+        function, positional = entry
+        doc = inspect.getdoc(function)
+        sub = ArgumentParser(description=doc.split("\n\n")[0])
+        sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
+        sub.add_function_arguments(function, as_positional=positional)
+        subcommands.add_subcommand(name, sub, help=doc.split("\n")[0])
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="rlm", description="recurrent-lm: recurrent-depth language models. "
                             "Every subcommand takes --config FILE.yaml; `rlm SUBCOMMAND --help` lists its options.")
-    subcommands = parser.add_subcommands(dest="command")
-    for name, (function, positional) in COMMANDS.items():
-        sub = ArgumentParser(description=inspect.getdoc(function).split("\n\n")[0])
-        sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
-        sub.add_function_arguments(function, as_positional=positional)
-        subcommands.add_subcommand(name, sub, help=inspect.getdoc(function).split("\n")[0])
+    _add_commands(parser, COMMANDS, dest="command")
     return parser
+
+
+def _resolve(argv: list[str]):
+    """The command function that argv names (None before a full command is named), and its path."""
+    entry, path = COMMANDS, []
+    for arg in argv:
+        if isinstance(entry, dict) and arg in entry:
+            entry, path = entry[arg], path + [arg]
+    return (entry[0] if isinstance(entry, tuple) else None), path
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
     """Accept the usual spellings: --num-steps for --num_steps, and a bare boolean flag (--continuous-cot) for
     --continuous_cot true."""
-    command = next((a for a in argv if a in COMMANDS), None)
+    function, _ = _resolve(argv)
     flags = set()
-    if command is not None:
-        signature = inspect.signature(COMMANDS[command][0])
-        flags = {f"--{n}" for n, p in signature.parameters.items() if p.annotation is bool}
+    if function is not None:
+        flags = {f"--{n}" for n, p in inspect.signature(function).parameters.items() if p.annotation is bool}
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--"):
@@ -152,14 +254,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = normalize_argv(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    config = parser.parse_args(argv)
-    function = COMMANDS[config.command][0]
-    options = {k: v for k, v in config[config.command].items() if k != "config"}
+    config = build_parser().parse_args(argv)
+    function, path = _resolve(argv)
+    options = config
+    for name in path:
+        options = options[name]
+    options = {k: v for k, v in options.items() if k not in ("config", "subcommand")}
     try:
         function(**options)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: one clear line, no traceback
-        sys.exit(f"rlm {config.command}: error: {error}")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:  # bad input: one clear line
+        sys.exit(f"rlm {' '.join(path)}: error: {error}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,36 @@ def character_tokenizer(alphabet: Iterable[str]) -> "RecurrentCharacterTokenizer
     return RecurrentCharacterTokenizer(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                               additional_special_tokens=[THINK_START, THINK_END], alphabet="".join(characters),
                               padding_side="left")
+
+
+def task_tokenizer(task_names: Iterable[str]) -> "RecurrentCharacterTokenizer":
+    """A character tokenizer covering every character the given tasks render."""
+    from .tasks import get_task
+
+    alphabet = "".join(get_task(name).alphabet for name in task_names)
+    if not alphabet:
+        raise ValueError(f"tasks {list(task_names)} have free-text alphabets: train a BPE tokenizer instead")
+    return character_tokenizer(alphabet)
+
+
+def train_bpe_tokenizer(files: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on text files, with the project's special tokens."""
+    from pathlib import Path
+
+    from tokenizers import trainers
+
+    files = [str(f) for f in files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"text files not found: {missing}")
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes), got {vocab_size}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train(files, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=[THINK_START, THINK_END], padding_side="left")

@@ -1,0 +1,213 @@
+"""The data path from tasks and text to batches.
+
+- Task problems -> (input_ids, labels) with a loss mask: `loss_on="answer"` supervises the answer only (what a
+  latent model must produce), "completion" the thinking and the answer (the chain-of-thought model), "all" every
+  token; `hints=True` adds the tasks' dense intermediate targets on prompt positions.
+- TaskStream: an endless stream of freshly generated batches. Batch b of rank r is a pure function of (seed, r, b),
+  so ranks never see the same stream, workers split batches without overlap, and a run resumed at batch b sees
+  exactly the batches it would have seen (no repeats, no skips). A curriculum widens the difficulty range.
+- Text through the datasets library: local .txt / .json(l) / .parquet files or, for users with network, a hub
+  dataset (streaming), tokenised and packed into fixed-length sequences without losing or repeating tokens.
+"""
+
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .tasks import Problem, Task, get_task
+from .tokenization import THINK_END
+
+IGNORE = -100
+LOSS_ON = ("answer", "completion", "all")
+
+
+def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, loss_on: str = "answer",
+                   hints: bool = False) -> dict[str, list[int]]:
+    """Token ids and labels (transformers convention, -100 = no loss) of one rendered problem.
+
+    The prompt, the thinking and the answer are tokenised separately so their boundaries are exact."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    prompt = task.prompt(problem, cot)
+    completion = task.completion(problem, cot)
+    thinking, answer = completion.split(THINK_END, 1) if cot else ("", completion)
+    thinking += THINK_END if cot else ""
+    encoded_prompt = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    prompt_ids = [tokenizer.bos_token_id] + encoded_prompt["input_ids"]
+    thinking_ids = tokenizer(thinking, add_special_tokens=False)["input_ids"] if thinking else []
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    input_ids = prompt_ids + thinking_ids + answer_ids
+    supervised = {"answer": len(answer_ids), "completion": len(thinking_ids) + len(answer_ids), "all": len(input_ids) - 1}
+    labels = [IGNORE] * (len(input_ids) - supervised[loss_on]) + input_ids[len(input_ids) - supervised[loss_on]:]
+    if hints and problem.hints:
+        starts = {start: i + 1 for i, (start, _) in enumerate(encoded_prompt["offset_mapping"])}  # +1: the bos
+        for offset, target in problem.hints:
+            target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+            if offset in starts and len(target_ids) == 1:  # a hint needs a token boundary and a one-token target
+                labels[starts[offset]] = target_ids[0]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a list of examples into a batch (right padding for training, left for generation prompts)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for e in examples:
+        n, pad = len(e["input_ids"]), width - len(e["input_ids"])
+        rows = (e["input_ids"], [1] * n, e.get("labels", e["input_ids"]))
+        fills = (pad_token_id, 0, IGNORE)
+        for key, row, fill in zip(batch, rows, fills):
+            batch[key].append(row + [fill] * pad if padding_side == "right" else [fill] * pad + row)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+@dataclass
+class Curriculum:
+    """Difficulty of training problems: uniform over [min_difficulty, current maximum], where the maximum grows
+    linearly from min_difficulty to max_difficulty over the first `ramp_batches` batches (0: no ramp)."""
+
+    min_difficulty: int = 1
+    max_difficulty: int = 4
+    ramp_batches: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_difficulty <= self.max_difficulty:
+            raise ValueError(f"curriculum needs 1 <= min_difficulty <= max_difficulty, got {self.min_difficulty}, "
+                             f"{self.max_difficulty}")
+        if self.ramp_batches < 0:
+            raise ValueError(f"ramp_batches must be >= 0, got {self.ramp_batches}")
+
+    def maximum(self, batch_index: int) -> int:
+        if self.ramp_batches == 0:
+            return self.max_difficulty
+        fraction = min(1.0, (batch_index + 1) / self.ramp_batches)
+        return self.min_difficulty + round(fraction * (self.max_difficulty - self.min_difficulty))
+
+    def sample(self, batch_index: int, rng: random.Random) -> int:
+        return rng.randint(self.min_difficulty, self.maximum(batch_index))
+
+
+class TaskStream(IterableDataset):
+    """Endless batches of freshly generated problems (use with DataLoader(batch_size=None)).
+
+    Batch b of rank r is generated from a random.Random seeded by (seed, r, b) alone; DataLoader worker w of W
+    produces batches w, w + W, ..., which the DataLoader interleaves back into order b = 0, 1, 2, ...
+    `start_batch` resumes the stream exactly where an interrupted run stopped.
+    """
+
+    def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int, curriculum: Curriculum, cot: bool = False,
+                 loss_on: str = "answer", hints: bool = False, seed: int = 0, rank: int = 0, start_batch: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tasks = [get_task(name) for name in tasks]
+        for task in self.tasks:
+            task.check_difficulty(curriculum.min_difficulty)
+            task.check_difficulty(curriculum.max_difficulty)
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        self.tokenizer, self.batch_size, self.curriculum = tokenizer, batch_size, curriculum
+        self.cot, self.loss_on, self.hints = cot, loss_on, hints
+        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(f"train/{self.seed}/{self.rank}/{index}")
+        examples = []
+        for _ in range(self.batch_size):
+            task = rng.choice(self.tasks)
+            problem = task.generate(self.curriculum.sample(index, rng), rng)
+            examples.append(encode_problem(self.tokenizer, task, problem, self.cot, self.loss_on, self.hints))
+        return collate(examples, self.tokenizer.pad_token_id)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        index = self.start_batch + worker_id
+        while True:
+            yield self.batch(index)
+            index += workers
+
+
+def heldout_problems(tasks: Sequence[str], difficulties: Sequence[int], n: int, seed: int = 1234) -> list[Problem]:
+    """A fixed evaluation set: n problems per (task, difficulty), from a seed the training stream never uses."""
+    problems = []
+    for name in tasks:
+        task = get_task(name)
+        for difficulty in difficulties:
+            problems += task.problems(difficulty, n, seed=seed)
+    return problems
+
+
+# --- text ------------------------------------------------------------------------------------------------------------
+
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def pack(documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int | None = None) -> Iterator[list[int]]:
+    """Concatenate tokenised documents (each followed by eos, if given) and cut the stream into blocks of
+    seq_len tokens. Every token lands in exactly one block, in order; the last block may be shorter."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    buffer: list[int] = []
+    for document in documents:
+        buffer.extend(document)
+        if eos_token_id is not None:
+            buffer.append(eos_token_id)
+        while len(buffer) >= seq_len:
+            yield buffer[:seq_len]
+            buffer = buffer[seq_len:]
+    if buffer:
+        yield buffer
+
+
+def load_text_dataset(source: str | Sequence[str], split: str = "train", streaming: bool = False):
+    """A datasets.Dataset (or IterableDataset when streaming) from local files or, for users with network, a hub
+    dataset name. Local files: .txt (one document per line), .json/.jsonl, .parquet."""
+    import datasets
+
+    files = [source] if isinstance(source, str) else list(source)
+    local = [Path(f) for f in files]
+    if all(p.suffix in FILE_BUILDERS or p.exists() for p in local) and any(p.suffix in FILE_BUILDERS for p in local):
+        missing = [str(p) for p in local if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data files not found: {missing}")
+        builders = {FILE_BUILDERS.get(p.suffix) for p in local}
+        if None in builders or len(builders) > 1:
+            raise ValueError(f"data files must share one of the types {sorted(FILE_BUILDERS)}, got {files}")
+        builder = builders.pop()
+        try:
+            return datasets.load_dataset(builder, data_files=[str(p) for p in local], split=split, streaming=streaming)
+        except Exception as error:  # datasets wraps parse errors in several exception types
+            raise ValueError(f"cannot read {files} as {builder}: {error}") from error
+    if len(files) != 1:
+        raise ValueError(f"give local data files (.txt, .jsonl, .parquet) or one hub dataset name, got {files}")
+    return datasets.load_dataset(files[0], split=split, streaming=streaming)  # the network is the user's choice
+
+
+class TextStream(IterableDataset):
+    """Packed fixed-length sequences (input_ids = labels) of a text dataset, sharded over ranks and workers."""
+
+    def __init__(self, source, tokenizer, seq_len: int, text_field: str = "text", split: str = "train",
+                 streaming: bool = False, rank: int = 0, world_size: int = 1):
+        self.dataset = load_text_dataset(source, split, streaming)
+        columns = self.dataset.column_names
+        if columns is not None and text_field not in columns:
+            raise ValueError(f"the data has no field {text_field!r}; its fields are {columns}")
+        self.tokenizer, self.seq_len, self.text_field = tokenizer, seq_len, text_field
+        self.rank, self.world_size = rank, world_size
+
+    def documents(self) -> Iterator[list[int]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        shard, shards = self.rank * workers + worker_id, self.world_size * workers
+        for i, row in enumerate(self.dataset):
+            if i % shards == shard and row[self.text_field]:
+                yield self.tokenizer(row[self.text_field], add_special_tokens=False)["input_ids"]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for block in pack(self.documents(), self.seq_len, self.tokenizer.eos_token_id):
+            ids = torch.tensor(block, dtype=torch.long)
+            yield {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,234 @@
+"""Reasoning tasks: one interface for generating, rendering, parsing and scoring problems.
+
+Both the latent (recurrent-depth) model and the chain-of-thought baseline learn and are judged on the same
+problems, rendered two ways:
+
+    direct:  prompt = "a=3;b=a+4;c=b*2;c?"            completion = "0<eos>"
+    cot:     prompt = "a=3;b=a+4;c=b*2;c?<think>"     completion = "a=3;b=3+4=0;c=0*2=0;</think>0<eos>"
+
+Difficulty is the number of sequential reasoning steps (hops, permutations, bits), so problems harder than any
+seen in training test depth extrapolation. Problems are generated from a seed with Python's own `random.Random`
+(identical on every machine and Python version for these calls), and export to / import from JSONL.
+
+Dense supervision: a problem may carry `hints`, (offset, target) pairs inside the prompt: "having read the
+prompt up to this offset, the model should predict `target`" (e.g. the value of each variable right after its
+statement). The data pipeline turns them into extra labels on prompt positions (the label differs from the next
+input token), so one sequence supervises every intermediate result without writing it into the input.
+"""
+
+import json
+import random
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .tokenization import EOS, THINK_END, THINK_START
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str
+    difficulty: int
+    question: str
+    answer: str
+    steps: tuple[str, ...] = ()  # the intermediate results a chain of thought writes, in order
+    hints: tuple[tuple[int, str], ...] = ()  # dense supervision inside the question: (offset, target)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Problem":
+        missing = {"task", "difficulty", "question", "answer"} - set(raw)
+        if missing:
+            raise ValueError(f"problem lacks fields {sorted(missing)}")
+        return cls(task=str(raw["task"]), difficulty=int(raw["difficulty"]), question=str(raw["question"]),
+                   answer=str(raw["answer"]), steps=tuple(raw.get("steps", ())),
+                   hints=tuple((int(o), str(t)) for o, t in raw.get("hints", ())), metadata=dict(raw.get("metadata", {})))
+
+
+class Task(ABC):
+    """A family of problems. Subclasses define generation; rendering, parsing and scoring are shared."""
+
+    name: str
+    min_difficulty: int = 1
+    max_difficulty: int
+    alphabet: str  # every character a rendered problem may contain (special tokens aside)
+    description: str
+
+    def check_difficulty(self, difficulty: int) -> None:
+        if not self.min_difficulty <= difficulty <= self.max_difficulty:
+            raise ValueError(f"difficulty {difficulty} is out of range for task {self.name!r}: "
+                             f"{self.min_difficulty}..{self.max_difficulty}")
+
+    @abstractmethod
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem: ...
+
+    def generate(self, difficulty: int, rng: random.Random) -> Problem:
+        self.check_difficulty(difficulty)
+        return self._generate(difficulty, rng)
+
+    def problems(self, difficulty: int, n: int, seed: int = 0) -> list[Problem]:
+        """n problems at one difficulty, the same for the same seed on every machine."""
+        rng = random.Random(f"{self.name}/{difficulty}/{seed}")
+        return [self.generate(difficulty, rng) for _ in range(n)]
+
+    def prompt(self, problem: Problem, cot: bool = False) -> str:
+        return problem.question + (THINK_START if cot else "")
+
+    def completion(self, problem: Problem, cot: bool = False) -> str:
+        thinking = "".join(step + ";" for step in problem.steps) + THINK_END if cot else ""
+        return thinking + problem.answer + EOS
+
+    def render(self, problem: Problem, cot: bool = False) -> str:
+        """The full text a model trains on: prompt + completion."""
+        return self.prompt(problem, cot) + self.completion(problem, cot)
+
+    def parse_answer(self, generated: str, cot: bool = False) -> str | None:
+        """The answer in text generated after the prompt; None if there is none (e.g. thinking never ended)."""
+        if cot:
+            if THINK_END not in generated:
+                return None
+            generated = generated.split(THINK_END, 1)[1]
+        answer = generated.split(EOS, 1)[0].strip()
+        return answer or None
+
+    def score(self, answer: str | None, problem: Problem) -> float:
+        """1.0 for the right answer, else 0.0."""
+        return float(answer is not None and answer.strip() == problem.answer)
+
+
+# --- 1. variable tracking: arithmetic chains modulo a small prime -------------------------------------------------
+
+
+class ChainTask(Task):
+    """a=3;b=a+4;c=b*2;c?  Each statement applies one operation (+, -, *) modulo 7 to the previous variable;
+    difficulty = number of operations (hops). The chain of thought writes every intermediate value."""
+
+    name = "chain"
+    max_difficulty = 24
+    modulus = 7
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    alphabet = letters + "0123456789=+-*;?"
+    description = "arithmetic chain modulo 7: a=3;b=a+4;c=b*2;c? (difficulty = hops)"
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        names = rng.sample(self.letters, difficulty + 1)
+        value = rng.randrange(self.modulus)
+        statements, steps, values = [f"{names[0]}={value}"], [f"{names[0]}={value}"], [value]
+        for previous, name in zip(names, names[1:]):
+            op, operand = rng.choice("+-*"), rng.randrange(1, self.modulus)
+            new = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % self.modulus
+            statements.append(f"{name}={previous}{op}{operand}")
+            steps.append(f"{name}={value}{op}{operand}={new}")
+            value = new
+            values.append(value)
+        question, hints = "", []
+        for statement, v in zip(statements, values):
+            question += statement
+            hints.append((len(question), str(v)))  # right after each statement: its variable's value
+            question += ";"
+        question += f"{names[-1]}?"
+        return Problem(self.name, difficulty, question, str(value), tuple(steps), tuple(hints))
+
+
+# --- 2. permutation composition: the S5 word problem --------------------------------------------------------------
+
+
+class PermutationTask(Task):
+    """20314.13024.41302?  Compose k permutations of 0..4 (each as its images of 0..4, applied left to right) and
+    report the result; difficulty = k. The chain of thought writes the running composition. Tracking the state
+    of S5 is not solvable by a fixed-depth transformer for long words (Merrill & Sabharwal): depth must grow with k."""
+
+    name = "permutation"
+    max_difficulty = 16
+    alphabet = "01234.?"
+    description = "S5 word problem: compose k permutations of 5 elements (difficulty = k)"
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        state = list(range(5))
+        words, steps, hints, question = [], [], [], ""
+        for i in range(difficulty):
+            perm = rng.sample(range(5), 5)
+            state = [perm[s] for s in state]  # apply perm after the running composition
+            words.append("".join(map(str, perm)))
+            steps.append("".join(map(str, state)))
+        question = ".".join(words) + "?"
+        return Problem(self.name, difficulty, question, steps[-1], tuple(steps), tuple(hints))
+
+
+# --- 3. prefix parity --------------------------------------------------------------------------------------------
+
+
+class ParityTask(Task):
+    """10110?  The parity of k bits; difficulty = k. The chain of thought writes the running parity; the hints
+    supervise the running parity after every bit."""
+
+    name = "parity"
+    max_difficulty = 64
+    alphabet = "01?"
+    description = "parity of k bits (difficulty = k)"
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        bits = [rng.randrange(2) for _ in range(difficulty)]
+        running, steps, hints = 0, [], []
+        for i, bit in enumerate(bits):
+            running ^= bit
+            steps.append(str(running))
+            hints.append((i + 1, str(running)))
+        return Problem(self.name, difficulty, "".join(map(str, bits)) + "?", str(running), tuple(steps), tuple(hints))
+
+
+# --- registry, JSONL ------------------------------------------------------------------------------------------------
+
+TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask())}
+
+
+def get_task(name: str) -> Task:
+    if name.startswith("reasoning-gym:"):
+        from .reasoning_gym import ReasoningGymTask
+
+        return ReasoningGymTask(name.split(":", 1)[1])
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} or reasoning-gym:NAME")
+    return TASKS[name]
+
+
+def save_jsonl(problems: list[Problem], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(p.to_json() + "\n" for p in problems))
+    tmp.replace(path)
+    return path
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """Problems from a JSONL file, one JSON object per line; a malformed line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"problem file {path} does not exist")
+    problems = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            problems.append(Problem.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, ValueError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a problem: {error}") from error
+    return problems
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'1,2,4-6' -> [1, 2, 4, 5, 6] (for command-line difficulty and depth lists)."""
+    values = []
+    for part in filter(None, re.split(r"\s*,\s*", str(text).strip())):
+        if "-" in part[1:]:
+            low, high = part.split("-", 1)
+            values += range(int(low), int(high) + 1)
+        else:
+            values.append(int(part))
+    return values
