@@ -145,7 +145,7 @@ class PermutationTask(Task):
 
     name = "permutation"
     max_difficulty = 16
-    alphabet = "01234.?"
+    alphabet = "01234.;?"
     description = "S5 word problem: compose k permutations of 5 elements (difficulty = k)"
 
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
@@ -169,7 +169,7 @@ class ParityTask(Task):
 
     name = "parity"
     max_difficulty = 64
-    alphabet = "01?"
+    alphabet = "01;?"
     description = "parity of k bits (difficulty = k)"
 
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:

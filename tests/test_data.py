@@ -1,0 +1,189 @@
+"""Tokenizers and the data pipeline."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from recurrent_lm.data import IGNORE, Curriculum, TaskStream, TextStream, collate, encode_problem, pack
+from recurrent_lm.tasks import TASKS
+from recurrent_lm.tokenization import SPECIAL_TOKENS, task_tokenizer, train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return task_tokenizer(list(TASKS))
+
+
+def tokens(tokenizer, ids):
+    return [tokenizer.convert_ids_to_tokens(i) if i != IGNORE else "_" for i in ids]
+
+
+# --- tokenizers ----------------------------------------------------------------------------------------------
+
+
+def test_character_tokenizer_saves_as_a_fast_tokenizer(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.is_fast
+    assert [loaded.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("<pad>", "<bos>", "<eos>")
+    text = "a=3;b=a+4;b?<think>a=3;</think>0<eos>"
+    assert loaded.decode(loaded(text).input_ids) == text
+    assert len(loaded("a=3;").input_ids) == 4  # one token per character
+
+
+def test_text_outside_the_alphabet_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match=r"outside the tokenizer's alphabet: \['Z'\]"):
+        tokenizer("a=Z")
+
+
+def test_bpe_trainer(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 300 + "<think>why</think>\n")
+    bpe = train_bpe_tokenizer([corpus], vocab_size=300)
+    bpe.save_pretrained(tmp_path / "bpe")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "bpe")
+    text = "the cat <think>sat</think> on é"
+    ids = loaded(text).input_ids
+    assert loaded.decode(ids) == text
+    assert loaded.convert_tokens_to_ids("<think>") in ids and len(loaded) <= 300
+    assert len(loaded("the cat sat on the mat").input_ids) < len("the cat sat on the mat") / 2
+    with pytest.raises(FileNotFoundError):
+        train_bpe_tokenizer([tmp_path / "missing.txt"], 300)
+
+
+# --- encoding problems -----------------------------------------------------------------------------------------
+
+
+def test_loss_masks(tokenizer):
+    task = TASKS["chain"]
+    problem = task.problems(2, 1)[0]  # "k=5;t=k+6;u=t+4;u?" -> 1
+    direct = encode_problem(tokenizer, task, problem, cot=False, loss_on="answer")
+    assert tokens(tokenizer, direct["input_ids"])[0] == "<bos>"
+    assert "".join(t for t in tokens(tokenizer, direct["labels"]) if t != "_") == "1<eos>"
+    cot = encode_problem(tokenizer, task, problem, cot=True, loss_on="completion")
+    supervised = "".join(t for t in tokens(tokenizer, cot["labels"]) if t != "_")
+    assert supervised == task.completion(problem, cot=True)
+    answer_only = encode_problem(tokenizer, task, problem, cot=True, loss_on="answer")
+    assert "".join(t for t in tokens(tokenizer, answer_only["labels"]) if t != "_") == "1<eos>"
+    everything = encode_problem(tokenizer, task, problem, loss_on="all")
+    assert everything["labels"][1:] == everything["input_ids"][1:]
+    with pytest.raises(ValueError, match="loss_on"):
+        encode_problem(tokenizer, task, problem, loss_on="thinking")
+
+
+def test_hints_label_each_intermediate_value_without_showing_it(tokenizer):
+    task = TASKS["chain"]
+    problem = task.problems(3, 1, seed=4)[0]
+    encoded = encode_problem(tokenizer, task, problem, hints=True)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    prompt_len = 1 + len(problem.question)
+    hinted = [(i, labels[i]) for i in range(prompt_len) if labels[i] != IGNORE]
+    assert [tokenizer.convert_ids_to_tokens(t) for _, t in hinted] == [t for _, t in problem.hints]
+    assert all(tokenizer.convert_ids_to_tokens(ids[i]) == ";" for i, _ in hinted)  # the input there is ";"
+
+
+def test_collate_pads_and_masks():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    left = collate([{"input_ids": [5, 6]}, {"input_ids": [8]}], pad_token_id=0, padding_side="left")
+    assert left["input_ids"].tolist() == [[5, 6], [0, 8]] and left["attention_mask"].tolist() == [[1, 1], [0, 1]]
+
+
+# --- streams -----------------------------------------------------------------------------------------------------
+
+
+def make_stream(tokenizer, **overrides):
+    settings = dict(tasks=["chain", "parity"], tokenizer=tokenizer, batch_size=4, curriculum=Curriculum(1, 6, 20), seed=3)
+    return TaskStream(**{**settings, **overrides})
+
+
+def test_stream_is_a_pure_function_of_seed_rank_and_index(tokenizer):
+    a, b = make_stream(tokenizer), make_stream(tokenizer)
+    for i in (0, 7):
+        assert all(torch.equal(a.batch(i)[k], b.batch(i)[k]) for k in ("input_ids", "labels"))
+    assert not torch.equal(a.batch(0)["input_ids"], a.batch(1)["input_ids"])
+    other_rank = make_stream(tokenizer, rank=1)
+    assert not torch.equal(a.batch(0)["input_ids"], other_rank.batch(0)["input_ids"])
+
+
+def test_workers_split_the_stream_and_resume_continues_it(tokenizer):
+    stream = make_stream(tokenizer)
+    expected = [stream.batch(i)["input_ids"] for i in range(6)]
+    loader = DataLoader(stream, batch_size=None, num_workers=2)
+    got = [batch["input_ids"] for _, batch in zip(range(6), loader)]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    resumed = next(iter(make_stream(tokenizer, start_batch=4)))["input_ids"]
+    assert torch.equal(resumed, expected[4])
+
+
+def test_curriculum_widens_the_difficulty_range():
+    import random
+
+    curriculum = Curriculum(1, 9, ramp_batches=100)
+    assert curriculum.maximum(0) == 1 and curriculum.maximum(49) == 5 and curriculum.maximum(500) == 9
+    rng = random.Random(0)
+    assert max(curriculum.sample(10, rng) for _ in range(200)) <= curriculum.maximum(10)
+    assert Curriculum(2, 5).maximum(0) == 5
+    with pytest.raises(ValueError, match="min_difficulty <= max_difficulty"):
+        Curriculum(5, 2)
+
+
+def test_stream_rejects_difficulties_a_task_lacks(tokenizer):
+    with pytest.raises(ValueError, match="out of range for task 'permutation'"):
+        make_stream(tokenizer, tasks=["permutation"], curriculum=Curriculum(1, 30))
+
+
+# --- text ----------------------------------------------------------------------------------------------------------
+
+
+def test_packing_loses_and_repeats_no_token():
+    documents = [list(range(start, start + n)) for start, n in [(0, 5), (100, 1), (200, 13), (300, 7)]]
+    blocks = list(pack(documents, seq_len=4, eos_token_id=-1))
+    flat = [t for block in blocks for t in block]
+    assert flat == [t for d in documents for t in d + [-1]]
+    assert all(len(b) == 4 for b in blocks[:-1]) and 1 <= len(blocks[-1]) <= 4
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_text_stream_from_local_files(tmp_path, kind):
+    lines = [f"line {i} with some words" for i in range(50)]
+    path = tmp_path / f"corpus.{kind}"
+    if kind == "txt":
+        path.write_text("\n".join(lines) + "\n")
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": lines}), path)
+    corpus = tmp_path / "tok.txt"
+    corpus.write_text("\n".join(lines) * 10)
+    tokenizer = train_bpe_tokenizer([corpus], vocab_size=280)
+    stream = TextStream(str(path), tokenizer, seq_len=16)
+    blocks = list(stream)
+    flat = [t for b in blocks for t in b["input_ids"].tolist()]
+    expected = [t for line in lines for t in tokenizer(line, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]]
+    assert flat == expected
+    assert all(torch.equal(b["labels"], b["input_ids"]) for b in blocks)
+    shards = [list(TextStream(str(path), tokenizer, seq_len=16, rank=r, world_size=2)) for r in (0, 1)]
+    assert sum(len(b["input_ids"]) for s in shards for b in s) == len(expected)
+
+
+def test_bad_data_files(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TextStream(str(tmp_path / "missing.jsonl"), tokenizer, seq_len=8)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(ValueError, match="cannot read"):
+        TextStream(str(bad), tokenizer, seq_len=8)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"body": "ok"}\n')
+    with pytest.raises(ValueError, match="no field 'text'"):
+        TextStream(str(other), tokenizer, seq_len=8)

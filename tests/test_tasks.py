@@ -1,0 +1,130 @@
+"""Reasoning tasks: determinism, rendering and parsing, scoring, JSONL, the reasoning-gym adapter."""
+
+import json
+
+import pytest
+
+from recurrent_lm.tasks import TASKS, Problem, get_task, load_jsonl, parse_int_list, save_jsonl
+
+# The first problem of each task at difficulty 3, seed 0: generation must give exactly these on every machine.
+GOLDEN = {
+    "chain": "m=1;n=m+1;o=n-5;z=o+6;z?",
+    "permutation": "01234.42103.24031?",
+    "parity": "101?",
+}
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_same_seed_same_problems_everywhere(name):
+    task = TASKS[name]
+    assert task.problems(3, 1, seed=0)[0].question == GOLDEN[name]
+    assert task.problems(3, 20, seed=5) == task.problems(3, 20, seed=5)
+    assert task.problems(3, 20, seed=5) != task.problems(3, 20, seed=6)
+
+
+@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("cot", [False, True])
+def test_gold_rendering_parses_back_to_the_answer(name, cot):
+    task = TASKS[name]
+    for difficulty in (task.min_difficulty, 2, 5, task.max_difficulty):
+        for problem in task.problems(difficulty, 10, seed=difficulty):
+            assert problem.difficulty == difficulty
+            assert set(task.render(problem, cot).replace("<think>", "").replace("</think>", "")
+                       .replace("<eos>", "")) <= set(task.alphabet)
+            completion = task.completion(problem, cot)
+            assert task.parse_answer(completion, cot) == problem.answer
+            assert task.score(task.parse_answer(completion, cot), problem) == 1.0
+
+
+def test_chain_values_and_chain_of_thought_are_right():
+    for problem in TASKS["chain"].problems(6, 50, seed=1):
+        values = {}
+        for statement in problem.question.rstrip("?").split(";")[:-1]:
+            name, expression = statement.split("=")
+            for variable, value in values.items():
+                expression = expression.replace(variable, str(value))
+            values[name] = eval(expression) % 7  # noqa: S307 - our own generated arithmetic
+        query = problem.question.split(";")[-1].rstrip("?")
+        assert problem.answer == str(values[query])
+        assert [s.rsplit("=", 1)[1] for s in problem.steps] == [str(v) for v in values.values()]
+        assert [target for _, target in problem.hints] == [str(v) for v in values.values()]
+        assert all(problem.question[offset] == ";" for offset, _ in problem.hints)
+
+
+def test_hand_written_scoring_cases():
+    chain, perm, parity = TASKS["chain"], TASKS["permutation"], TASKS["parity"]
+    p = Problem("chain", 1, "a=3;b=a+4;b?", "0")
+    assert chain.score(chain.parse_answer("0<eos>"), p) == 1.0
+    assert chain.score(chain.parse_answer("7<eos>"), p) == 0.0  # 3 + 4 = 7 = 0 mod 7
+    assert chain.score(chain.parse_answer("<eos>"), p) == 0.0
+    assert chain.parse_answer("a=3;b=3+4=0;", cot=True) is None  # the thinking never ended: no answer
+    assert chain.parse_answer("a=3;</think>0<eos>junk", cot=True) == "0"
+    # apply 10234 (swap 0 and 1) then 02134 (swap 1 and 2): 0 -> 1 -> 2, 1 -> 0 -> 0, 2 -> 2 -> 1
+    (composed,) = [pr for pr in [perm._generate(2, __import__("random").Random(0))]]
+    assert perm.score("20134", Problem("permutation", 2, "10234.02134?", "20134")) == 1.0
+    assert len(composed.answer) == 5 and sorted(composed.answer) == list("01234")
+    assert parity.score("1", Problem("parity", 3, "111?", "1")) == 1.0
+    assert parity.score("0", Problem("parity", 3, "111?", "1")) == 0.0
+
+
+def test_permutation_composition_by_hand():
+    task = TASKS["permutation"]
+    for problem in task.problems(4, 30, seed=3):
+        state = list(range(5))
+        for word in problem.question.rstrip("?").split("."):
+            state = [int(word[s]) for s in state]
+        assert problem.answer == "".join(map(str, state))
+
+
+def test_bad_task_and_difficulty():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ValueError, match=r"difficulty 0 is out of range for task 'chain': 1..24"):
+        TASKS["chain"].problems(0, 1)
+    with pytest.raises(ValueError, match="out of range"):
+        TASKS["permutation"].problems(17, 1)
+
+
+def test_jsonl_round_trip_and_errors(tmp_path):
+    problems = [p for name in TASKS for p in TASKS[name].problems(2, 3)]
+    path = save_jsonl(problems, tmp_path / "set.jsonl")
+    assert load_jsonl(path) == problems
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(problems[0].to_json() + "\n{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_jsonl(bad)
+    bad.write_text(json.dumps({"task": "chain", "question": "a?"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a problem: problem lacks fields \['answer', 'difficulty'\]"):
+        load_jsonl(bad)
+
+
+def test_parse_int_list():
+    assert parse_int_list("1,2,4-6") == [1, 2, 4, 5, 6]
+    assert parse_int_list("8") == [8]
+
+
+def test_reasoning_gym_adapter_scores_with_its_own_scorer():
+    pytest.importorskip("reasoning_gym")
+    task = get_task("reasoning-gym:chain_sum")
+    problems = task.problems(1, 4, seed=1)
+    assert problems == task.problems(1, 4, seed=1)
+    for problem in problems:
+        assert task.score(problem.answer, problem) == 1.0
+        assert task.score("not a number", problem) == 0.0
+        assert task.score(None, problem) == 0.0
+    assert Problem.from_dict(json.loads(problems[0].to_json())) == problems[0]
+    with pytest.raises(ValueError, match="no dataset"):
+        get_task("reasoning-gym:no_such_dataset").problems(1, 1)
+
+
+def test_cli_lists_and_samples(capsys):
+    from recurrent_lm.cli import main
+
+    main(["tasks", "list"])
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in TASKS) and "1..24" in listing
+    main(["tasks", "sample", "chain", "--difficulty", "3", "--n", "2", "--cot"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == "m=1;n=m+1;o=n-5;z=o+6;z?<think> | m=1;n=1+1=2;o=2-5=4;z=4+6=3;</think>3<eos>"
