@@ -34,9 +34,10 @@ def main() -> None:
     parser.add_argument("--ramp", type=int, default=300, help="curriculum ramp, batches")
     parser.add_argument("--hints", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", help="write the measurements as JSON here")
+    parser.add_argument("--vocabulary-of", nargs="+", help="build the tokenizer of these tasks (default: --tasks)")
     args = parser.parse_args()
 
-    tokenizer = task_tokenizer(args.tasks)
+    tokenizer = task_tokenizer(args.vocabulary_of or args.tasks)
     results = {}
     for name in args.tasks:
         torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """`rlm`: the one command line of the project. Every subcommand is a typed function parsed by jsonargparse, so
 each takes `--config FILE.yaml` and its `--help` lists every option with its type, default and documentation."""
 
+import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -191,10 +192,23 @@ def load_model(path: Path):
     return RecurrentLM.from_pretrained(path).eval()
 
 
+def export(checkpoint: Path, out: Path) -> None:
+    """Export a training checkpoint (from `rlm train`) as a transformers directory: weights, config, tokenizer.
+
+    Args:
+        checkpoint: a .ckpt file written by `rlm train` (e.g. runs/NAME/checkpoints/last.ckpt).
+        out: the directory to write; AutoModelForCausalLM.from_pretrained and `rlm generate` load it.
+    """
+    from train.cli import export_checkpoint
+
+    print(f"exported {checkpoint} to {export_checkpoint(checkpoint, out)}")
+
+
 # name -> (function, whether its required arguments are positional), or a group of subcommands
 COMMANDS = {
     "convert-huginn": (convert_huginn, True),
     "generate": (generate, False),
+    "export": (export, True),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
 }
@@ -203,6 +217,9 @@ COMMANDS = {
 def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
     subcommands = parser.add_subcommands(dest=dest)
     for name, entry in commands.items():
+        if entry is None:  # parsed by its own parser (see OWN_PARSER): listed here for --help only
+            subcommands.add_subcommand(name, ArgumentParser(), help=OWN_PARSER[name][2])
+            continue
         if isinstance(entry, dict):
             group = ArgumentParser(description=f"rlm {name} subcommands")
             subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")
@@ -219,8 +236,13 @@ def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="rlm", description="recurrent-lm: recurrent-depth language models. "
                             "Every subcommand takes --config FILE.yaml; `rlm SUBCOMMAND --help` lists its options.")
-    _add_commands(parser, COMMANDS, dest="command")
+    _add_commands(parser, {**COMMANDS, **{name: None for name in OWN_PARSER}}, dest="command")
     return parser
+
+
+# Commands with a parser of their own (LightningCLI), dispatched before the main parser sees their options.
+OWN_PARSER = {"train": ("train.cli", "train_main", "Train a model with Lightning: rlm train --config FILE.yaml "
+                        "(rlm train --help lists every option)")}
 
 
 def _resolve(argv: list[str]):
@@ -253,7 +275,15 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = normalize_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OWN_PARSER:
+        module, function, _ = OWN_PARSER[argv[0]]
+        try:
+            getattr(importlib.import_module(module), function)(argv[1:])
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"rlm {argv[0]}: error: {error}")
+        return
+    argv = normalize_argv(argv)
     config = build_parser().parse_args(argv)
     function, path = _resolve(argv)
     options = config

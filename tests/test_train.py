@@ -1,0 +1,146 @@
+"""Training with Lightning: a debug run learns, kill-and-resume continues exactly, DDP on 2 CPU processes, export."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from recurrent_lm import RecurrentLM
+from train.cli import export_checkpoint, train_main
+from train.module import RecurrentLMModule, lr_factor
+
+ROOT = Path(__file__).parent.parent
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+def train(tmp_path, *overrides, name="run"):
+    root = tmp_path / name
+    train_main(["--config", DEBUG, "--trainer.default_root_dir", str(root),
+                "--trainer.logger.init_args.save_dir", str(root), *overrides])
+    return root
+
+
+def logged(root, key):
+    rows = list(csv.DictReader(open(next(root.glob("**/metrics.csv")))))
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def test_debug_run_learns_and_exports(tmp_path):
+    root = train(tmp_path, "--trainer.max_steps", "40", "--trainer.val_check_interval", "40")
+    losses = [loss for _, loss in logged(root, "train/loss")]
+    assert losses[-1] < 0.6 * losses[0], losses
+    depths = {d for _, d in logged(root, "train/num_steps")}
+    assert len(depths) > 1, "the depth is drawn afresh each step"
+    assert {"val/loss_r1", "val/acc_r4"} <= set(next(csv.DictReader(open(next(root.glob("**/metrics.csv"))))).keys())
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    assert isinstance(model, RecurrentLM)
+    ids = tokenizer("a=3;b=a+4;b?", return_tensors="pt").input_ids
+    out = model.generate(ids, num_steps=4, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 2)
+    # and the command-line export of the checkpoint gives the same weights
+    exported = export_checkpoint(root / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    a, b = load_file(root / "model" / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cot_baseline_trains_at_fixed_depth(tmp_path):
+    root = train(tmp_path, "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--model.fixed_num_steps", "1",
+                 "--data.cot", "true", "--data.loss_on", "completion", "--data.hints", "false")
+    assert {d for _, d in logged(root, "train/num_steps")} == {1.0}
+
+
+def run_subprocess(tmp_path, name, *overrides):
+    root = tmp_path / name
+    cmd = [sys.executable, "-m", "recurrent_lm.cli", "train", "--config", DEBUG, "--trainer.default_root_dir", str(root),
+           "--trainer.logger.init_args.save_dir", str(root), "--trainer.limit_val_batches", "0",
+           "--trainer.callbacks.init_args.every_n_train_steps", "4", *overrides]
+    return root, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    full, process = run_subprocess(tmp_path, "full", "--trainer.max_steps", "16")
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
+
+    killed, process = run_subprocess(tmp_path, "killed", "--trainer.max_steps", "16")
+    checkpoint = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # mid-run, no chance to clean up
+    process.wait()
+    assert checkpoint.exists() and not (killed / "model").exists()
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < step < 16
+
+    resumed, process = run_subprocess(tmp_path, "killed", "--trainer.max_steps", "16", "--ckpt_path", "last")
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    for key in a:  # same data stream, same depth draws, same schedule: the same weights
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """Lightning's "ddp" strategy relaunches `rlm train` as a second process (gloo on CPU)."""
+    root, process = run_subprocess(tmp_path, "ddp", "--trainer.max_steps", "6", "--trainer.strategy", "ddp",
+                                   "--trainer.devices", "2")
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    assert (root / "model" / "model.safetensors").is_file()
+    assert len(logged(root, "train/loss")) > 0
+
+
+def test_misspelt_or_ill_typed_config_fields_are_named(tmp_path, capsys):
+    for args, name in [(["--model.model.hiden_size", "64"], "hiden_size"), (["--model.learning_rate", "fast"], "learning_rate"),
+                       (["--data.batch_sise", "3"], "batch_sise")]:
+        with pytest.raises(SystemExit):
+            train(tmp_path, *args)
+        assert name in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  model:\n    num_core_layrs: 2\n")
+    with pytest.raises(SystemExit):
+        train(tmp_path, "--config", str(bad))
+    assert "num_core_layrs" in capsys.readouterr().err
+
+
+def test_resume_from_another_architecture_is_a_clear_error(tmp_path):
+    root = train(tmp_path, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0")
+    with pytest.raises(ValueError, match=r"another architecture.*hidden_size"):
+        train(tmp_path, "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0", "--model.model.hidden_size", "32",
+              "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), name="other")
+
+
+def test_print_config_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit:
+        train_main(["--config", DEBUG, "--print_config"])
+    assert exit.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(key in printed for key in ("mean_backprop_depth", "learning_rate", "curriculum_batches", "max_steps"))
+
+
+def test_learning_rate_schedules():
+    assert lr_factor(0, 10, 100, "cosine", 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "cosine", 0.1, 0.2) == 1.0
+    assert lr_factor(100, 10, 100, "cosine", 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, "cosine", 0.1, 0.2) == pytest.approx(0.55)
+    assert lr_factor(50, 10, 100, "wsd", 0.0, 0.2) == 1.0
+    assert lr_factor(90, 10, 100, "wsd", 0.0, 0.2) == pytest.approx(0.5)
+    assert lr_factor(500, 10, None, "constant", 0.1, 0.2) == 1.0
+
+
+def test_depth_draws_depend_only_on_seed_and_step():
+    module = RecurrentLMModule({"vocab_size": 48, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                                "num_prelude_layers": 1, "num_core_layers": 1, "num_coda_layers": 1,
+                                "mean_recurrence": 8, "mean_backprop_depth": 3})
+    other = RecurrentLMModule(dict(module.hparams.model))
+    draws = [module.num_steps_for(step) for step in range(50)]
+    assert draws == [other.num_steps_for(step) for step in range(50)]
+    assert len(set(draws)) > 3 and all(k == min(3, n + k) for n, k in draws)

@@ -1,0 +1,118 @@
+"""`rlm train` (LightningCLI: every option in YAML, overridable on the command line) and `rlm export`.
+
+    rlm train --config configs/debug.yaml [--trainer.max_steps 200] [--ckpt_path last] [--print_config]
+
+Checkpoints go to {trainer.default_root_dir}/checkpoints (a fixed place, so `--ckpt_path last` finds them),
+written atomically; at the end the trained model is exported as a transformers directory (weights, config,
+tokenizer) that AutoModelForCausalLM.from_pretrained and `rlm generate` load.
+"""
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import RecurrentDataModule
+from .module import ModelSpec, RecurrentLMModule, build_config
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint to a temporary file beside it, then rename: a run killed mid-write leaves the previous
+    checkpoint intact, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class TrainCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs):
+        plugins = kwargs.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume from this checkpoint, or 'last' for the run's last one")
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="where to export the trained model (default: {trainer.default_root_dir}/model)")
+        # Defaults a config file may replace (LightningCLI's trainer_defaults would make them permanent).
+        parser.set_defaults({
+            "trainer.max_steps": 1000,
+            "trainer.log_every_n_steps": 10,
+            "trainer.default_root_dir": "runs/default",
+            "trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                               "init_args": {"project": "recurrent-lm", "save_dir": "runs"}},
+            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"save_last": True, "every_n_train_steps": 100}}],
+        })
+
+
+def train_main(argv: list[str]) -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user opts in
+    # The options come in `argv`; sys.argv stays as it is, since the "ddp" launcher re-runs it on every rank.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=argv, run=False, seed_everything_default=0,
+                   save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "rlm train"})
+    module, data, trainer = cli.model, cli.datamodule, cli.trainer
+    if module.model.config.vocab_size < len(data.tokenizer):
+        raise ValueError(f"model.vocab_size ({module.model.config.vocab_size}) is smaller than the tokenizer "
+                         f"({len(data.tokenizer)} tokens)")
+    root = Path(trainer.default_root_dir)
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(root / "checkpoints")
+    trainer.fit(module, datamodule=data, ckpt_path=cli.config.get("ckpt_path"))
+    if trainer.is_global_zero:
+        out = export(module, data.tokenizer, cli.config.get("export_dir") or root / "model")
+        print(f"exported the trained model to {out}")
+
+
+def export(module: RecurrentLMModule, tokenizer, out: str | Path) -> Path:
+    out = Path(out)
+    module.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint, read with torch's restricted (weights-only) unpickler: tensors and plain data only,
+    never arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """Export a training checkpoint as a transformers directory (weights, config, tokenizer)."""
+    from recurrent_lm import RecurrentLM
+    from recurrent_lm.tokenization import task_tokenizer
+    from transformers import AutoTokenizer
+
+    state = load_checkpoint(checkpoint)
+    if "hyper_parameters" not in state or "model" not in state["hyper_parameters"]:
+        raise ValueError(f"{checkpoint} is not a checkpoint of `rlm train`")
+    model = RecurrentLM(build_config(ModelSpec(**state["hyper_parameters"]["model"])))
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    model.load_state_dict(weights, strict=True)
+    data = state.get("datamodule_hyper_parameters", {})
+    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"]) if data.get("tokenizer") else task_tokenizer(data["tasks"])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+if __name__ == "__main__":
+    train_main(sys.argv[1:])

@@ -1,0 +1,96 @@
+"""The LightningDataModule: freshly generated task problems (or packed text) for training, fixed held-out
+problems for validation."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from recurrent_lm.data import Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems
+from recurrent_lm.tasks import get_task, load_jsonl
+
+
+class RecurrentDataModule(L.LightningDataModule):
+    """Training and validation data.
+
+    Args:
+        tasks: task names to train on (see `rlm tasks list`); each batch mixes them.
+        text_files: train on packed text instead: local .txt/.jsonl/.parquet files or one hub dataset name
+            (needs `tokenizer`).
+        tokenizer: a tokenizer directory; by default the character tokenizer of the tasks.
+        batch_size: sequences per batch (per device).
+        seq_len: sequence length of packed text.
+        min_difficulty: easiest training problems.
+        max_difficulty: hardest training problems.
+        curriculum_batches: the hardest difficulty grows from min to max over this many batches (0: from the
+            start).
+        cot: render problems with a chain of thought (the CoT baseline).
+        loss_on: "answer" (latent models: the answer only), "completion" (thinking + answer: CoT models) or "all".
+        hints: add the tasks' dense intermediate targets (e.g. every variable's value) to the loss.
+        seed: seeds the training stream (each rank gets its own stream).
+        val_difficulties: difficulties of the held-out problems (may exceed max_difficulty: extrapolation).
+        val_problems_per_difficulty: held-out problems per difficulty.
+        val_problems: a JSONL file of held-out problems instead of generated ones.
+        num_workers: DataLoader workers generating training batches.
+    """
+
+    def __init__(self, tasks: list[str] | None = None, text_files: list[str] | None = None, tokenizer: str | None = None,
+                 batch_size: int = 32, seq_len: int = 256, min_difficulty: int = 1, max_difficulty: int = 4,
+                 curriculum_batches: int = 0, cot: bool = False, loss_on: str = "answer", hints: bool = False,
+                 seed: int = 0, val_difficulties: list[int] | None = None, val_problems_per_difficulty: int = 32,
+                 val_problems: str | None = None, num_workers: int = 0):
+        super().__init__()
+        if bool(tasks) == bool(text_files):
+            raise ValueError("give either tasks or text_files to train on")
+        if text_files and tokenizer is None:
+            raise ValueError("training on text needs a tokenizer directory (rlm tokenizer train ...)")
+        self.save_hyperparameters()
+        self.curriculum = Curriculum(min_difficulty, max_difficulty, curriculum_batches)
+        self.tokenizer = self._load_tokenizer()
+        if tasks:
+            for name in tasks:
+                get_task(name).check_difficulty(max_difficulty)
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from recurrent_lm.tokenization import task_tokenizer
+
+        if self.hparams.tokenizer is None:
+            return task_tokenizer(self.hparams.tasks)
+        if not (Path(self.hparams.tokenizer) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {self.hparams.tokenizer}")
+        return AutoTokenizer.from_pretrained(self.hparams.tokenizer)
+
+    def train_dataloader(self) -> DataLoader:
+        hp, trainer = self.hparams, self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if hp.text_files:
+            stream = TextStream(hp.text_files, self.tokenizer, hp.seq_len, rank=rank, world_size=world)
+            return DataLoader(stream, batch_size=hp.batch_size, num_workers=hp.num_workers)
+        # A resumed run starts at the batch after the last one it trained on: no batch repeated or skipped.
+        done = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        stream = TaskStream(hp.tasks, self.tokenizer, hp.batch_size, self.curriculum, cot=hp.cot, loss_on=hp.loss_on,
+                            hints=hp.hints, seed=hp.seed, rank=rank, start_batch=done)
+        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers,
+                          persistent_workers=hp.num_workers > 0)
+
+    def validation_problems(self):
+        hp = self.hparams
+        if hp.val_problems:
+            return load_jsonl(hp.val_problems)
+        difficulties = hp.val_difficulties or list(range(hp.min_difficulty, hp.max_difficulty + 1))
+        return heldout_problems(hp.tasks, difficulties, hp.val_problems_per_difficulty)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.hparams.tasks and not self.hparams.val_problems:
+            return []
+        self.val_set = self.validation_problems()
+
+        def batch(indices):  # problems travel as indices into val_set: tensors only cross devices
+            encoded = [encode_problem(self.tokenizer, get_task(self.val_set[i].task), self.val_set[i], self.hparams.cot,
+                                      self.hparams.loss_on) for i in indices]
+            return {**collate(encoded, self.tokenizer.pad_token_id), "problem_index": torch.tensor(indices)}
+
+        return DataLoader(range(len(self.val_set)), batch_size=max(self.hparams.batch_size, 64), collate_fn=batch)

@@ -1,0 +1,159 @@
+"""The LightningModule around RecurrentLM: random depth with truncated backprop, AdamW, warmup + cosine or
+warmup-stable-decay, and validation at several fixed depths so users watch depth scaling emerge.
+
+Model code stays single-device (recurrent_lm.model); parallelism, precision and checkpointing come from the
+Lightning Trainer's strategy and plugins.
+"""
+
+import dataclasses
+import math
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+
+from recurrent_lm import RecurrentConfig, RecurrentLM
+from recurrent_lm.evaluation import accuracy, answer_problems
+from recurrent_lm.model import sample_num_steps
+
+# The model's options as a typed dataclass, built from RecurrentConfig's own fields (one list of options, not two),
+# so LightningCLI validates every `model.*` key and lists it in --help.
+_OWN_FIELDS = [f for f in dataclasses.fields(RecurrentConfig) if f.name in RecurrentConfig.__annotations__
+               and f.name not in ("use_cache",)]
+ModelSpec = dataclasses.make_dataclass(
+    "ModelSpec", [(f.name, f.type, dataclasses.field(default=f.default)) for f in _OWN_FIELDS], frozen=True)
+ModelSpec.__doc__ = RecurrentConfig.__doc__
+ModelSpec.__module__ = __name__  # importable by name, so DDP-spawned processes can unpickle it
+
+
+def build_config(spec, **extra) -> RecurrentConfig:
+    return RecurrentConfig(**dataclasses.asdict(spec), **extra)
+
+
+class RecurrentLMModule(L.LightningModule):
+    """Trains a RecurrentLM.
+
+    Args:
+        model: the model's shape (every field of RecurrentConfig).
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases or the qk bias).
+        betas: AdamW betas.
+        warmup_steps: linear warmup from 0 to the peak.
+        schedule: after warmup, "cosine" decays to min_lr_ratio * peak by the last step; "wsd"
+            (warmup-stable-decay) holds the peak and decays linearly over the last decay_fraction of the steps;
+            "constant" holds it.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        decay_fraction: share of the steps spent decaying under "wsd".
+        fixed_num_steps: train at this depth every step instead of sampling it (1 gives an ordinary transformer
+            of prelude + core + coda layers: the chain-of-thought baseline).
+        seed: seeds the per-step depth draws and initial states, identically on every rank, so that DDP/FSDP
+            ranks run the same number of steps and a resumed run repeats nothing.
+        eval_depths: depths at which validation loss and accuracy are measured.
+        eval_cot: validation problems are answered with a chain of thought.
+    """
+
+    def __init__(self, model: ModelSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
+                 schedule: Literal["cosine", "wsd", "constant"] = "cosine", min_lr_ratio: float = 0.1,
+                 decay_fraction: float = 0.2, fixed_num_steps: int | None = None, seed: int = 0,
+                 eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False):
+        super().__init__()
+        if learning_rate <= 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or not 0 < decay_fraction <= 1:
+            raise ValueError("need learning_rate > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, 0 < decay_fraction <= 1")
+        if fixed_num_steps is not None and fixed_num_steps < 1:
+            raise ValueError(f"fixed_num_steps must be >= 1, got {fixed_num_steps}")
+        if any(d < 1 for d in eval_depths):
+            raise ValueError(f"eval_depths must be >= 1, got {list(eval_depths)}")
+        spec = model if isinstance(model, ModelSpec) else ModelSpec(**model)
+        self.save_hyperparameters({"model": dataclasses.asdict(spec)} | {
+            k: v for k, v in locals().items() if k not in ("self", "model", "spec", "__class__")})
+        self.spec = spec
+        self.model = RecurrentLM(build_config(spec))
+        self._step_started = None
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Resuming from a checkpoint of another architecture is a clear error, not a state-dict shape dump."""
+        saved = checkpoint.get("hyper_parameters", {}).get("model")
+        current = dataclasses.asdict(self.spec)
+        if saved is not None and saved != current:
+            differences = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            raise ValueError(f"the checkpoint is of another architecture, (checkpoint, config): {differences}")
+
+    # --- depth per step ----------------------------------------------------------------------------------------------
+
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7 + salt)
+
+    def num_steps_for(self, global_step: int) -> tuple[int, int]:
+        """(no-grad, grad) steps of a training step: a pure function of (seed, step), equal on every rank."""
+        fixed = self.hparams.fixed_num_steps
+        if fixed is not None:
+            return 0, fixed
+        config = self.model.config
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + global_step * 7)
+        return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, generator)
+
+    # --- training ------------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_index):
+        num_steps = self.num_steps_for(self.global_step)
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         num_steps=num_steps, generator=self._generator(salt=1))
+        tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.log_dict({"train/loss": out.loss, "train/num_steps": float(sum(num_steps)),
+                       "train/backprop_steps": float(num_steps[1]),
+                       "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, prog_bar=True)
+        if self._step_started is not None:
+            self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._step_started))
+        self._step_started = time.perf_counter()
+        return out.loss
+
+    def validation_step(self, batch, batch_index):
+        """Loss at every eval depth on held-out problems (teacher forcing), and greedy task accuracy."""
+        for depth in self.hparams.eval_depths:
+            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                             num_steps=depth, init_scale=0.0)
+            self.log(f"val/loss_r{depth}", out.loss, batch_size=batch["input_ids"].shape[0])
+        if "problem_index" in batch:
+            datamodule = self.trainer.datamodule
+            problems = [datamodule.val_set[i] for i in batch["problem_index"].tolist()]
+            tokenizer = datamodule.tokenizer
+            for depth in self.hparams.eval_depths:
+                answers = answer_problems(self.model, tokenizer, problems, cot=self.hparams.eval_cot,
+                                          num_steps=depth, init_scale=0.0)
+                self.log(f"val/acc_r{depth}", accuracy(answers), batch_size=len(problems))
+
+    # --- optimisation ----------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (decay if parameter.ndim == 2 else no_decay).append(parameter)  # matrices decay; norms, biases don't
+        hp = self.hparams
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=hp.learning_rate, betas=tuple(hp.betas))
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if total is None and hp.schedule != "constant":
+            raise ValueError(f"schedule {hp.schedule!r} needs trainer.max_steps")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, hp.warmup_steps, total, hp.schedule, hp.min_lr_ratio, hp.decay_fraction))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float, decay_fraction: float) -> float:
+    """Multiplier of the peak learning rate at an optimizer step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total is None:
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total - decay_fraction * total  # wsd
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - min_ratio) * min(1.0, (step - decay_start) / max(1.0, total - decay_start))
