@@ -144,3 +144,22 @@ def test_depth_draws_depend_only_on_seed_and_step():
     draws = [module.num_steps_for(step) for step in range(50)]
     assert draws == [other.num_steps_for(step) for step in range(50)]
     assert len(set(draws)) > 3 and all(k == min(3, n + k) for n, k in draws)
+
+
+@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "gpu-100m", "huginn-0125"])
+def test_every_config_parses(name, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train_main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
+    assert exit.value.code == 0
+    assert "model:" in capsys.readouterr().out
+
+
+def test_demo_models_have_equal_unique_parameters():
+    import yaml
+
+    counts = []
+    for name in ("demo-latent", "demo-cot"):
+        spec = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]["model"]
+        with torch.device("meta"):
+            counts.append(sum(p.numel() for p in RecurrentLMModule(spec).parameters()))
+    assert counts[0] == counts[1]
