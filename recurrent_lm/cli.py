@@ -68,13 +68,11 @@ def generate(
         tokenizer: tokenizer directory, if the model directory has none.
     """
     import torch
-    from transformers import AutoTokenizer
+
+    from .loading import load_model, load_tokenizer
 
     net = load_model(model)
-    tokenizer_dir = Path(tokenizer or model)
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer or model)
     torch.manual_seed(seed)
     encoded = tok(prompt, return_tensors="pt")
     if encoded.input_ids.shape[1] + max_new_tokens > net.config.max_position_embeddings:
@@ -96,6 +94,84 @@ def generate(
     if out.acceptance_rate is not None:
         summary += f", draft acceptance rate {out.acceptance_rate:.2f} ({out.forward_passes} forward passes)"
     print(summary)
+
+
+def tasks_list() -> None:
+    """List the reasoning tasks with their difficulty ranges."""
+    from .tasks import TASKS
+
+    print(f"{'task':<12} {'difficulty':<11} description")
+    for task in TASKS.values():
+        print(f"{task.name:<12} {f'{task.min_difficulty}..{task.max_difficulty}':<11} {task.description}")
+    print("reasoning-gym:NAME  (any reasoning-gym dataset, with the reasoning-gym extra installed)")
+
+
+def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, seed: int = 0) -> None:
+    """Print problems as the model sees them: the prompt, then the completion it learns after "|".
+
+    Args:
+        name: the task (see `rlm tasks list`).
+        difficulty: reasoning steps per problem.
+        n: how many problems.
+        cot: the chain-of-thought rendering instead of the direct-answer one.
+        seed: problems are a pure function of (task, difficulty, seed).
+    """
+    from .tasks import get_task
+
+    task = get_task(name)
+    for problem in task.problems(difficulty, n, seed=seed):
+        print(f"{task.prompt(problem, cot)} | {task.completion(problem, cot)}")
+
+
+def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, seed: int = 0) -> None:
+    """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere).
+
+    Args:
+        name: the task.
+        out: the JSONL file to write.
+        difficulties: difficulties, e.g. "1,2,4" or "1-8".
+        n: problems per difficulty.
+        seed: the set is a pure function of (task, difficulties, n, seed).
+    """
+    from .tasks import get_task, parse_int_list, save_jsonl
+
+    task = get_task(name)
+    problems = [p for d in parse_int_list(difficulties) for p in task.problems(d, n, seed=seed)]
+    print(f"wrote {len(problems)} problems to {save_jsonl(problems, out)}")
+
+
+def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency: int = 2) -> None:
+    """Train a byte-level BPE tokenizer on text files and save it as a transformers fast tokenizer.
+
+    Args:
+        files: plain-text training files: comma-separated paths or glob patterns, e.g. "data/*.txt".
+        out: directory to save it in (AutoTokenizer.from_pretrained loads it).
+        vocab_size: vocabulary size, special tokens included.
+        min_frequency: merges seen fewer times are not learned.
+    """
+    import glob
+
+    from .tokenization import train_bpe_tokenizer
+
+    paths = [match for pattern in files.split(",") for match in (sorted(glob.glob(pattern.strip())) or [pattern.strip()])]
+    tokenizer = train_bpe_tokenizer(paths, vocab_size, min_frequency)
+    tokenizer.save_pretrained(out)
+    print(f"wrote a {len(tokenizer)}-token BPE tokenizer to {out}")
+
+
+def tokenizer_tasks(out: Path, tasks: list[str] | None = None) -> None:
+    """Save the character tokenizer of the synthetic tasks (all of them by default).
+
+    Args:
+        out: directory to save it in.
+        tasks: task names whose characters it covers.
+    """
+    from .tasks import TASKS
+    from .tokenization import task_tokenizer
+
+    tokenizer = task_tokenizer(tasks or list(TASKS))
+    tokenizer.save_pretrained(out)
+    print(f"wrote a {len(tokenizer)}-token character tokenizer to {out}")
 
 
 def tasks_list() -> None:
@@ -209,6 +285,7 @@ COMMANDS = {
     "convert-huginn": (convert_huginn, True),
     "generate": (generate, False),
     "export": (export, True),
+    "sweep": ("eval.sweep:sweep", False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
 }
@@ -226,6 +303,7 @@ def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
             _add_commands(group, entry, dest="subcommand")  # jsonargparse wants levels added top-down
             continue
         function, positional = entry
+        function = _function(function)
         doc = inspect.getdoc(function)
         sub = ArgumentParser(description=doc.split("\n\n")[0])
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
@@ -245,13 +323,21 @@ OWN_PARSER = {"train": ("train.cli", "train_main", "Train a model with Lightning
                         "(rlm train --help lists every option)")}
 
 
+def _function(reference):
+    """A command's function: given directly, or as "module:function" (imported only when the CLI runs)."""
+    if isinstance(reference, str):
+        module, name = reference.split(":")
+        return getattr(importlib.import_module(module), name)
+    return reference
+
+
 def _resolve(argv: list[str]):
     """The command function that argv names (None before a full command is named), and its path."""
     entry, path = COMMANDS, []
     for arg in argv:
         if isinstance(entry, dict) and arg in entry:
             entry, path = entry[arg], path + [arg]
-    return (entry[0] if isinstance(entry, tuple) else None), path
+    return (_function(entry[0]) if isinstance(entry, tuple) else None), path
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -291,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         options = options[name]
     options = {k: v for k, v in options.items() if k not in ("config", "subcommand")}
     try:
-        function(**options)
+        result = function(**options)
+        if isinstance(result, dict) and "out" in result:
+            print(f"wrote the results to {result['out']}")
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:  # bad input: one clear line
         sys.exit(f"rlm {' '.join(path)}: error: {error}")
 

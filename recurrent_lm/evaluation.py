@@ -17,7 +17,9 @@ class Answer:
     answer: str | None  # parsed from it
     score: float  # the task's scorer
     new_tokens: int  # tokens generated (up to and including eos)
+    prompt_tokens: int  # tokens of the prompt (bos included)
     steps_per_token: list[int] | None = None  # core steps of each generated token (recurrent models)
+    prompt_steps: int | None = None  # core steps the prompt's forward pass ran (the most of any position)
 
 
 @torch.no_grad()
@@ -40,16 +42,37 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
                              **{**settings, **generate_kwargs})
         new = out.sequences[:, batch["input_ids"].shape[1]:].cpu()
         steps = getattr(out, "steps_per_token", None)
+        prompt_steps = getattr(out, "prompt_steps", None)
         for i, (task, problem) in enumerate(zip(tasks, chunk)):
             ids = new[i].tolist()
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
             text = tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.pad_token, "")
             parsed = task.parse_answer(text, cot)
-            answers.append(Answer(problem, text, parsed, task.score(parsed, problem), len(ids),
-                                  steps[i, : len(ids)].tolist() if steps is not None else None))
+            real = batch["attention_mask"][i].bool()
+            answers.append(Answer(problem, text, parsed, task.score(parsed, problem), len(ids), int(real.sum()),
+                                  steps[i, : len(ids)].tolist() if steps is not None else None,
+                                  int(prompt_steps[i][real].max()) if prompt_steps is not None else None))
     return answers
 
 
 def accuracy(answers: Sequence[Answer]) -> float:
     return sum(a.score for a in answers) / len(answers) if answers else float("nan")
+
+
+def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | None = None) -> int:
+    """FLOPs a recurrent model spent on one answer, as if run alone: the prompt's forward pass, one forward per
+    further generated token at its own depth, and the logit-lens passes of a logit-based exit criterion (after
+    every step but the last, or up to the step where everything had exited)."""
+    from .adaptive import AdaptiveExit
+    from .flops import generation_flops
+
+    reads_logits = exit_criterion is not None and AdaptiveExit(exit_criterion).needs_logits
+
+    def lens(steps_run: int) -> int:
+        return (steps_run if steps_run < max_steps else max_steps - 1) if reads_logits else 0
+
+    steps = answer.steps_per_token or [max_steps] * answer.new_tokens
+    return generation_flops(config, answer.prompt_tokens, steps, prompt_steps=answer.prompt_steps,
+                            lens_decodes=[lens(s) for s in steps],
+                            prompt_lens_decodes=lens(answer.prompt_steps or steps[0])).flops

@@ -29,10 +29,12 @@ def _total_steps(num_steps) -> int:
 
 
 def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new_tokens: int = 1,
-                  context_length: int = 0, batch_size: int = 1, logit_tokens: int | None = None) -> FlopCount:
+                  context_length: int = 0, batch_size: int = 1, logit_tokens: int | None = None,
+                  lens_decodes: int = 0) -> FlopCount:
     """FLOPs of one forward call that feeds `new_tokens` tokens (per sequence) with `context_length` tokens already
     in the cache, running `num_steps` core steps (an int or a (no-grad, grad) pair), computing logits for
-    `logit_tokens` positions (default: all new tokens)."""
+    `logit_tokens` positions (default: all new tokens), plus `lens_decodes` extra passes of every new token through
+    the coda and the head (the logit lens that the kl, entropy-diff and argmax-stability exits read each step)."""
     steps = _total_steps(num_steps)
     if steps < 1 or new_tokens < 0 or context_length < 0 or batch_size < 1:
         raise ValueError(f"need num_steps >= 1, new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
@@ -45,22 +47,28 @@ def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new
     body = blocks * block + steps * d * d + d * d
     logit_tokens = new_tokens if logit_tokens is None else min(logit_tokens, new_tokens)
     attention = blocks * 4 * new_tokens * (context_length + new_tokens) * d
-    flops = batch_size * (2 * new_tokens * body + 2 * logit_tokens * head + attention)
+    coda = config.num_coda_layers
+    lens = lens_decodes * (2 * new_tokens * (coda * block + head) + coda * 4 * new_tokens * (context_length + new_tokens) * d)
+    flops = batch_size * (2 * new_tokens * body + 2 * logit_tokens * head + attention + lens)
     return FlopCount(flops=flops, params=body + head)
 
 
 def generation_flops(config: RecurrentConfig, prompt_length: int, num_steps: int | Sequence[int],
-                     new_tokens: int | None = None, batch_size: int = 1) -> FlopCount:
+                     new_tokens: int | None = None, batch_size: int = 1, prompt_steps: int | None = None,
+                     lens_decodes: Sequence[int] | None = None, prompt_lens_decodes: int = 0) -> FlopCount:
     """FLOPs of generating tokens with a KV cache: one prefill of the prompt that yields the first token, then one
     single-token forward for each further token. `num_steps` is one depth for all tokens or the depth each
-    generated token used (adaptive exit); the prefill runs at the first token's depth. Logits are computed for
-    the last position only, as generate does."""
+    generated token used (adaptive exit); the prefill runs `prompt_steps` core steps (default: the first token's
+    depth). `lens_decodes` / `prompt_lens_decodes`: logit-lens passes of each decode call and of the prefill.
+    Logits are computed for the last position only, as generate does."""
     steps = [int(num_steps)] * (new_tokens or 0) if isinstance(num_steps, int) else list(num_steps)
     if new_tokens is not None and len(steps) != new_tokens:
         raise ValueError(f"got {len(steps)} per-token depths for {new_tokens} new tokens")
     if not steps:
         return FlopCount(0, 0)
-    total = forward_flops(config, steps[0], prompt_length, 0, batch_size, logit_tokens=1)
+    lens = list(lens_decodes) if lens_decodes is not None else [0] * len(steps)
+    total = forward_flops(config, prompt_steps or steps[0], prompt_length, 0, batch_size, logit_tokens=1,
+                          lens_decodes=prompt_lens_decodes)
     for i, depth in enumerate(steps[1:]):
-        total = total + forward_flops(config, depth, 1, prompt_length + i, batch_size)
+        total = total + forward_flops(config, depth, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1])
     return total

@@ -16,10 +16,12 @@ class GenerateDepthOutput(GenerateDecoderOnlyOutput):
 
     steps_per_token: (batch, generated tokens) core steps behind each generated token (the first comes from the
         prompt's last position); with speculative decoding, the verify depth.
+    prompt_steps: (batch, prompt tokens) core steps each prompt position ran.
     acceptance_rate / drafted_tokens / accepted_tokens / forward_passes: speculative decoding statistics.
     """
 
     steps_per_token: Tensor | None = None
+    prompt_steps: Tensor | None = None
     acceptance_rate: float | None = None
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None

@@ -471,7 +471,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         out = super().generate(inputs, generation_config, past_key_values=cache, use_cache=True, **depth, **kwargs)
         if not isinstance(out, Tensor):
             generated = out.sequences.shape[1] - inputs.shape[1]
-            out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(cache, generated))
+            out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(cache, generated),
+                                      prompt_steps=cache.steps_used[0] if cache.steps_used else None)
         return out
 
     def _check_token_ids(self, input_ids: Tensor) -> None:

@@ -56,3 +56,14 @@ def test_generation_flops_is_prefill_plus_one_token_per_step():
     assert generation_flops(config, 10, 4, new_tokens=3).flops == generation_flops(config, 10, [4, 4, 4]).flops
     with pytest.raises(ValueError, match="num_steps >= 1"):
         forward_flops(config, 0)
+
+
+def test_logit_lens_passes_of_adaptive_exit_are_counted():
+    config = RecurrentConfig.preset("debug")
+    model = RecurrentLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    # a huge threshold: every position exits at step 2, after two logit-lens passes (steps 1 and 2)
+    measured = measured_flops(model, input_ids=ids, num_steps=6, init_scale=0.0, exit_criterion="kl",
+                              exit_threshold=1e9)
+    counted = forward_flops(config, 2, new_tokens=12, lens_decodes=2).flops
+    assert abs(counted - measured) / measured < 0.05

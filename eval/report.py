@@ -1,0 +1,114 @@
+"""The one report writer: results as JSON and CSV, plots as PNG, and a summary.md that reads on its own.
+Sweeps, comparisons and the demo all write through it."""
+
+import csv
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def prepare_output(out: str | Path, overwrite: bool) -> Path:
+    """An output folder that holds no earlier run, unless overwriting was asked for."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds results (pass --overwrite to replace them)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_results(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any], name: str = "results") -> None:
+    """{name}.json (meta + rows) and {name}.csv (rows; columns = the union of keys, in first-seen order)."""
+    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=1, default=str))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-2) else f"{value:.3f}".rstrip("0").rstrip(".")
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_summary(out: Path, title: str, sections: Sequence[tuple[str, str]], name: str = "summary.md") -> Path:
+    """A markdown file of (heading, body) sections; bodies may embed plots as ![](file.png)."""
+    text = f"# {title}\n\n" + "\n\n".join(f"## {heading}\n\n{body}" for heading, body in sections) + "\n"
+    path = out / name
+    path.write_text(text)
+    return path
+
+
+def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+              title: str, logx: bool = False, bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+              points: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None, ylim=(0, 1.02)) -> Path:
+    """One axes: a line per series (with an optional shaded band), and optional scatter points."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (x, y) in series.items():
+        (line,) = ax.plot(x, y, marker="o", markersize=3.5, label=label)
+        if bands and label in bands:
+            ax.fill_between(x, *bands[label], color=line.get_color(), alpha=0.15, linewidth=0)
+    for label, (x, y) in (points or {}).items():
+        ax.scatter(x, y, marker="x", s=40, label=label, zorder=3)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str,
+               ylabel: str, title: str, logx: bool = True, ylim=(0, 1.02)) -> Path:
+    """One panel per key (e.g. per difficulty), each with several series; shared legend."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.9), squeeze=False, sharey=True)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", markersize=3.5, label=label)
+        if logx:
+            ax.set_xscale("log")
+        ax.set(title=panel, xlabel=xlabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
