@@ -286,6 +286,7 @@ COMMANDS = {
     "generate": (generate, False),
     "export": (export, True),
     "sweep": ("eval.sweep:sweep", False),
+    "lm-eval": ("eval.lm_eval:lm_eval_sweep", False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
 }
@@ -303,7 +304,11 @@ def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
             _add_commands(group, entry, dest="subcommand")  # jsonargparse wants levels added top-down
             continue
         function, positional = entry
-        function = _function(function)
+        try:
+            function = _function(function)
+        except ImportError as error:  # a command of an optional extra that is not installed
+            subcommands.add_subcommand(name, ArgumentParser(), help=f"(unavailable: {error})")
+            continue
         doc = inspect.getdoc(function)
         sub = ArgumentParser(description=doc.split("\n\n")[0])
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
@@ -343,7 +348,10 @@ def _resolve(argv: list[str]):
 def normalize_argv(argv: list[str]) -> list[str]:
     """Accept the usual spellings: --num-steps for --num_steps, and a bare boolean flag (--continuous-cot) for
     --continuous_cot true."""
-    function, _ = _resolve(argv)
+    try:
+        function, _ = _resolve(argv)
+    except ImportError:
+        function = None
     flags = set()
     if function is not None:
         flags = {f"--{n}" for n, p in inspect.signature(function).parameters.items() if p.annotation is bool}
@@ -371,7 +379,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     argv = normalize_argv(argv)
     config = build_parser().parse_args(argv)
-    function, path = _resolve(argv)
+    try:
+        function, path = _resolve(argv)
+    except ImportError as error:
+        sys.exit(f"rlm: error: {error}")
     options = config
     for name in path:
         options = options[name]

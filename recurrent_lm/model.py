@@ -468,7 +468,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         depth = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot)
         if exit_criterion is not None:
             depth.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
-        out = super().generate(inputs, generation_config, past_key_values=cache, use_cache=True, **depth, **kwargs)
+        kwargs["use_cache"] = True  # the cache is what makes recurrent decoding affordable
+        out = super().generate(inputs, generation_config, past_key_values=cache, **depth, **kwargs)
         if not isinstance(out, Tensor):
             generated = out.sequences.shape[1] - inputs.shape[1]
             out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(cache, generated),

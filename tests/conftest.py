@@ -1,4 +1,9 @@
+import os
 from pathlib import Path
+
+# The suite never touches the network: hub look-ups and wandb stay off.
+for variable, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+    os.environ.setdefault(variable, value)
 
 import pytest
 import torch

@@ -1,0 +1,105 @@
+"""lm-evaluation-harness support (the optional extra `pip install -e ".[lm-eval]"`).
+
+Registers the lm-eval model "recurrent_lm": every loglikelihood and generation call runs at the depth given in
+model_args (num_steps, and optionally exit_criterion / exit_threshold / min_steps), so any lm-eval task can be
+swept over depth:
+
+    python -m eval.lm_eval --model recurrent_lm --model_args pretrained=DIR,num_steps=32 --tasks arc_easy
+    rlm lm-eval --model DIR --tasks arc_easy,hellaswag --steps 1,4,8,16,32,64 --out DIR
+
+Hub tasks (the paper's ARC, HellaSwag, MMLU, GSM8K ...) download their data: that needs the network. Offline,
+point --include-path at local task YAMLs (dataset_path: json, with local data_files).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as error:  # an optional extra
+    raise ImportError('lm-evaluation-harness is not installed: pip install -e ".[lm-eval]"') from error
+
+import recurrent_lm  # noqa: F401  (registers RecurrentLM with the transformers Auto classes)
+
+
+@register_model("recurrent_lm")
+class RecurrentLMEval(HFLM):
+    """HFLM whose every forward and generate call carries the recurrent depth settings."""
+
+    def __init__(self, pretrained, num_steps: int | None = None, exit_criterion: str | None = None,
+                 exit_threshold: float | None = None, min_steps: int = 1, init_scale: float = 0.0, **kwargs):
+        self.depth = {"num_steps": int(num_steps) if num_steps is not None else None, "init_scale": float(init_scale)}
+        if exit_criterion:
+            self.depth.update(exit_criterion=exit_criterion, min_steps=int(min_steps),
+                              exit_threshold=float(exit_threshold) if exit_threshold is not None else None)
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=pretrained, backend="causal", **kwargs)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(inps, **self.depth).logits
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        return super()._model_generate(context, max_length, stop, **{**generation_kwargs, **self.depth})
+
+
+def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path = Path("lm-eval"),
+                  include_path: Path | None = None, limit: int | None = None, batch_size: int = 8,
+                  tokenizer: Path | None = None, overwrite: bool = False) -> dict:
+    """Run lm-evaluation-harness tasks at every depth and write the metrics per depth.
+
+    Args:
+        model: a RecurrentLM directory.
+        tasks: lm-eval task names, comma-separated (e.g. "arc_easy,hellaswag").
+        steps: depths to evaluate, e.g. "1,4,8,16,32".
+        out: output folder: results.json, results.csv, one plot per metric, summary.md.
+        include_path: a folder of extra task YAMLs (local data for offline use).
+        limit: evaluate at most this many documents per task.
+        batch_size: lm-eval batch size.
+        tokenizer: tokenizer directory, if the model directory has none.
+        overwrite: replace an earlier run in `out`.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from recurrent_lm.loading import load_model, load_tokenizer
+    from recurrent_lm.tasks import parse_int_list
+
+    from .report import line_plot, markdown_table, prepare_output, write_results, write_summary
+
+    depths = parse_int_list(steps)
+    if not depths or min(depths) < 1:
+        raise ValueError(f"steps must all be >= 1, got {steps!r}")
+    net, tok = load_model(model), load_tokenizer(tokenizer or model)
+    out = prepare_output(out, overwrite)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    rows = []
+    for depth in depths:
+        harness = RecurrentLMEval(pretrained=net, tokenizer=tok, num_steps=depth, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(model=harness, tasks=tasks.split(","), task_manager=manager, limit=limit)
+        for task, metrics in results["results"].items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and "," in key and not key.startswith("alias"):
+                    metric, _ = key.split(",", 1)
+                    rows.append({"task": task, "metric": metric, "steps": depth, "value": float(value)})
+    write_results(out, rows, {"model": str(model), "tasks": tasks, "depths": depths, "limit": limit})
+    plots = []
+    for task in sorted({r["task"] for r in rows}):
+        series = {m: ([r["steps"] for r in rows if r["task"] == task and r["metric"] == m],
+                      [r["value"] for r in rows if r["task"] == task and r["metric"] == m])
+                  for m in sorted({r["metric"] for r in rows if r["task"] == task and not r["metric"].endswith("_stderr")})}
+        plots.append(line_plot(out / f"{task}.png", series, "test-time depth", "metric", f"{task} against depth",
+                               logx=True, ylim=None).name)
+    write_summary(out, "lm-evaluation-harness against depth", [
+        ("Results", markdown_table(rows, ["task", "metric", "steps", "value"])),
+        ("Plots", "\n\n".join(f"![{p}]({p})" for p in plots))])
+    return {"rows": rows, "out": str(out)}
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with "recurrent_lm" registered
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())

@@ -1,0 +1,77 @@
+"""The lm-evaluation-harness adapter, offline, on a local task YAML."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from eval.lm_eval import RecurrentLMEval, lm_eval_sweep  # noqa: E402
+from recurrent_lm import RecurrentConfig, RecurrentLM  # noqa: E402
+from recurrent_lm.tokenization import task_tokenizer  # noqa: E402
+
+TOY = Path(__file__).parent / "fixtures" / "lm_eval" / "toy.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    path = tmp_path_factory.mktemp("lm-eval") / "model"
+    tokenizer = task_tokenizer(["chain"])
+    torch.manual_seed(0)
+    RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    """A local multiple-choice task: no download (characters only, so no space before the answer)."""
+    (tmp_path / "toy.yaml").write_text(f"""task: rlm_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {TOY}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    higher_is_better: true
+""")
+    return tmp_path
+
+
+def test_every_call_runs_at_the_requested_depth(model_dir):
+    from recurrent_lm.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    request = Instance(request_type="loglikelihood", doc={}, arguments=("a=3;b=a+4;b?", "0"), idx=0)
+    scores = {}
+    for depth in (1, 4):
+        harness = RecurrentLMEval(pretrained=model, tokenizer=tokenizer, num_steps=depth, batch_size=1)
+        scores[depth] = harness.loglikelihood([request])[0][0]
+    assert scores[1] != scores[4]
+
+    seen = []
+    original = model.generate
+    model.generate = lambda *a, **k: seen.append(k) or original(*a, **k)
+    harness = RecurrentLMEval(pretrained=model, tokenizer=tokenizer, num_steps=6, exit_criterion="kl", batch_size=1)
+    harness.generate_until([Instance(request_type="generate_until", doc={},
+                                     arguments=("a=3;a?", {"until": ["<eos>"], "max_gen_toks": 2}), idx=0)])
+    assert seen and seen[0]["num_steps"] == 6 and seen[0]["exit_criterion"] == "kl"
+
+
+def test_depth_sweep_over_a_local_task(model_dir, task_dir, tmp_path):
+    result = lm_eval_sweep(model_dir, "rlm_toy", steps="1,2", out=tmp_path / "out", include_path=task_dir)
+    accuracy = [r for r in result["rows"] if r["metric"] == "acc"]
+    assert [r["steps"] for r in accuracy] == [1, 2]
+    assert (tmp_path / "out" / "summary.md").is_file() and (tmp_path / "out" / "rlm_toy.png").is_file()
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["rows"]) == len(result["rows"])
