@@ -287,6 +287,7 @@ COMMANDS = {
     "export": (export, True),
     "sweep": ("eval.sweep:sweep", False),
     "lm-eval": ("eval.lm_eval:lm_eval_sweep", False),
+    "compare": ("eval.compare:compare", False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
 }

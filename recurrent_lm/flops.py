@@ -72,3 +72,30 @@ def generation_flops(config: RecurrentConfig, prompt_length: int, num_steps: int
     for i, depth in enumerate(steps[1:]):
         total = total + forward_flops(config, depth, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1])
     return total
+
+
+def causal_lm_generation_flops(model, prompt_length: int, new_tokens: int, num_steps: int | Sequence[int] | None = None,
+                               **recurrent_kwargs) -> int:
+    """FLOPs of generating `new_tokens` tokens after a prompt with a KV cache, for any transformers causal LM:
+    a RecurrentLM through generation_flops (at `num_steps`), any other model from its linear layers (2 FLOPs per
+    weight per token) and its attention (4 * layers * queries * keys * attention width), the same rules.
+    Tokens inserted rather than sampled (delimiters, "Wait") cost what generated ones do: each is fed once."""
+    from torch import nn
+
+    config = model.config
+    if isinstance(config, RecurrentConfig):
+        steps = num_steps if num_steps is not None else config.mean_recurrence
+        return generation_flops(config, prompt_length, steps, new_tokens if isinstance(steps, int) else None,
+                                **recurrent_kwargs).flops
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    head_params = head.weight.numel() if head is not None else 0
+    layers = config.num_hidden_layers
+    width = config.num_attention_heads * getattr(config, "head_dim", None) or config.hidden_size
+
+    def forward(new: int, context: int, logits: int) -> int:
+        return 2 * new * linear + 2 * logits * head_params + layers * 4 * new * (context + new) * width
+
+    if new_tokens <= 0:
+        return 0
+    return forward(prompt_length, 0, 1) + sum(forward(1, prompt_length + i, 1) for i in range(new_tokens - 1))

@@ -66,6 +66,9 @@ class RecurrentLMModule(L.LightningModule):
         if any(d < 1 for d in eval_depths):
             raise ValueError(f"eval_depths must be >= 1, got {list(eval_depths)}")
         spec = model if isinstance(model, ModelSpec) else ModelSpec(**model)
+        if fixed_num_steps is not None:  # the model's default (eval) depth, and its init, follow the fixed depth
+            spec = dataclasses.replace(spec, mean_recurrence=fixed_num_steps,
+                                       mean_backprop_depth=min(spec.mean_backprop_depth, fixed_num_steps))
         self.save_hyperparameters({"model": dataclasses.asdict(spec)} | {
             k: v for k, v in locals().items() if k not in ("self", "model", "spec", "__class__")})
         self.spec = spec

@@ -1,0 +1,153 @@
+"""Token-level baselines (budget forcing, majority vote, best-of-n), their metrics, and `rlm compare`."""
+
+import csv
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from eval.budget_forcing import best_of_n, budget_forced_generate, majority_vote, s1_metrics
+from eval.compare import compare, cot_runs
+from recurrent_lm import RecurrentConfig, RecurrentLM
+from recurrent_lm.flops import causal_lm_generation_flops
+from recurrent_lm.tasks import get_task
+from recurrent_lm.tokenization import THINK_END, character_tokenizer, task_tokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzW0123456789=+-*;?"
+
+
+def llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                        num_hidden_layers=2, max_position_embeddings=256, bos_token_id=1,
+                                        eos_token_id=2, pad_token_id=0)).eval()
+
+
+class AlwaysEndsThinking(LlamaForCausalLM):
+    """A test double: a Llama that always wants to close its thinking right away."""
+
+    end_id = None
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits[..., self.end_id] += 100.0
+        return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return character_tokenizer(ALPHABET)
+
+
+def prompts(n=12):
+    task = get_task("chain")
+    return [task.prompt(p, cot=True) for p in task.problems(2, n, seed=5)]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 3, 7])
+def test_thinking_never_exceeds_the_budget_and_the_answer_phase_always_runs(tokenizer, budget):
+    model = llama(len(tokenizer))
+    for sampled in (False, True):
+        torch.manual_seed(1)
+        results = budget_forced_generate(model, tokenizer, prompts(), max_thinking=budget, max_answer_tokens=3,
+                                         do_sample=sampled, top_k=0)
+        lengths = [len(r.thinking_ids) for r in results]
+        assert all(length <= budget for length in lengths)  # Control = 100%
+        assert all(len(r.answer_ids) >= 1 for r in results)
+        assert s1_metrics({budget: 0.0}, {budget: lengths})["control"] == 1.0
+
+
+def test_wait_replaces_the_end_of_thinking_the_asked_number_of_times(tokenizer):
+    torch.manual_seed(0)
+    model = AlwaysEndsThinking(llama(len(tokenizer)).config).eval()
+    model.end_id = tokenizer.convert_tokens_to_ids(THINK_END)
+    wait = tokenizer("Wait", add_special_tokens=False).input_ids
+    for waits in (0, 1, 3):
+        results = budget_forced_generate(model, tokenizer, prompts(4), max_thinking=40, num_waits=waits,
+                                         max_answer_tokens=2)
+        for r in results:
+            assert r.waits_inserted == waits and r.thinking_ids == wait * waits
+            assert not r.cut_by_budget and len(r.answer_ids) >= 1
+    # minimum: the end of thinking is suppressed until 5 tokens were thought
+    results = budget_forced_generate(model, tokenizer, prompts(4), max_thinking=40, min_thinking=5, max_answer_tokens=2)
+    assert all(len(r.thinking_ids) == 5 for r in results)
+    # a budget too small for another "Wait" ends the thinking instead
+    results = budget_forced_generate(model, tokenizer, prompts(2), max_thinking=5, num_waits=3, max_answer_tokens=2)
+    assert all(r.waits_inserted == 1 and len(r.thinking_ids) <= 5 for r in results)
+
+
+def test_budget_forcing_bad_input(tokenizer):
+    model = llama(len(tokenizer))
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        budget_forced_generate(model, tokenizer, prompts(1), max_thinking=-1)
+    with pytest.raises(ValueError, match="min_thinking"):
+        budget_forced_generate(model, tokenizer, prompts(1), max_thinking=2, min_thinking=3)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<pad>", "<bos>", "<eos>", *ALPHABET])}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    with pytest.raises(ValueError, match="thinking delimiter"):
+        budget_forced_generate(model, plain, ["a=1;a?"], max_thinking=4)
+
+
+def test_majority_vote_and_best_of_n_on_hand_made_samples():
+    assert majority_vote(["3", "4", "3", None, "4", "4"]) == "4"
+    assert majority_vote(["3", "4"]) == "3"  # a tie goes to the answer seen first
+    assert majority_vote([None, None]) is None
+    assert best_of_n(["3", "4", "5"], [-2.0, -0.5, -1.0]) == "4"
+    assert best_of_n(["3", "4", "3"], [-0.6, -0.5, -0.6], weighted=True) == "3"
+    assert best_of_n([None, "4"], [0.0, -9.0]) == "4"
+
+
+def test_s1_metrics_by_hand():
+    metrics = s1_metrics({0: 0.2, 10: 0.4, 20: 0.5}, {0: [0, 0], 10: [4, 12], 20: [20, 3]}, min_thinking=0)
+    assert metrics["control"] == 5 / 6
+    assert metrics["scaling"] == pytest.approx(((0.4 - 0.2) / 10 + (0.5 - 0.2) / 20 + (0.5 - 0.4) / 10) / 3)
+    assert metrics["performance"] == 0.5
+
+
+def test_flops_of_a_cot_answer_are_the_counters_value_for_its_tokens(tokenizer):
+    task = get_task("chain")
+    problems = task.problems(2, 3, seed=2)
+    for model, depth in ((llama(len(tokenizer)), None),
+                         (RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(tokenizer))).eval(), 2)):
+        for answer, result, flops in (run[0] for run in cot_runs(model, tokenizer, problems, budget=6, depth=depth)):
+            assert flops == causal_lm_generation_flops(model, result.prompt_tokens, result.new_tokens, depth)
+            assert result.new_tokens == len(result.thinking_ids) + 1 + len(result.answer_ids)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    tokenizer = task_tokenizer(["chain"])
+    torch.manual_seed(0)
+    RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(tokenizer))).save_pretrained(root / "latent")
+    llama(len(tokenizer)).save_pretrained(root / "cot")  # the CoT baseline may be any transformers causal LM
+    for name in ("latent", "cot"):
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def test_compare_writes_every_file(models, tmp_path):
+    result = compare(models / "latent", models / "cot", task="chain", difficulties="1,3", n=4, out=tmp_path / "out",
+                     steps="1,2", exit_thresholds=[1e-2], budgets="0,4", votes="1,2", temperature=0.8)
+    out = tmp_path / "out"
+    for name in ("results.json", "results.csv", "s1_metrics.csv", "summary.md", "accuracy_vs_flops.png",
+                 "accuracy_vs_depth.png", "accuracy_vs_budget.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["method"] for r in rows} == {"latent", "latent-exit", "cot-budget", "cot-vote", "cot-best-of-n"}
+    assert {"accuracy", "ci_low", "ci_high", "flops_per_problem", "generated_tokens", "wall_seconds"} <= set(rows[0])
+    assert len(result["s1_metrics"]) == 2 and all(m["control"] == 1.0 for m in result["s1_metrics"])
+    votes = {int(r["samples"]): float(r["flops_per_problem"]) for r in rows if r["method"] == "cot-vote" and r["difficulty"] == "1"}
+    assert votes[2] > votes[1]  # two samples cost more than one
+
+
+def test_compare_bad_input(models, tmp_path):
+    with pytest.raises(ValueError, match="budgets must be >= 0"):
+        compare(models / "latent", models / "cot", task="chain", budgets="-1,4", out=tmp_path / "a")
+    other = tmp_path / "parity-tokenizer"
+    task_tokenizer(["parity"]).save_pretrained(other)
+    with pytest.raises(ValueError, match="latent model's tokenizer is incompatible with task 'chain'"):
+        compare(models / "latent", models / "cot", task="chain", n=2, latent_tokenizer=other, out=tmp_path / "b")
