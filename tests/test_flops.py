@@ -67,3 +67,23 @@ def test_logit_lens_passes_of_adaptive_exit_are_counted():
                               exit_threshold=1e9)
     counted = forward_flops(config, 2, new_tokens=12, lens_decodes=2).flops
     assert abs(counted - measured) / measured < 0.05
+
+
+def test_generation_flops_of_any_causal_lm_match_torch():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recurrent_lm.flops import causal_lm_generation_flops
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        llama.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert causal_lm_generation_flops(llama, 10, 6) == counter.get_total_flops()
+    recurrent = RecurrentLM(RecurrentConfig.preset("debug")).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        recurrent.generate(torch.randint(0, 256, (1, 10)), num_steps=3, max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False, pad_token_id=0, init_scale=0.0)
+    counted = causal_lm_generation_flops(recurrent, 10, 6, num_steps=3)
+    assert abs(counted - counter.get_total_flops()) / counted < 0.05
