@@ -288,6 +288,7 @@ COMMANDS = {
     "sweep": ("eval.sweep:sweep", False),
     "lm-eval": ("eval.lm_eval:lm_eval_sweep", False),
     "compare": ("eval.compare:compare", False),
+    "demo": ("eval.demo:demo", False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
 }

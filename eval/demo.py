@@ -1,0 +1,188 @@
+"""`rlm demo`: the whole mission in one command on a laptop CPU, as a recipe of the public commands.
+
+1. models: the shipped checkpoints (checkpoints/demo-latent, checkpoints/demo-cot, made by `rlm train` with
+   configs/demo-latent.yaml and configs/demo-cot.yaml, each with a manifest), or retrained with the same configs
+   (--from-scratch), or trained for a few dozen steps (--quick, a smoke test of the pipeline);
+2. `rlm sweep` of the latent model's depth (deeper than trained) on held-out problems, harder ones included;
+3. `rlm compare`: latent depth and adaptive exit against the CoT model's budget forcing and majority vote;
+4. report.md with the plots and tables, and results.json. Every statement in the report is computed from the
+   measurements, including when the expected effect does not show.
+"""
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .compare import compare
+from .report import markdown_table, prepare_output, write_summary
+from .sweep import sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = ROOT / "checkpoints"
+CONFIGS = ROOT / "configs"
+TASK = "permutation"
+TRAINED_MAX_DIFFICULTY = 4  # configs/demo-*.yaml train on difficulties 1..4
+
+FULL = dict(difficulties="1,2,3,4,6", n=100, steps="1,2,4,6,8,16,32", budgets="0,6,12,18,24,36", votes="1,2,4,8",
+            vote_budget=36, exit_thresholds=[1e-2, 1e-3, 1e-4])
+QUICK = dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,12", votes="1,2", vote_budget=12,
+             exit_thresholds=[1e-2])
+QUICK_TRAINING = ["--trainer.max_steps", "12", "--trainer.limit_val_batches", "0", "--data.batch_size", "16"]
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.machine()} {platform.system()}, {device}, torch {torch.__version__}"
+
+
+def last_metrics(run: Path) -> dict:
+    """The last value of every metric the run logged (CSV logger)."""
+    import csv
+
+    metrics = {}
+    for path in sorted(run.glob("**/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            metrics.update({k: float(v) for k, v in row.items() if v and k not in ("epoch",)})
+    return metrics
+
+
+def write_manifest(model_dir: Path, config: Path, overrides: list[str], seconds: float, run: Path) -> dict:
+    manifest = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
+                "config_text": config.read_text(), "overrides": overrides, "seed": 0,
+                "command": " ".join(["rlm", "train", "--config", str(config), *overrides]),
+                "machine": machine(), "wall_seconds": round(seconds, 1), "final_metrics": last_metrics(run)}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def train_model(name: str, out: Path, extra: list[str]) -> Path:
+    """`rlm train --config configs/{name}.yaml` into out/{name}; returns the exported model directory."""
+    from train.cli import train_main
+
+    run = out / name
+    config = CONFIGS / f"{name}.yaml"
+    overrides = ["--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run), *extra]
+    start = time.perf_counter()
+    train_main(["--config", str(config), *overrides])
+    write_manifest(run / "model", config, overrides, time.perf_counter() - start, run)
+    return run / "model"
+
+
+def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = False, checkpoints: Path = CHECKPOINTS,
+         overwrite: bool = False) -> dict:
+    """Train (or load) a tiny latent model and a tiny CoT model, sweep depth, budget and votes on held-out problems
+    (harder ones too), and write report.md, results.json and the plots.
+
+    Args:
+        out: output folder.
+        quick: a smoke run of the same pipeline with tiny budgets (under 2 minutes; the numbers mean nothing).
+        from_scratch: retrain both models with configs/demo-latent.yaml and configs/demo-cot.yaml instead of using
+            the shipped checkpoints (about 30 minutes each on one CPU core; see the README).
+        checkpoints: the folder with the shipped checkpoints.
+        overwrite: replace an earlier demo in `out`.
+    """
+    out = prepare_output(out, overwrite)
+    started = time.perf_counter()
+    settings = QUICK if quick else FULL
+    if quick or from_scratch:
+        extra = QUICK_TRAINING if quick else []
+        latent, cot = (train_model(name, out / "train", extra) for name in ("demo-latent", "demo-cot"))
+    else:
+        latent, cot = checkpoints / "demo-latent", checkpoints / "demo-cot"
+        for path in (latent, cot):
+            if not (path / "manifest.json").is_file():
+                raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
+    print(f"[demo] models: {latent}, {cot}", flush=True)
+
+    sweep_result = sweep(latent, task=TASK, difficulties=settings["difficulties"], steps=settings["steps"],
+                         n=settings["n"], out=out / "sweep", exit_criteria=["kl"],
+                         exit_thresholds=settings["exit_thresholds"], dynamics=3)
+    compare_result = compare(latent, cot, task=TASK, difficulties=settings["difficulties"], n=settings["n"],
+                             out=out / "compare", steps=settings["steps"], exit_criterion="kl",
+                             exit_thresholds=settings["exit_thresholds"], budgets=settings["budgets"],
+                             votes=settings["votes"], vote_budget=settings["vote_budget"])
+    manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in
+                 (("latent", latent), ("cot", cot))}
+    findings = measured_findings(compare_result["rows"])
+    results = {"task": TASK, "quick": quick, "from_scratch": from_scratch, "settings": settings,
+               "models": {"latent": str(latent), "cot": str(cot)}, "manifests": manifests, "findings": findings,
+               "compare": compare_result["rows"], "s1_metrics": compare_result["s1_metrics"],
+               "sweep": sweep_result["rows"], "wall_seconds": round(time.perf_counter() - started, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    report = write_report(out, results)
+    print(f"[demo] wrote {report} and {out / 'results.json'} in {results['wall_seconds']:.0f} s", flush=True)
+    return {"out": str(out), "report": str(report), "findings": findings}
+
+
+def _accuracy(rows, method, difficulty, **match):
+    return {r.get("steps") if method == "latent" else r.get("budget"): r for r in rows
+            if r["method"] == method and r["difficulty"] == difficulty and all(r.get(k) == v for k, v in match.items())}
+
+
+def measured_findings(rows: list[dict]) -> list[str]:
+    """Plain statements computed from the measurements: what rose, what did not, and which method buys more
+    accuracy per FLOP. An effect counts only when the intervals do not overlap."""
+    lines = []
+    for difficulty in sorted({r["difficulty"] for r in rows}):
+        kind = "in-distribution" if difficulty <= TRAINED_MAX_DIFFICULTY else "harder than any trained"
+        latent = _accuracy(rows, "latent", difficulty)
+        if latent:
+            shallow, deep = latent[min(latent)], max(latent.values(), key=lambda r: r["accuracy"])
+            rose = deep["ci_low"] > shallow["ci_high"]
+            lines.append(f"Difficulty {difficulty} ({kind}), latent model: accuracy {shallow['accuracy']:.2f} at r="
+                         f"{min(latent)}, best {deep['accuracy']:.2f} at r={deep['steps']}: "
+                         + ("rises with depth." if rose else "no significant rise with depth."))
+        budget = _accuracy(rows, "cot-budget", difficulty)
+        if budget:
+            low, high = budget[min(budget)], max(budget.values(), key=lambda r: r["accuracy"])
+            rose = high["ci_low"] > low["ci_high"]
+            lines.append(f"Difficulty {difficulty} ({kind}), CoT model: accuracy {low['accuracy']:.2f} at budget "
+                         f"{min(budget)}, best {high['accuracy']:.2f} at budget {high['budget']}: "
+                         + ("rises with the thinking budget." if rose else "no significant rise with the budget."))
+        candidates = [r for r in rows if r["difficulty"] == difficulty and r["accuracy"] > 0]
+        if candidates:
+            best = max(candidates, key=lambda r: r["accuracy"] / r["flops_per_problem"])
+            top = max(candidates, key=lambda r: (r["accuracy"], -r["flops_per_problem"]))
+            lines.append(f"Difficulty {difficulty}: most accuracy per FLOP: {best['method']} ({best['setting']}, "
+                         f"{best['accuracy']:.2f} at {best['flops_per_problem']:.3g} FLOPs); highest accuracy: "
+                         f"{top['method']} ({top['setting']}, {top['accuracy']:.2f} at {top['flops_per_problem']:.3g} FLOPs).")
+    return lines
+
+
+def write_report(out: Path, results: dict) -> Path:
+    for name in ("accuracy_vs_flops.png", "accuracy_vs_depth.png", "accuracy_vs_budget.png"):
+        shutil.copy(out / "compare" / name, out / name)
+    for name in ("latent_change.png", "logit_lens.png"):
+        if (out / "sweep" / name).exists():
+            shutil.copy(out / "sweep" / name, out / name)
+    rows = results["compare"]
+    columns = ["method", "setting", "difficulty", "n", "accuracy", "ci_low", "ci_high", "flops_per_problem",
+               "generated_tokens"]
+    manifests = "\n".join(
+        f"- {name}: `{m['command']}` on {m['machine']}, {m['wall_seconds']:.0f} s; final metrics "
+        + ", ".join(f"{k} {v:.3g}" for k, v in sorted(m["final_metrics"].items()) if k.startswith("val/acc"))
+        for name, m in results["manifests"].items())
+    warning = ("**Quick mode: tiny budgets for a smoke test; these numbers say nothing about the methods.**\n\n"
+               if results["quick"] else "")
+    sections = [
+        ("What this is", warning + f"A tiny recurrent-depth model (random depth, truncated backprop) and a tiny "
+         f"chain-of-thought model with the same unique parameters, both trained on the {TASK} task (difficulties "
+         f"1..{TRAINED_MAX_DIFFICULTY}), evaluated on the same held-out problems, harder ones included. FLOPs per "
+         "problem: the prompt and every generated or inserted token at its depth (recurrent_lm.flops)."),
+        ("Findings (computed from the measurements)", "\n".join(f"- {line}" for line in results["findings"])),
+        ("Everything on one compute axis", "![accuracy against FLOPs](accuracy_vs_flops.png)"),
+        ("Latent depth", "![accuracy against depth](accuracy_vs_depth.png)\n\n![logit lens](logit_lens.png)"),
+        ("Thinking budget", "![accuracy against budget](accuracy_vs_budget.png)"),
+        ("Results", markdown_table(rows, columns)),
+        ("s1 metrics (budget forcing)", markdown_table(results["s1_metrics"], ["difficulty", "cot_steps", "control",
+                                                                             "scaling", "performance"])),
+        ("Models", manifests),
+        ("Reproduce", f"`rlm demo{' --quick' if results['quick'] else ''}{' --from-scratch' if results['from_scratch'] else ''}`"
+         f" ({results['wall_seconds']:.0f} s here). Details: sweep/summary.md and compare/summary.md."),
+    ]
+    return write_summary(out, "recurrent-lm demo: latent depth against chain of thought", sections, name="report.md")
+
