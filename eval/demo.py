@@ -118,31 +118,22 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
     return {"out": str(out), "report": str(report), "findings": findings}
 
 
-def _accuracy(rows, method, difficulty, **match):
-    return {r.get("steps") if method == "latent" else r.get("budget"): r for r in rows
-            if r["method"] == method and r["difficulty"] == difficulty and all(r.get(k) == v for k, v in match.items())}
-
-
 def measured_findings(rows: list[dict]) -> list[str]:
     """Plain statements computed from the measurements: what rose, what did not, and which method buys more
     accuracy per FLOP. An effect counts only when the intervals do not overlap."""
     lines = []
     for difficulty in sorted({r["difficulty"] for r in rows}):
         kind = "in-distribution" if difficulty <= TRAINED_MAX_DIFFICULTY else "harder than any trained"
-        latent = _accuracy(rows, "latent", difficulty)
-        if latent:
-            shallow, deep = latent[min(latent)], max(latent.values(), key=lambda r: r["accuracy"])
-            rose = deep["ci_low"] > shallow["ci_high"]
-            lines.append(f"Difficulty {difficulty} ({kind}), latent model: accuracy {shallow['accuracy']:.2f} at r="
-                         f"{min(latent)}, best {deep['accuracy']:.2f} at r={deep['steps']}: "
-                         + ("rises with depth." if rose else "no significant rise with depth."))
-        budget = _accuracy(rows, "cot-budget", difficulty)
-        if budget:
-            low, high = budget[min(budget)], max(budget.values(), key=lambda r: r["accuracy"])
-            rose = high["ci_low"] > low["ci_high"]
-            lines.append(f"Difficulty {difficulty} ({kind}), CoT model: accuracy {low['accuracy']:.2f} at budget "
-                         f"{min(budget)}, best {high['accuracy']:.2f} at budget {high['budget']}: "
-                         + ("rises with the thinking budget." if rose else "no significant rise with the budget."))
+        for method, knob, who, axis in (("latent", "steps", "latent model", "depth"),
+                                         ("cot-budget", "budget", "CoT model", "the thinking budget")):
+            curve = {r[knob]: r for r in rows if r["method"] == method and r["difficulty"] == difficulty}
+            if not curve:
+                continue
+            first, best = curve[min(curve)], max(curve.values(), key=lambda r: r["accuracy"])
+            rose = best["ci_low"] > first["ci_high"]
+            lines.append(f"Difficulty {difficulty} ({kind}), {who}: accuracy {first['accuracy']:.2f} at {knob} "
+                         f"{min(curve)}, best {best['accuracy']:.2f} at {knob} {best[knob]}: "
+                         + (f"rises with {axis}." if rose else f"no significant rise with {axis}."))
         candidates = [r for r in rows if r["difficulty"] == difficulty and r["accuracy"] > 0]
         if candidates:
             best = max(candidates, key=lambda r: r["accuracy"] / r["flops_per_problem"])

@@ -26,3 +26,18 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "![accuracy against FLOPs](accuracy_vs_flops.png)" in report and "Quick mode" in report
     assert all(line in report for line in results["findings"])
+
+
+def test_findings_are_computed_from_the_measurements():
+    from eval.demo import measured_findings
+
+    def row(method, knob, value, accuracy, low, high, flops):
+        return {"method": method, knob: value, "difficulty": 2, "accuracy": accuracy, "ci_low": low,
+                "ci_high": high, "flops_per_problem": flops, "setting": f"{knob}={value}"}
+
+    rows = [row("latent", "steps", 1, 0.1, 0.05, 0.2, 1e6), row("latent", "steps", 8, 0.9, 0.8, 0.95, 8e6),
+            row("cot-budget", "budget", 0, 0.2, 0.1, 0.3, 2e6), row("cot-budget", "budget", 16, 0.25, 0.15, 0.35, 9e6)]
+    lines = measured_findings(rows)
+    assert "latent model: accuracy 0.10 at steps 1, best 0.90 at steps 8: rises with depth." in lines[0]
+    assert lines[1].endswith("no significant rise with the thinking budget.")  # overlapping intervals
+    assert "most accuracy per FLOP: latent (steps=8" in lines[2]
