@@ -95,9 +95,12 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
     """One panel per key (e.g. per difficulty), each with several series; shared legend."""
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.9), squeeze=False, sharey=True)
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per series in every panel
     for ax, (panel, series) in zip(axes[0], panels.items()):
-        for label, (x, y) in series.items():
-            ax.plot(x, y, marker="o", markersize=3.5, label=label)
+        for label in labels:
+            if label in series:
+                ax.plot(*series[label], marker="o", markersize=3.5, label=label, color=colors[label])
         if logx:
             ax.set_xscale("log")
         ax.set(title=panel, xlabel=xlabel)
@@ -105,8 +108,8 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    handles = [plt.Line2D([], [], color=colors[label], marker="o", markersize=3.5) for label in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
