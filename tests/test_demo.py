@@ -41,3 +41,16 @@ def test_findings_are_computed_from_the_measurements():
     assert "latent model: accuracy 0.10 at steps 1, best 0.90 at steps 8: rises with depth." in lines[0]
     assert lines[1].endswith("no significant rise with the thinking budget.")  # overlapping intervals
     assert "most accuracy per FLOP: latent (steps=8" in lines[2]
+
+
+def test_shipped_checkpoints_load_and_carry_their_manifests():
+    from eval.demo import CHECKPOINTS
+    from recurrent_lm.loading import load_model, load_tokenizer
+
+    for name in ("demo-latent", "demo-cot"):
+        path = CHECKPOINTS / name
+        model, tokenizer = load_model(path), load_tokenizer(path)
+        assert model.config.vocab_size >= len(tokenizer)
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["config"] == f"configs/{name}.yaml" and "rlm train" in manifest["command"]
+        assert manifest["final_metrics"]["val/acc_r1"] > 0
