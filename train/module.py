@@ -85,8 +85,9 @@ class RecurrentLMModule(L.LightningModule):
 
     # --- depth per step ----------------------------------------------------------------------------------------------
 
-    def _generator(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7 + salt)
+    def _generator(self, step: int, salt: int) -> torch.Generator:
+        """A random source that depends only on (seed, step, salt): the same on every rank and after a resume."""
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + step * 7 + salt)
 
     def num_steps_for(self, global_step: int) -> tuple[int, int]:
         """(no-grad, grad) steps of a training step: a pure function of (seed, step), equal on every rank."""
@@ -94,15 +95,14 @@ class RecurrentLMModule(L.LightningModule):
         if fixed is not None:
             return 0, fixed
         config = self.model.config
-        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + global_step * 7)
-        return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, generator)
+        return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, self._generator(global_step, salt=0))
 
     # --- training ------------------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_index):
         num_steps = self.num_steps_for(self.global_step)
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         num_steps=num_steps, generator=self._generator(salt=1))
+                         num_steps=num_steps, generator=self._generator(self.global_step, salt=1))
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
         self.log_dict({"train/loss": out.loss, "train/num_steps": float(sum(num_steps)),
                        "train/backprop_steps": float(num_steps[1]),
