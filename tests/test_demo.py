@@ -8,7 +8,7 @@ from recurrent_lm.cli import main
 
 def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--quick", "--out", str(out)])
+    main(["demo", "--quick", "--seed", "3", "--out", str(out)])
     assert "wrote" in capsys.readouterr().out
     for name in ("report.md", "results.json", "accuracy_vs_flops.png", "accuracy_vs_depth.png",
                  "accuracy_vs_budget.png", "logit_lens.png", "compare/results.csv", "compare/s1_metrics.csv",
@@ -21,6 +21,7 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     assert {r["difficulty"] for r in results["compare"]} == {1, 2, 6}  # 6: harder than any trained
     manifest = results["manifests"]["latent"]
     assert {"config", "seed", "command", "machine", "wall_seconds", "final_metrics"} <= set(manifest)
+    assert manifest["seed"] == 3 and "--data.seed 3" in manifest["command"]
     columns = next(csv.DictReader(open(out / "compare" / "results.csv"))).keys()
     assert {"method", "setting", "difficulty", "accuracy", "ci_low", "ci_high", "flops_per_problem"} <= set(columns)
     report = (out / "report.md").read_text()
