@@ -25,7 +25,7 @@ from recurrent_lm.tasks import Problem, get_task, parse_int_list
 from recurrent_lm.tokenization import THINK_END, THINK_START
 
 from .budget_forcing import budget_forced_generate, majority_vote, model_logprob_scorer, s1_metrics
-from .report import markdown_table, line_plot, panel_plot, prepare_output, wilson_interval, write_results, write_summary
+from .report import accuracy_stats, line_plot, markdown_table, panel_plot, prepare_output, write_results, write_summary
 from .sweep import sweep_problems
 
 
@@ -61,10 +61,8 @@ def load_any_causal_lm(path: Path):
 def row(method: str, setting: str, difficulty: int, scores: list[float], flops: list[float], tokens: list[float],
         seconds: float, **extra) -> dict:
     n = len(scores)
-    low, high = wilson_interval(sum(scores), n)
-    return {"method": method, "setting": setting, "difficulty": difficulty, "n": n, "accuracy": sum(scores) / n,
-            "ci_low": low, "ci_high": high, "flops_per_problem": sum(flops) / n, "generated_tokens": sum(tokens) / n,
-            "wall_seconds": seconds, **extra}
+    return {"method": method, "setting": setting, "difficulty": difficulty, **accuracy_stats(scores),
+            "flops_per_problem": sum(flops) / n, "generated_tokens": sum(tokens) / n, "wall_seconds": seconds, **extra}
 
 
 def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int | None, samples: int = 1,

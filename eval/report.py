@@ -36,6 +36,13 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def accuracy_stats(scores: Sequence[float]) -> dict[str, float]:
+    """n, mean accuracy and its 95% Wilson interval: the columns every evaluation row starts with."""
+    n = len(scores)
+    low, high = wilson_interval(sum(scores), n)
+    return {"n": n, "accuracy": sum(scores) / n, "ci_low": low, "ci_high": high}
+
+
 def write_results(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any], name: str = "results") -> None:
     """{name}.json (meta + rows) and {name}.csv (rows; columns = the union of keys, in first-seen order)."""
     (out / f"{name}.json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=1, default=str))

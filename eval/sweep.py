@@ -18,7 +18,7 @@ from recurrent_lm.evaluation import Answer, accuracy, answer_flops, answer_probl
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
 
-from .report import line_plot, markdown_table, panel_plot, prepare_output, wilson_interval, write_results, write_summary
+from .report import accuracy_stats, line_plot, markdown_table, panel_plot, prepare_output, write_results, write_summary
 
 THRESHOLD_SCALES = (10.0, 1.0, 0.1, 0.01)  # adaptive thresholds: the criterion's default times these
 ARGMAX_STEPS = (2, 3, 5, 8)
@@ -44,11 +44,9 @@ def sweep_problems(task: str | None, problems: Path | None, difficulties: list[i
 
 def summarize(answers: list[Answer], config, max_steps: int, criterion: str | None, seconds: float) -> dict:
     n = len(answers)
-    correct = sum(a.score for a in answers)
-    low, high = wilson_interval(correct, n)
     steps = [s for a in answers for s in (a.steps_per_token or [])]
     return {
-        "n": n, "accuracy": correct / n, "ci_low": low, "ci_high": high,
+        **accuracy_stats([a.score for a in answers]),
         "flops_per_problem": sum(answer_flops(config, a, max_steps, criterion) for a in answers) / n,
         "forward_passes": sum(a.new_tokens for a in answers) / n,  # one prefill + one per further token
         "generated_tokens": sum(a.new_tokens for a in answers) / n,

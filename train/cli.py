@@ -72,13 +72,14 @@ def train_main(argv: list[str]) -> None:
             callback.dirpath = str(root / "checkpoints")
     trainer.fit(module, datamodule=data, ckpt_path=cli.config.get("ckpt_path"))
     if trainer.is_global_zero:
-        out = export(module, data.tokenizer, cli.config.get("export_dir") or root / "model")
+        out = export(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
         print(f"exported the trained model to {out}")
 
 
-def export(module: RecurrentLMModule, tokenizer, out: str | Path) -> Path:
+def export(model, tokenizer, out: str | Path) -> Path:
+    """A transformers directory: weights (safetensors), config, tokenizer."""
     out = Path(out)
-    module.model.save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -109,9 +110,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     model.load_state_dict(weights, strict=True)
     data = state.get("datamodule_hyper_parameters", {})
     tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"]) if data.get("tokenizer") else task_tokenizer(data["tasks"])
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return Path(out)
+    return export(model, tokenizer, out)
 
 
 if __name__ == "__main__":
