@@ -27,9 +27,11 @@ CONFIGS = ROOT / "configs"
 TASK = "permutation"
 TRAINED_MAX_DIFFICULTY = 4  # configs/demo-*.yaml train on difficulties 1..4
 
-FULL = dict(difficulties="1,2,3,4,6", n=100, steps="1,2,4,6,8,16,32", budgets="0,6,12,18,24,36", votes="1,2,4,8",
-            vote_budget=36, exit_thresholds=[1e-2, 1e-3, 1e-4])
-QUICK = dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,12", votes="1,2", vote_budget=12,
+# A permutation problem of difficulty k takes 12 * k thinking tokens ("42013>21430;" per permutation): the budgets
+# reach full chains at every trained difficulty (48 at k = 4) and at the harder k = 6 (72).
+FULL = dict(difficulties="1,2,3,4,6", n=100, steps="1,2,4,6,8,16,32", budgets="0,12,24,36,48,72", votes="1,2,4,8",
+            vote_budget=72, exit_thresholds=[1e-2, 1e-3, 1e-4])
+QUICK = dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,24", votes="1,2", vote_budget=24,
              exit_thresholds=[1e-2])
 QUICK_TRAINING = ["--trainer.max_steps", "12", "--trainer.limit_val_batches", "0", "--data.batch_size", "16"]
 
@@ -112,7 +114,7 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
     manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in
                  (("latent", latent), ("cot", cot))}
     findings = measured_findings(compare_result["rows"])
-    results = {"task": TASK, "quick": quick, "from_scratch": from_scratch, "settings": settings,
+    results = {"task": TASK, "quick": quick, "from_scratch": from_scratch, "seed": seed, "settings": settings,
                "models": {"latent": str(latent), "cot": str(cot)}, "manifests": manifests, "findings": findings,
                "compare": compare_result["rows"], "s1_metrics": compare_result["s1_metrics"],
                "sweep": sweep_result["rows"], "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -138,14 +140,41 @@ def measured_findings(rows: list[dict]) -> list[str]:
             lines.append(f"Difficulty {difficulty} ({kind}), {who}: accuracy {first['accuracy']:.2f} at {knob} "
                          f"{min(curve)}, best {best['accuracy']:.2f} at {knob} {best[knob]}: "
                          + (f"rises with {axis}." if rose else f"no significant rise with {axis}."))
-        candidates = [r for r in rows if r["difficulty"] == difficulty and r["accuracy"] > 0]
-        if candidates:
-            best = max(candidates, key=lambda r: r["accuracy"] / r["flops_per_problem"])
-            top = max(candidates, key=lambda r: (r["accuracy"], -r["flops_per_problem"]))
-            lines.append(f"Difficulty {difficulty}: most accuracy per FLOP: {best['method']} ({best['setting']}, "
-                         f"{best['accuracy']:.2f} at {best['flops_per_problem']:.3g} FLOPs); highest accuracy: "
-                         f"{top['method']} ({top['setting']}, {top['accuracy']:.2f} at {top['flops_per_problem']:.3g} FLOPs).")
+        lines.append(cheapest_to_target(rows, difficulty))
     return lines
+
+
+def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9) -> str:
+    """Which method buys accuracy with fewer FLOPs: the least FLOPs per problem at which each method reaches
+    `fraction` of the best accuracy any method reached at this difficulty. (Accuracy divided by FLOPs would favour
+    the cheapest near-chance setting.)"""
+    at = [r for r in rows if r["difficulty"] == difficulty]
+    best = max(r["accuracy"] for r in at)
+    if best < 0.2:
+        return f"Difficulty {difficulty}: no method reaches 0.2 accuracy (best {best:.2f}): no compute comparison."
+    target = fraction * best
+    cheapest = {}
+    for r in sorted(at, key=lambda r: r["flops_per_problem"]):
+        if r["accuracy"] >= target:
+            cheapest.setdefault(r["method"], r)
+    ranked = sorted(cheapest.values(), key=lambda r: r["flops_per_problem"])
+    reached = "; ".join(f"{r['method']} {r['flops_per_problem']:.3g} ({r['setting']}, {r['accuracy']:.2f})" for r in ranked)
+    missed = sorted({r["method"] for r in at} - set(cheapest))
+    line = (f"Difficulty {difficulty}: FLOPs per problem to reach {target:.2f} accuracy ({fraction:.0%} of the best, "
+            f"{best:.2f}): {reached}" + (f"; never reached by {', '.join(missed)}" if missed else "") + ".")
+    latent = [r for r in ranked if r["method"].startswith("latent")]
+    cot = [r for r in ranked if r["method"].startswith("cot")]
+    if latent and cot:
+        ratio = cot[0]["flops_per_problem"] / latent[0]["flops_per_problem"]
+        line += (f" Latent depth is {ratio:.1f}x cheaper than chain of thought here." if ratio >= 1
+                 else f" Chain of thought is {1 / ratio:.1f}x cheaper than latent depth here.")
+    return line
+
+
+def reproduce_command(results: dict) -> str:
+    trains = results["quick"] or results["from_scratch"]
+    return ("rlm demo" + " --quick" * results["quick"] + " --from-scratch" * results["from_scratch"]
+            + (f" --seed {results['seed']}" if trains and results["seed"] else ""))
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -176,7 +205,7 @@ def write_report(out: Path, results: dict) -> Path:
         ("s1 metrics (budget forcing)", markdown_table(results["s1_metrics"], ["difficulty", "cot_steps", "control",
                                                                              "scaling", "performance"])),
         ("Models", manifests),
-        ("Reproduce", f"`rlm demo{' --quick' if results['quick'] else ''}{' --from-scratch' if results['from_scratch'] else ''}`"
+        ("Reproduce", f"`{reproduce_command(results)}`"
          f" ({results['wall_seconds']:.0f} s here). Details: sweep/summary.md and compare/summary.md."),
     ]
     return write_summary(out, "recurrent-lm demo: latent depth against chain of thought", sections, name="report.md")

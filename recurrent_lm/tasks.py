@@ -140,12 +140,13 @@ class ChainTask(Task):
 
 class PermutationTask(Task):
     """20314.13024.41302?  Compose k permutations of 0..4 (each as its images of 0..4, applied left to right) and
-    report the result; difficulty = k. The chain of thought writes the running composition. Tracking the state
+    report the result; difficulty = k. The chain of thought restates each permutation and writes the running
+    composition after it ("42013>21430;"), as a worked solution shows its operands. Tracking the state
     of S5 is not solvable by a fixed-depth transformer for long words (Merrill & Sabharwal): depth must grow with k."""
 
     name = "permutation"
     max_difficulty = 16
-    alphabet = "01234.;?"
+    alphabet = "01234.;?>"
     description = "S5 word problem: compose k permutations of 5 elements (difficulty = k)"
 
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
@@ -155,9 +156,9 @@ class PermutationTask(Task):
             perm = rng.sample(range(5), 5)
             state = [perm[s] for s in state]  # apply perm after the running composition
             words.append("".join(map(str, perm)))
-            steps.append("".join(map(str, state)))
+            steps.append(words[-1] + ">" + "".join(map(str, state)))
         question = ".".join(words) + "?"
-        return Problem(self.name, difficulty, question, steps[-1], tuple(steps), tuple(hints))
+        return Problem(self.name, difficulty, question, "".join(map(str, state)), tuple(steps), tuple(hints))
 
 
 # --- 3. prefix parity --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "![accuracy against FLOPs](accuracy_vs_flops.png)" in report and "Quick mode" in report
     assert all(line in report for line in results["findings"])
+    assert "`rlm demo --quick --seed 3`" in report
 
 
 def test_findings_are_computed_from_the_measurements():
@@ -41,7 +42,16 @@ def test_findings_are_computed_from_the_measurements():
     lines = measured_findings(rows)
     assert "latent model: accuracy 0.10 at steps 1, best 0.90 at steps 8: rises with depth." in lines[0]
     assert lines[1].endswith("no significant rise with the thinking budget.")  # overlapping intervals
-    assert "most accuracy per FLOP: latent (steps=8" in lines[2]
+    # target 0.81 (90% of the best, 0.90): only latent reaches it
+    assert lines[2] == ("Difficulty 2: FLOPs per problem to reach 0.81 accuracy (90% of the best, 0.90): latent 8e+06 "
+                        "(steps=8, 0.90); never reached by cot-budget.")
+    rows.append(row("cot-vote", "budget", 16, 0.85, 0.8, 0.9, 4e6))
+    assert measured_findings(rows)[2].endswith("cot-vote 4e+06 (budget=16, 0.85); latent 8e+06 (steps=8, 0.90); "
+                                               "never reached by cot-budget. Chain of thought is 2.0x cheaper than "
+                                               "latent depth here.")
+    for r in rows:
+        r["accuracy"] = min(r["accuracy"], 0.1)
+    assert measured_findings(rows)[2].startswith("Difficulty 2: no method reaches 0.2 accuracy")
 
 
 def test_shipped_checkpoints_load_and_carry_their_manifests():

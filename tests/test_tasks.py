@@ -70,10 +70,12 @@ def test_hand_written_scoring_cases():
 def test_permutation_composition_by_hand():
     task = TASKS["permutation"]
     for problem in task.problems(4, 30, seed=3):
-        state = list(range(5))
+        state, steps = list(range(5)), []
         for word in problem.question.rstrip("?").split("."):
             state = [int(word[s]) for s in state]
+            steps.append(word + ">" + "".join(map(str, state)))  # the CoT restates each permutation
         assert problem.answer == "".join(map(str, state))
+        assert problem.steps == tuple(steps)
 
 
 def test_bad_task_and_difficulty():
