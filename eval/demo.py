@@ -10,6 +10,7 @@
 """
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -37,7 +38,8 @@ QUICK_TRAINING = ["--trainer.max_steps", "12", "--trainer.limit_val_batches", "0
 
 
 def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU with {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     return f"{platform.machine()} {platform.system()}, {device}, torch {torch.__version__}"
 
 
@@ -54,9 +56,9 @@ def last_metrics(run: Path) -> dict:
 
 def write_manifest(model_dir: Path, config: Path, overrides: list[str], seconds: float, run: Path) -> dict:
     seed = int(overrides[overrides.index("--seed_everything") + 1]) if "--seed_everything" in overrides else 0
-    manifest = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
-                "config_text": config.read_text(), "overrides": overrides, "seed": seed,
-                "command": " ".join(["rlm", "train", "--config", str(config), *overrides]),
+    name = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config)
+    manifest = {"config": name, "config_text": config.read_text(), "overrides": overrides, "seed": seed,
+                "command": " ".join(["rlm", "train", "--config", name, *overrides]),
                 "machine": machine(), "wall_seconds": round(seconds, 1), "final_metrics": last_metrics(run)}
     (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -84,7 +86,7 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
         out: output folder.
         quick: a smoke run of the same pipeline with tiny budgets (under 2 minutes; the numbers mean nothing).
         from_scratch: retrain both models with configs/demo-latent.yaml and configs/demo-cot.yaml instead of using
-            the shipped checkpoints (about 30 minutes each on one CPU core; see the README).
+            the shipped checkpoints (30-40 minutes each on one CPU core; see the README).
         seed: training seed (weights, data stream, depth draws) of --from-scratch and --quick runs, to check that
             the conclusions hold across seeds; the held-out problems stay the same.
         checkpoints: the folder with the shipped checkpoints.

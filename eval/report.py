@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,7 +86,7 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
     for label, (x, y) in (points or {}).items():
         ax.scatter(x, y, marker="x", s=40, label=label, zorder=3)
     if logx:
-        ax.set_xscale("log")
+        log_axis(ax)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if ylim:
         ax.set_ylim(*ylim)
@@ -95,6 +96,14 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def log_axis(ax) -> None:
+    """Log x axis labelled at 1, 2 and 5 per decade only (matplotlib labels every minor tick of a narrow range,
+    and the labels collide)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str,
@@ -109,7 +118,7 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
             if label in series:
                 ax.plot(*series[label], marker="o", markersize=3.5, label=label, color=colors[label])
         if logx:
-            ax.set_xscale("log")
+            log_axis(ax)
         ax.set(title=panel, xlabel=xlabel)
         if ylim:
             ax.set_ylim(*ylim)
