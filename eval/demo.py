@@ -123,7 +123,7 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_report(out, results)
     print(f"[demo] wrote {report} and {out / 'results.json'} in {results['wall_seconds']:.0f} s", flush=True)
-    return {"out": str(out), "report": str(report), "findings": findings}
+    return {"out": str(out), "report": str(report), "findings": findings, "rows": compare_result["rows"]}
 
 
 def measured_findings(rows: list[dict]) -> list[str]:

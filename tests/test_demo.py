@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from recurrent_lm.cli import main
 
 
@@ -65,3 +67,22 @@ def test_shipped_checkpoints_load_and_carry_their_manifests():
         manifest = json.loads((path / "manifest.json").read_text())
         assert manifest["config"] == f"configs/{name}.yaml" and "rlm train" in manifest["command"]
         assert manifest["final_metrics"]["val/acc_r1"] > 0
+
+
+@pytest.mark.slow
+def test_full_demo_on_the_shipped_checkpoints_shows_the_promised_effects(tmp_path):
+    """`rlm demo` itself (about 4 minutes on 2 cores): the shipped models show what the README says they show."""
+    from eval.demo import demo
+
+    rows = demo(tmp_path / "demo")["rows"]
+
+    def accuracy(method, knob, value, difficulty):
+        (match,) = [r for r in rows if r["method"] == method and r.get(knob) == value and r["difficulty"] == difficulty]
+        return match
+
+    for difficulty, depth in ((3, 2), (4, 4)):  # in-distribution: near chance at r=1, high at the training depth
+        assert accuracy("latent", "steps", 1, difficulty)["ci_high"] < accuracy("latent", "steps", depth, difficulty)["ci_low"]
+        assert accuracy("latent", "steps", depth, difficulty)["accuracy"] >= 0.9
+    for difficulty in (1, 2, 3, 4):  # the CoT model rises with its thinking budget
+        assert accuracy("cot-budget", "budget", 0, difficulty)["accuracy"] <= 0.1
+        assert accuracy("cot-budget", "budget", 12 * difficulty, difficulty)["accuracy"] >= 0.9
