@@ -155,11 +155,11 @@ def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9)
     if best < 0.2:
         return f"Difficulty {difficulty}: no method reaches 0.2 accuracy (best {best:.2f}): no compute comparison."
     target = fraction * best
-    cheapest = {}
+    cheapest = {}  # method -> its cheapest row on target, in order of FLOPs
     for r in sorted(at, key=lambda r: r["flops_per_problem"]):
         if r["accuracy"] >= target:
             cheapest.setdefault(r["method"], r)
-    ranked = sorted(cheapest.values(), key=lambda r: r["flops_per_problem"])
+    ranked = list(cheapest.values())
     reached = "; ".join(f"{r['method']} {r['flops_per_problem']:.3g} ({r['setting']}, {r['accuracy']:.2f})" for r in ranked)
     missed = sorted({r["method"] for r in at} - set(cheapest))
     line = (f"Difficulty {difficulty}: FLOPs per problem to reach {target:.2f} accuracy ({fraction:.0%} of the best, "
