@@ -86,7 +86,7 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
         out: output folder.
         quick: a smoke run of the same pipeline with tiny budgets (under 2 minutes; the numbers mean nothing).
         from_scratch: retrain both models with configs/demo-latent.yaml and configs/demo-cot.yaml instead of using
-            the shipped checkpoints (30-40 minutes each on one CPU core; see the README).
+            the shipped checkpoints (35 minutes in all on 2 CPU cores; see the README).
         seed: training seed (weights, data stream, depth draws) of --from-scratch and --quick runs, to check that
             the conclusions hold across seeds; the held-out problems stay the same.
         checkpoints: the folder with the shipped checkpoints.
