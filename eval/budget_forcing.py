@@ -100,10 +100,8 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
         prefixes.append(ids if ids and ids[-1] == start_id else ids + [start_id])
     thinking = [[] for _ in prompts]
     waits = [0] * len(prompts)
-    cut = [False] * len(prompts)
+    cut = [budget == 0] * len(prompts)
     active = [i for i in range(len(prompts)) if budget > 0]
-    for i in range(len(prompts)):
-        cut[i] = budget == 0
     stop_ids = [end_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     limit = getattr(model.config, "max_position_embeddings", None) or 10**6
     while active:

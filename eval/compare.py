@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from recurrent_lm import RecurrentConfig
+from recurrent_lm.data import prompt_ids
 from recurrent_lm.evaluation import answer_flops, answer_problems
 from recurrent_lm.flops import causal_lm_generation_flops
-from recurrent_lm.loading import load_model, load_tokenizer
+from recurrent_lm.loading import load_model, load_tokenizer, model_type
 from recurrent_lm.tasks import Problem, get_task, parse_int_list
 from recurrent_lm.tokenization import THINK_END, THINK_START
 
@@ -48,12 +49,7 @@ def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str) -> None:
 
 def load_any_causal_lm(path: Path):
     """A RecurrentLM, or any transformers causal LM directory (the CoT baseline may be an ordinary transformer)."""
-    import json
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
-    if json.loads(config.read_text()).get("model_type") == "recurrent_lm":
+    if model_type(path) == "recurrent_lm":
         return load_model(path)
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
@@ -215,10 +211,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
 
 def _context_ids(tokenizer, problem: Problem, result) -> list[int]:
     """Prompt + thinking + end delimiter: what the answer of a budget-forced run was generated from."""
-    task = get_task(problem.task)
-    prompt = [tokenizer.bos_token_id] + tokenizer(task.prompt(problem, cot=True), add_special_tokens=False).input_ids
     end = tokenizer(THINK_END, add_special_tokens=False).input_ids
-    return prompt + result.thinking_ids + end
+    return prompt_ids(tokenizer, problem, cot=True) + result.thinking_ids + end
 
 
 def plot_comparison(out: Path, rows: list[dict]) -> list[str]:

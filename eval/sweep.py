@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from recurrent_lm.adaptive import CRITERIA, DEFAULT_THRESHOLDS
-from recurrent_lm.evaluation import Answer, accuracy, answer_flops, answer_problems
+from recurrent_lm.data import prompt_ids
+from recurrent_lm.evaluation import Answer, answer_flops, answer_problems
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
 
@@ -69,8 +70,7 @@ def latent_dynamics(model, tokenizer, problems: list[Problem], steps: int) -> li
     probability of the gold answer's first token and whether it is the top prediction."""
     traces = []
     for problem in problems:
-        task = get_task(problem.task)
-        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(task.prompt(problem), add_special_tokens=False).input_ids])
+        ids = torch.tensor([prompt_ids(tokenizer, problem)])
         gold = tokenizer(problem.answer, add_special_tokens=False).input_ids[0]
         out = model(ids, num_steps=steps, init_scale=0.0, output_latent_states=True, output_step_logits=True)
         states = [s[0, -1].float() for s in out.latent_states]

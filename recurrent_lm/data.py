@@ -25,6 +25,11 @@ IGNORE = -100
 LOSS_ON = ("answer", "completion", "all")
 
 
+def prompt_ids(tokenizer, problem: Problem, cot: bool = False) -> list[int]:
+    """bos + the problem's prompt, as every model sees it at generation time."""
+    return [tokenizer.bos_token_id] + tokenizer(get_task(problem.task).prompt(problem, cot), add_special_tokens=False).input_ids
+
+
 def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, loss_on: str = "answer",
                    hints: bool = False) -> dict[str, list[int]]:
     """Token ids and labels (transformers convention, -100 = no loss) of one rendered problem.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import collate
+from .data import collate, prompt_ids
 from .tasks import Problem, get_task
 
 
@@ -31,8 +31,7 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         tasks = [get_task(p.task) for p in chunk]
-        prompts = [{"input_ids": [tokenizer.bos_token_id] + tokenizer(t.prompt(p, cot), add_special_tokens=False).input_ids}
-                   for t, p in zip(tasks, chunk)]
+        prompts = [{"input_ids": prompt_ids(tokenizer, p, cot)} for p in chunk]
         batch = collate(prompts, tokenizer.pad_token_id, padding_side="left")
         budget = max_new_tokens or max(len(tokenizer(t.completion(p, cot), add_special_tokens=False).input_ids)
                                        for t, p in zip(tasks, chunk)) + 2

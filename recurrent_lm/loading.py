@@ -4,17 +4,22 @@ import json
 from pathlib import Path
 
 
+def model_type(path: str | Path) -> str | None:
+    """The model_type of a model directory's config.json."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+    return json.loads(config.read_text()).get("model_type")
+
+
 def load_model(path: str | Path):
     """A RecurrentLM from a directory, in eval mode."""
     from .model import RecurrentLM
 
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != "recurrent_lm":
-        hint = " (convert it first with `rlm convert-huginn`)" if model_type == "huginn_raven" else ""
-        raise ValueError(f"{path} holds a {model_type!r} model, not a RecurrentLM{hint}")
+    kind = model_type(path)
+    if kind != "recurrent_lm":
+        hint = " (convert it first with `rlm convert-huginn`)" if kind == "huginn_raven" else ""
+        raise ValueError(f"{path} holds a {kind!r} model, not a RecurrentLM{hint}")
     return RecurrentLM.from_pretrained(path).eval()
 
 
