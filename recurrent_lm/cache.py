@@ -13,8 +13,12 @@ Strategies (`core_slots`), with the cache bytes per token for P prelude, C core,
 
 Substitutes: a token that did not compute step j (it exited early, or was generated at a smaller depth) has no
 step-j entry of its own. A later token's step j then reads that token's latest computed step (the previous
-slot's entry; Huginn's "latest" lookup). The same holds inside a batch: a row that has exited freezes its state,
-and the entries it would write at later steps are replaced by its latest computed ones.
+slot's entry; Huginn's "latest" lookup). The same holds inside a batch: a position that has exited freezes its
+state, and the model passes its `frozen` mask to `update`, which stores the latest computed entries instead.
+
+The cache holds keys and values only. What else decoding carries from one token to the next (the latent state
+for continuous chain of thought, the steps each token ran) travels through the model's outputs and generate's
+model kwargs, as transformers' own stateful models do.
 """
 
 from collections.abc import Hashable
@@ -22,15 +26,23 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers 5.24 renamed the cache argument of forward and generate, and the cache field of model outputs, from
+# `past_key_values` to `cache`. Detect the installed convention from the outputs' fields rather than from a version
+# number, so that every 5.x release is served by the name its own generation loop uses.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache_argument(cache, past_key_values):
+    """The cache a caller passed under either name (`cache`, or the older `past_key_values`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as cache= (past_key_values= is its older name)")
+    return cache if cache is not None else past_key_values
 
 
 class RecurrentCache(Cache):
-    """Cache keyed by (layer, step). See the module docstring for the strategies.
-
-    Besides keys and values it carries what decoding needs between calls: `latent_state`, the final latent state
-    of the last token fed (for continuous chain of thought), and `steps_used`, the steps each fed token ran
-    (one (batch, tokens) tensor per forward call).
-    """
+    """Cache keyed by (layer, step). See the module docstring for the strategies."""
 
     def __init__(self, core_slots: int | None = None):
         if core_slots is not None and (isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1):
@@ -38,15 +50,11 @@ class RecurrentCache(Cache):
         super().__init__(layer_class_to_replicate=DynamicLayer)
         self.core_slots = core_slots
         self.slot_of: dict[Hashable, int] = {}
-        self.latent_state: Tensor | None = None
-        self.steps_used: list[Tensor] = []
-        self.exited: Tensor | None = None  # (batch, new tokens) bool, set by the model while it steps
         self.seen_tokens = 0
 
     def begin(self, new_tokens: int) -> None:
         """Called once at the start of every forward call that feeds new_tokens tokens."""
         self.seen_tokens += new_tokens
-        self.exited = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -63,7 +71,10 @@ class RecurrentCache(Cache):
     def _previous_step(self, key: Hashable) -> DynamicLayer | None:
         return self._layer(("core", key[1], key[2] - 1)) if key[0] == "core" and key[2] > 0 else None
 
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable,
+               frozen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Store this call's keys and values at `key` and return those of every token so far. `frozen`: a (batch,
+        new tokens) bool mask of positions that exited earlier; they store their latest computed step's entries."""
         layer = self._layer(key)
         if layer is None:
             self.slot_of[self.slot(key)] = len(self.layers)
@@ -72,8 +83,8 @@ class RecurrentCache(Cache):
         total, new = self.seen_tokens, key_states.shape[-2]  # tokens including this call's
         past, have = total - new, layer.get_seq_length()
         previous = self._previous_step(key)
-        if self.exited is not None and previous is not None:  # frozen rows keep their latest computed entries
-            frozen = self.exited[:, None, :, None]
+        if frozen is not None and previous is not None:  # frozen positions keep their latest computed entries
+            frozen = frozen[:, None, :, None]
             key_states = torch.where(frozen, previous.keys[..., past:total, :], key_states)
             value_states = torch.where(frozen, previous.values[..., past:total, :], value_states)
         if have == total:  # a ring slot this call already wrote at an earlier step: overwrite this call's part
@@ -113,7 +124,7 @@ class ReadOnlyCache:
     def get_seq_length(self) -> int:
         return self.cache.get_seq_length()
 
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen=None) -> tuple[Tensor, Tensor]:
         layer = self.cache._layer(key)
         if layer is None or not layer.is_initialized:
             return key_states, value_states

@@ -1,5 +1,5 @@
 """Generation with depth control: plain transformers generate (any num_steps, adaptive exit, continuous CoT all
-ride on the model's forward and RecurrentCache) and self-speculative decoding (draft shallow, verify deep)."""
+ride on the model's forward and its generation hooks) and self-speculative decoding (draft shallow, verify deep)."""
 
 from dataclasses import dataclass
 
@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import RecurrentCache
+from .cache import CACHE_NAME, RecurrentCache
 
 
 @dataclass
@@ -52,9 +52,9 @@ def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_thresh
             raise ValueError(f"draft_length must be >= 1, got {draft_length}")
 
 
-def steps_per_generated_token(cache: RecurrentCache, generated: int) -> Tensor:
-    """From the cache's per-call records: the prompt call's last position, then one entry per decode call."""
-    calls = cache.steps_used
+def steps_per_generated_token(calls: list[Tensor], generated: int) -> Tensor:
+    """From the steps each forward of generate ran per position ((batch, fed tokens), one per call): the prompt
+    call's last position, then one entry per decode call."""
     per_token = [calls[0][:, -1:]] + [c[:, -1:] for c in calls[1:]]
     return torch.cat(per_token, dim=1)[:, :generated]
 
@@ -63,7 +63,7 @@ def steps_per_generated_token(cache: RecurrentCache, generated: int) -> Tensor:
 def speculative_generate(model, input_ids: Tensor, attention_mask: Tensor | None, *, num_steps: int, draft_steps: int,
                          draft_length: int, max_new_tokens: int, eos_token_id=None, pad_token_id=None,
                          init_scale: float | None = None, generator: torch.Generator | None = None, streamer=None,
-                         core_slots: int | None = None) -> GenerateDepthOutput:
+                         cache: RecurrentCache | None = None) -> GenerateDepthOutput:
     """Greedy self-speculative decoding: draft `draft_length` tokens at `draft_steps`, then verify them all in one
     forward at `num_steps`. The longest drafted prefix that the deep model agrees with is kept, plus the deep
     model's own next token, so the output equals plain greedy decoding at num_steps (exactly, when the initial
@@ -75,8 +75,8 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Tensor | None
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
                        dtype=torch.long, device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    cache = RecurrentCache(core_slots)
-    kwargs = dict(init_scale=init_scale, generator=generator, past_key_values=cache, use_cache=True)
+    cache = RecurrentCache() if cache is None else cache
+    kwargs = dict(init_scale=init_scale, generator=generator, cache=cache, use_cache=True)
     sequences, finished = input_ids, torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     drafted = accepted = passes = 0
 
@@ -119,7 +119,7 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Tensor | None
         streamer.end()
     generated = sequences.shape[1] - input_ids.shape[1]
     return GenerateDepthOutput(
-        sequences=sequences, past_key_values=cache,
+        sequences=sequences, **{CACHE_NAME: cache},
         steps_per_token=torch.full((batch, generated), num_steps, dtype=torch.long),
         acceptance_rate=accepted / drafted if drafted else None, drafted_tokens=drafted, accepted_tokens=accepted,
         forward_passes=passes,

@@ -10,6 +10,7 @@ and at test time it is the knob that trades compute for accuracy. Read top to bo
 attention, MLP, the sandwich block, the step-count sampler, then the model.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 from numbers import Integral
@@ -24,7 +25,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adaptive import AdaptiveExit
-from .cache import RecurrentCache
+from .cache import CACHE_NAME, RecurrentCache, resolve_cache_argument
 from .config import RecurrentConfig
 
 StepCounts = tuple[int, int]  # (steps run without gradient, steps run with gradient)
@@ -69,14 +70,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.proj.is_residual_output = True  # scaled down at init, see RecurrentPreTrainedModel._init_weights
 
-    def forward(self, x: Tensor, rope: Tensor | None, mask: Tensor | None, cache=None, cache_key=None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None, mask: Tensor | None, cache=None, cache_key=None,
+                frozen: Tensor | None = None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
         if self.qk_bias is not None:
             q, k = q + self.qk_bias[0], k + self.qk_bias[1]
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:  # keys and values of earlier tokens at this (layer, step), plus these
-            k, v = cache.update(k, v, cache_key)
+            k, v = cache.update(k, v, cache_key, frozen)
         # mask None means plain causal attention over q (no padding, nothing cached) or one query seeing everything
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
         return self.proj(rearrange(y, "b h s d -> b s (h d)"))
@@ -108,8 +110,8 @@ class SandwichBlock(nn.Module):
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
 
-    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None) -> Tensor:
-        x = self.attn_out_norm(self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key) + x)
+    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None, frozen=None) -> Tensor:
+        x = self.attn_out_norm(self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key, frozen) + x)
         return self.mlp_out_norm(self.mlp(self.mlp_in_norm(x)) + x)
 
 
@@ -188,7 +190,7 @@ class RecurrentPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["SandwichBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -264,12 +266,13 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         it is computed once per forward instead of once per step."""
         return F.linear(embedded, self.adapter.weight[:, self.config.hidden_size:])
 
-    def core_step(self, state: Tensor, injected: Tensor, step: int, rope, mask, cache=None) -> Tensor:
+    def core_step(self, state: Tensor, injected: Tensor, step: int, rope, mask, cache=None, frozen=None) -> Tensor:
         """One recurrence: input injection (the state's half of the adapter plus the precomputed prelude half),
-        then the core blocks."""
+        then the core blocks. `frozen` marks positions that have exited (their cache entries stay at their latest
+        computed step)."""
         x = F.linear(state, self.adapter.weight[:, : self.config.hidden_size]) + injected
         for i, block in enumerate(self.core):
-            x = block(x, rope, mask, cache, ("core", i, step))
+            x = block(x, rope, mask, cache, ("core", i, step), frozen)
         return x
 
     def decode(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0) -> Tensor:
@@ -289,7 +292,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values=None,
+        cache: RecurrentCache | None = None,
         labels: Tensor | None = None,
         num_steps: int | tuple[int, int] | Tensor | None = None,
         use_cache: bool | None = None,
@@ -302,37 +305,42 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         min_steps: int = 1,
-        continuous_cot: bool = False,
         return_dict: bool | None = None,
-        **unused: Any,
+        past_key_values: RecurrentCache | None = None,
+        inputs_embeds: None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> RecurrentLMOutput:
-        """Run the model.
+        """Run the model. Every argument is named here, so a misspelt one is a TypeError, never silently ignored.
 
         Args:
             input_ids: (batch, seq) token ids in [0, vocab_size).
             attention_mask: (batch, past + seq), 1 for real tokens and 0 for padding (left padding). Padded keys are
                 never attended to, so each row gets the logits it would get alone.
             position_ids: (batch, seq); by default counted over the real tokens of each row.
-            past_key_values: a RecurrentCache holding keys/values per (layer, recurrence step).
+            cache: a RecurrentCache holding keys/values per (layer, recurrence step). `past_key_values` is its
+                older name (transformers before 5.24); either works.
             labels: (batch, seq) targets in the transformers convention: the same ids as input_ids (they are
                 shifted inside, token t predicts label t+1), with -100 at positions that take no loss.
             num_steps: core recurrences. An int r (or 0-d integer tensor) runs r steps, all with gradient when
                 grad is enabled; a pair (n, k) runs n steps under no_grad, then k with gradient. None draws a
                 random pair in training mode (see sample_num_steps) and means mean_recurrence in eval mode.
-            initial_state: (batch, seq, hidden) latent state to start from instead of a random one.
+            initial_state: (batch, seq, hidden) latent state to start from instead of a random one (continuous
+                chain of thought feeds the previous token's final state here).
             init_scale / generator: scale of, and random source for, the random initial state.
             output_latent_states / output_step_logits: also return the state / the coda's logits after every step.
             logits_to_keep: if > 0, compute logits only for the last that many positions (generation).
             exit_criterion / exit_threshold / min_steps: adaptive depth per position (see recurrent_lm.adaptive):
                 num_steps is then the maximum, and `steps_used` in the output says where each position stopped.
-            continuous_cot: with a cache, start the first new token from the previous token's final latent state
-                (kept in the cache) instead of a fresh random one.
+            inputs_embeds / output_attentions / output_hidden_states: transformers' standard inputs, named so that
+                asking for them is a clear error: the model reads token ids, and its per-step view is
+                output_latent_states / output_step_logits.
         """
-        unknown = set(unused) - {"cache_position", "output_attentions", "output_hidden_states", "inputs_embeds"}
-        if unknown:
-            raise TypeError(f"RecurrentLM.forward got unexpected arguments {sorted(unknown)}")
-        if unused.get("inputs_embeds") is not None:
+        if inputs_embeds is not None:
             raise ValueError("RecurrentLM takes input_ids, not inputs_embeds")
+        if output_attentions or output_hidden_states:
+            raise ValueError("RecurrentLM returns no attentions or per-layer hidden states: ask for "
+                             "output_latent_states or output_step_logits instead")
         config = self.config
         if num_steps is None:
             no_grad_steps, grad_steps = self.sample_num_steps() if self.training else (0, config.mean_recurrence)
@@ -340,11 +348,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             no_grad_steps, grad_steps = resolve_num_steps(num_steps)
         self._check_token_ids(input_ids)
         batch, seq_len = input_ids.shape
+        cache = resolve_cache_argument(cache, past_key_values)
         if use_cache is None:  # a cache costs memory that grows with num_steps: only when asked for
-            use_cache = past_key_values is not None
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentCache()
-        cache = past_key_values if use_cache else None
+            use_cache = cache is not None
+        cache = (cache if cache is not None else RecurrentCache()) if use_cache else None
         past_len = cache.get_seq_length() if cache is not None else 0
 
         position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device)
@@ -354,7 +361,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.begin(seq_len)
         embedded = self.embed(input_ids, rope, mask, cache)
-        state = self._start_state(embedded, initial_state, init_scale, generator, cache if continuous_cot else None)
+        state = self._start_state(embedded, initial_state, init_scale, generator)
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
         state, states, steps_used = self._recur(state, embedded, no_grad_steps, grad_steps, rope, mask, cache,
                                                 exit_rule, keep_states=output_latent_states or output_step_logits)
@@ -364,10 +371,6 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             lens_cache = cache.read_only() if cache is not None else None
             step_logits = tuple(self.decode(s, rope, mask, lens_cache, logits_to_keep) for s in states)
         logits = self.decode(state, rope, mask, cache, logits_to_keep)
-        if cache is not None:
-            cache.exited = None
-            cache.latent_state = state[:, -1:].detach()
-            cache.steps_used.append(steps_used)
 
         loss = None
         if labels is not None:
@@ -377,7 +380,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         return RecurrentLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_NAME: cache},
             latent_state=state,
             latent_states=tuple(states) if output_latent_states else None,
             step_logits=step_logits,
@@ -385,16 +388,12 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             steps_used=steps_used,
         )
 
-    def _start_state(self, embedded: Tensor, initial_state, init_scale, generator, warm_cache) -> Tensor:
-        if initial_state is not None:
-            if initial_state.shape != embedded.shape:
-                raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(initial_state.shape)}")
-            return initial_state
-        state = self.initial_state(embedded, init_scale, generator)
-        if warm_cache is not None and warm_cache.latent_state is not None:
-            # continuous chain of thought: the first new token starts where the previous token's thinking ended
-            state = torch.cat([warm_cache.latent_state.to(state.dtype), state[:, 1:]], dim=1)
-        return state
+    def _start_state(self, embedded: Tensor, initial_state, init_scale, generator) -> Tensor:
+        if initial_state is None:
+            return self.initial_state(embedded, init_scale, generator)
+        if initial_state.shape != embedded.shape:
+            raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(initial_state.shape)}")
+        return initial_state.to(embedded.dtype)
 
     def _recur(self, state, embedded, no_grad_steps, grad_steps, rope, mask, cache, exit_rule, keep_states):
         """Unroll the core. With an exit rule, each position stops (its state frozen) once the rule says it has
@@ -409,7 +408,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 grad = torch.is_grad_enabled()
                 if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
                     injected[grad] = self.inject(embedded)
-                new_state = self.core_step(state, injected[grad], step, rope, mask, cache)
+                # exited positions write their latest computed entries into the cache at later steps
+                new_state = self.core_step(state, injected[grad], step, rope, mask, cache, frozen=exited)
             state = new_state if exited is None else torch.where(exited[..., None], state, new_state)
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
@@ -421,15 +421,20 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 exited = done if exited is None else exited | done
                 if bool(exited.all()):
                     break
-                if cache is not None:
-                    cache.exited = exited  # frozen positions write their latest entries at later steps
         return state, states, steps_used
+
+    # --- generation ------------------------------------------------------------------------------------------------
+    # transformers' generate drives forward through two hooks: prepare_inputs_for_generation builds each call's
+    # inputs, and _update_model_kwargs_for_generation carries state from one call to the next. Both are the
+    # library's intended extension points for custom models; what a recurrent-depth model carries between tokens
+    # (the steps each token ran, the latent state for continuous chain of thought) travels through them, never
+    # through the cache.
 
     @torch.no_grad()
     def generate(self, inputs: Tensor | None = None, generation_config=None, *, num_steps=None,
                  exit_criterion: str | None = None, exit_threshold: float | None = None, min_steps: int = 1,
                  continuous_cot: bool = False, draft_steps: int | None = None, draft_length: int = 4,
-                 core_slots: int | None = None, **kwargs):
+                 core_slots: int | None = None, cache: RecurrentCache | None = None, past_key_values=None, **kwargs):
         """transformers' generate (greedy, sampling, left-padded batches, streamers, stopping criteria) with depth
         control per generated token:
 
@@ -439,6 +444,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         draft_steps / draft_length: self-speculative decoding (greedy only): draft draft_length tokens at
             draft_steps, verify them in one forward at num_steps.
         core_slots: bounded cache memory, a ring of that many slots per core layer (see recurrent_lm.cache).
+        cache (or past_key_values): a RecurrentCache to continue from and fill; a new one by default.
         Other keyword arguments go to transformers' generate or to forward (init_scale, generator, ...).
         With return_dict_in_generate=True the output also has `steps_per_token` (batch, generated tokens).
         """
@@ -452,6 +458,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                               draft_length)
         steps = num_steps if num_steps is not None else self.config.mean_recurrence
+        cache = resolve_cache_argument(cache, past_key_values)
+        if cache is not None and core_slots is not None:
+            raise ValueError("core_slots shapes a new cache: give core_slots or a cache, not both")
+        cache = RecurrentCache(core_slots) if cache is None else cache
         if draft_steps is not None:
             if exit_criterion is not None or continuous_cot:
                 raise ValueError("speculative decoding cannot be combined with adaptive exit or continuous CoT")
@@ -462,19 +472,42 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 draft_steps=draft_steps, draft_length=draft_length, max_new_tokens=max_new_tokens,
                 eos_token_id=kwargs.get("eos_token_id", config.eos_token_id),
                 pad_token_id=kwargs.get("pad_token_id", config.pad_token_id), init_scale=kwargs.get("init_scale"),
-                generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), core_slots=core_slots)
-        cache = kwargs.pop("past_key_values", None)
-        cache = RecurrentCache(core_slots) if cache is None else cache
-        depth = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot)
+                generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), cache=cache)
+        depth_log: list[Tensor] = []  # filled by _update_model_kwargs_for_generation, one entry per forward
+        depth = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot, depth_log=depth_log)
         if exit_criterion is not None:
             depth.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
         kwargs["use_cache"] = True  # the cache is what makes recurrent decoding affordable
-        out = super().generate(inputs, generation_config, past_key_values=cache, **depth, **kwargs)
+        out = super().generate(inputs, generation_config, **{CACHE_NAME: cache}, **depth, **kwargs)
         if not isinstance(out, Tensor):
             generated = out.sequences.shape[1] - inputs.shape[1]
-            out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(cache, generated),
-                                      prompt_steps=cache.steps_used[0] if cache.steps_used else None)
+            out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(depth_log, generated),
+                                      prompt_steps=depth_log[0] if depth_log else None)
         return out
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, continuous_cot: bool = False,
+                                      depth_log: list | None = None, **kwargs) -> dict[str, Any]:
+        """transformers' own preparation (the new tokens, attention mask, cache), then exactly the arguments
+        forward declares. Releases differ in the bookkeeping they add for their own models (cache_position up to
+        5.23, the cache under `cache` from 5.24 on): forward's signature decides what reaches the model, not a
+        list of names. A caller's misspelt argument never gets this far: generate rejects any keyword that neither
+        this method nor forward declares. continuous_cot and depth_log are read by _update_model_kwargs_for_generation.
+        """
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        accepted = inspect.signature(self.forward).parameters
+        return {name: value for name, value in inputs.items() if name in accepted}
+
+    def _update_model_kwargs_for_generation(self, outputs: RecurrentLMOutput, model_kwargs: dict[str, Any],
+                                            *args, **kwargs) -> dict[str, Any]:
+        """transformers' update between two forwards of generate (cache, attention mask, positions), plus the state
+        of the recurrence: the steps each fed position ran go to the caller's depth_log, and with continuous_cot the
+        last position's final latent state becomes the next token's initial state."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("depth_log") is not None:
+            model_kwargs["depth_log"].append(outputs.steps_used)
+        if model_kwargs.get("continuous_cot"):
+            model_kwargs["initial_state"] = outputs.latent_state[:, -1:]
+        return model_kwargs
 
     def _check_token_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2:

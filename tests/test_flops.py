@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from recurrent_lm import RecurrentConfig, RecurrentLM, forward_flops
+from recurrent_lm import RecurrentCache, RecurrentConfig, RecurrentLM, forward_flops
 from recurrent_lm.flops import generation_flops
 
 
@@ -32,8 +32,9 @@ def test_flops_with_cache_context_and_last_logits_only():
     model = RecurrentLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 20))
     with torch.no_grad():
-        cache = model(ids[:, :15], num_steps=3, use_cache=True).past_key_values
-    measured = measured_flops(model, input_ids=ids[:, 15:], num_steps=3, past_key_values=cache, logits_to_keep=1)
+        cache = RecurrentCache()
+        model(ids[:, :15], num_steps=3, cache=cache)
+    measured = measured_flops(model, input_ids=ids[:, 15:], num_steps=3, cache=cache, logits_to_keep=1)
     counted = forward_flops(config, 3, new_tokens=5, context_length=15, batch_size=2, logit_tokens=1).flops
     assert abs(counted - measured) / measured < 0.05
 

@@ -82,8 +82,8 @@ def test_new_steps_see_earlier_tokens_latest_step():
     cache = RecurrentCache()
     ids = prompt(1, 5)
     with torch.no_grad():
-        model(ids[:, :4], num_steps=2, init_scale=0.0, past_key_values=cache)
-        model(ids[:, 4:], num_steps=4, init_scale=0.0, past_key_values=cache)
+        model(ids[:, :4], num_steps=2, init_scale=0.0, cache=cache)
+        model(ids[:, 4:], num_steps=4, init_scale=0.0, cache=cache)
     step2, step4 = cache._layer(("core", 0, 1)), cache._layer(("core", 0, 3))
     assert step4.keys.shape == step2.keys.shape
     torch.testing.assert_close(step4.keys[..., :4, :], step2.keys[..., :4, :])
@@ -144,9 +144,11 @@ def test_adaptive_exit_thresholds_trade_depth(huginn):
 def test_exited_token_leaves_its_latest_step_in_the_cache(huginn):
     cache = RecurrentCache()
     out = huginn.generate(prompt(), num_steps=16, max_new_tokens=6, do_sample=False, init_scale=0.0,
-                          exit_criterion="latent-diff", exit_threshold=0.2, past_key_values=cache,
+                          exit_criterion="latent-diff", exit_threshold=0.2, cache=cache,
                           return_dict_in_generate=True)
-    steps = torch.cat([c[0] for c in cache.steps_used])  # steps every fed position ran
+    # steps every fed position ran: the prompt's, then each decode call's (steps_per_token[0] is the prompt's last)
+    steps = torch.cat([out.prompt_steps[0], out.steps_per_token[0, 1:]])
+    assert len(steps) == cache.get_seq_length()
     assert bool((steps < 16).any())
     checked = 0
     for step in range(16):
@@ -176,19 +178,31 @@ def test_batched_adaptive_exit_matches_rows_alone(huginn):
 # --- continuous CoT --------------------------------------------------------------------------------------------
 
 
-def test_continuous_cot_starts_from_the_previous_final_state(huginn):
-    ids = prompt(1, 7)
+def greedy_by_hand(model, ids, new_tokens, continuous_cot):
+    """Greedy cached decoding written out: each new token starts from zeros, or (continuous chain of thought)
+    from the previous position's final latent state."""
+    cache, tokens, logits = RecurrentCache(), ids, []
     with torch.no_grad():
-        cache = RecurrentCache()
-        first = huginn(ids[:, :6], num_steps=4, init_scale=0.0, past_key_values=cache)
-        warm = huginn(ids[:, 6:], num_steps=4, init_scale=0.0, past_key_values=cache, continuous_cot=True)
-        cache2 = RecurrentCache()
-        huginn(ids[:, :6], num_steps=4, init_scale=0.0, past_key_values=cache2)
-        explicit = huginn(ids[:, 6:], num_steps=4, past_key_values=cache2, initial_state=first.latent_state[:, -1:])
-    torch.testing.assert_close(warm.logits, explicit.logits)
-    plain = huginn.generate(ids, num_steps=4, max_new_tokens=6, do_sample=False, init_scale=0.0)
-    cot = huginn.generate(ids, num_steps=4, max_new_tokens=6, do_sample=False, init_scale=0.0, continuous_cot=True)
-    assert cot.shape == plain.shape
+        out = model(ids, num_steps=4, init_scale=0.0, cache=cache)
+        for _ in range(new_tokens):
+            logits.append(out.logits[:, -1])
+            tokens = torch.cat([tokens, out.logits[:, -1:].argmax(-1)], dim=1)
+            warm = out.latent_state[:, -1:] if continuous_cot else None
+            out = model(tokens[:, -1:], num_steps=4, init_scale=0.0, cache=cache, initial_state=warm)
+    return tokens, torch.stack(logits, dim=1)
+
+
+def test_continuous_cot_starts_each_token_from_the_previous_final_state(huginn):
+    ids = prompt(1, 7)
+    settings = dict(num_steps=4, max_new_tokens=6, do_sample=False, init_scale=0.0, return_dict_in_generate=True,
+                    output_logits=True)
+    plain = huginn.generate(ids, **settings)
+    cot = huginn.generate(ids, continuous_cot=True, **settings)
+    for out, continuous in ((plain, False), (cot, True)):
+        tokens, logits = greedy_by_hand(huginn, ids, 6, continuous)
+        assert torch.equal(out.sequences, tokens)
+        torch.testing.assert_close(torch.stack(out.logits, dim=1), logits)
+    assert not torch.allclose(torch.stack(cot.logits[1:]), torch.stack(plain.logits[1:]))  # the warm start matters
 
 
 # --- self-speculative decoding ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from recurrent_lm import RecurrentConfig, RecurrentLM, sample_num_steps
+from recurrent_lm.cache import CACHE_NAME
 from recurrent_lm.model import resolve_num_steps
 
 
@@ -278,9 +279,10 @@ def test_cached_continuation_matches_full_forward(tiny_model):
     with torch.no_grad():
         full = tiny_model(x, num_steps=3, init_scale=0.0).logits
         prefix = tiny_model(x[:, :8], num_steps=3, init_scale=0.0, use_cache=True)
-        rest = tiny_model(x[:, 8:], num_steps=3, init_scale=0.0, past_key_values=prefix.past_key_values)
+        cache = prefix[CACHE_NAME]  # the output's cache field: `cache` from transformers 5.24 on, else past_key_values
+        rest = tiny_model(x[:, 8:], num_steps=3, init_scale=0.0, cache=cache)
     torch.testing.assert_close(rest.logits, full[:, 8:], atol=1e-5, rtol=1e-5)
-    assert prefix.past_key_values.get_seq_length() == 12
+    assert cache.get_seq_length() == 12
 
 
 @pytest.mark.parametrize("name", ["debug", "huginn-0125"])
