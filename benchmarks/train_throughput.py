@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from recurrent_lm.flops import forward_flops
-from train.module import ModelSpec, build_config
+from recurrent_lm.train.module import ModelSpec, build_config
 from recurrent_lm import RecurrentLM
 from recurrent_lm.model import sample_num_steps
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from recurrent_lm.recipes import checkpoints_dir, recipes_dir
+
 from .compare import compare
 from .report import markdown_table, prepare_output, write_summary
 from .sweep import sweep
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINTS = ROOT / "checkpoints"
-CONFIGS = ROOT / "configs"
+CHECKPOINTS = checkpoints_dir()
+CONFIGS = recipes_dir()
 TASK = "permutation"
 TRAINED_MAX_DIFFICULTY = 4  # configs/demo-*.yaml train on difficulties 1..4
 
@@ -56,9 +57,10 @@ def last_metrics(run: Path) -> dict:
 
 def write_manifest(model_dir: Path, config: Path, overrides: list[str], seconds: float, run: Path) -> dict:
     seed = int(overrides[overrides.index("--seed_everything") + 1]) if "--seed_everything" in overrides else 0
-    name = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config)
+    shipped = config.parent == CONFIGS  # a shipped recipe: named by where it lives in the repository, run by its name
+    name = f"configs/{config.name}" if shipped else str(config)
     manifest = {"config": name, "config_text": config.read_text(), "overrides": overrides, "seed": seed,
-                "command": " ".join(["rlm", "train", "--config", name, *overrides]),
+                "command": " ".join(["rlm", "train", "--config", config.stem if shipped else name, *overrides]),
                 "machine": machine(), "wall_seconds": round(seconds, 1), "final_metrics": last_metrics(run)}
     (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -66,7 +68,7 @@ def write_manifest(model_dir: Path, config: Path, overrides: list[str], seconds:
 
 def train_model(name: str, out: Path, extra: list[str]) -> Path:
     """`rlm train --config configs/{name}.yaml` into out/{name}; returns the exported model directory."""
-    from train.cli import train_main
+    from recurrent_lm.train.cli import train_main
 
     run = out / name
     config = CONFIGS / f"{name}.yaml"

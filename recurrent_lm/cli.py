@@ -181,7 +181,7 @@ def export(checkpoint: Path, out: Path) -> None:
         checkpoint: a .ckpt file written by `rlm train` (e.g. runs/NAME/checkpoints/last.ckpt).
         out: the directory to write; AutoModelForCausalLM.from_pretrained and `rlm generate` load it.
     """
-    from train.cli import export_checkpoint
+    from .train.cli import export_checkpoint
 
     print(f"exported {checkpoint} to {export_checkpoint(checkpoint, out)}")
 
@@ -191,10 +191,10 @@ COMMANDS = {
     "convert-huginn": (convert_huginn, True),
     "generate": (generate, False),
     "export": (export, True),
-    "sweep": ("eval.sweep:sweep", False),
-    "lm-eval": ("eval.lm_eval:lm_eval_sweep", False),
-    "compare": ("eval.compare:compare", False),
-    "demo": ("eval.demo:demo", False),
+    "sweep": ("recurrent_lm.eval.sweep:sweep", False),
+    "lm-eval": ("recurrent_lm.eval.lm_eval:lm_eval_sweep", False),
+    "compare": ("recurrent_lm.eval.compare:compare", False),
+    "demo": ("recurrent_lm.eval.demo:demo", False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
 }
@@ -232,7 +232,7 @@ def build_parser() -> ArgumentParser:
 
 
 # Commands with a parser of their own (LightningCLI), dispatched before the main parser sees their options.
-OWN_PARSER = {"train": ("train.cli", "train_main", "Train a model with Lightning: rlm train --config FILE.yaml "
+OWN_PARSER = {"train": ("recurrent_lm.train.cli", "train_main", "Train a model with Lightning: rlm train --config FILE.yaml "
                         "(rlm train --help lists every option)")}
 
 

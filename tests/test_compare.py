@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from eval.budget_forcing import best_of_n, budget_forced_generate, majority_vote, s1_metrics
-from eval.compare import compare, cot_runs
+from recurrent_lm.eval.budget_forcing import best_of_n, budget_forced_generate, majority_vote, s1_metrics
+from recurrent_lm.eval.compare import compare, cot_runs
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.flops import causal_lm_generation_flops
 from recurrent_lm.tasks import get_task

@@ -33,7 +33,7 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
 
 
 def test_findings_are_computed_from_the_measurements():
-    from eval.demo import measured_findings
+    from recurrent_lm.eval.demo import measured_findings
 
     def row(method, knob, value, accuracy, low, high, flops):
         return {"method": method, knob: value, "difficulty": 2, "accuracy": accuracy, "ci_low": low,
@@ -57,7 +57,7 @@ def test_findings_are_computed_from_the_measurements():
 
 
 def test_shipped_checkpoints_load_and_carry_their_manifests():
-    from eval.demo import CHECKPOINTS
+    from recurrent_lm.eval.demo import CHECKPOINTS
     from recurrent_lm.loading import load_model, load_tokenizer
 
     for name in ("demo-latent", "demo-cot"):
@@ -72,7 +72,7 @@ def test_shipped_checkpoints_load_and_carry_their_manifests():
 @pytest.mark.slow
 def test_full_demo_on_the_shipped_checkpoints_shows_the_promised_effects(tmp_path):
     """`rlm demo` itself (about 4 minutes on 2 cores): the shipped models show what the README says they show."""
-    from eval.demo import demo
+    from recurrent_lm.eval.demo import demo
 
     rows = demo(tmp_path / "demo")["rows"]
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recurrent_lm import RecurrentLM
-from train.cli import export_checkpoint, train_main
-from train.module import RecurrentLMModule, lr_factor
+from recurrent_lm.train.cli import export_checkpoint, train_main
+from recurrent_lm.train.module import RecurrentLMModule, lr_factor
 
 ROOT = Path(__file__).parent.parent
 DEBUG = str(ROOT / "configs" / "debug.yaml")

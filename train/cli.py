@@ -1,6 +1,9 @@
 """`rlm train` (LightningCLI: every option in YAML, overridable on the command line) and `rlm export`.
 
-    rlm train --config configs/debug.yaml [--trainer.max_steps 200] [--ckpt_path last] [--print_config]
+    rlm train --config debug [--trainer.max_steps 200] [--ckpt_path last] [--print_config]
+
+--config takes a YAML file or the name of a recipe that ships with the package (recurrent_lm.recipes); print one
+with `rlm train --config debug --print_config` to start a recipe of your own.
 
 Checkpoints go to {trainer.default_root_dir}/checkpoints (a fixed place, so `--ckpt_path last` finds them),
 written atomically; at the end the trained model is exported as a transformers directory (weights, config,
@@ -16,6 +19,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+
+from recurrent_lm.recipes import resolve_recipe
 
 from .data import RecurrentDataModule
 from .module import ModelSpec, RecurrentLMModule, build_config
@@ -60,7 +65,7 @@ def train_main(argv: list[str]) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user opts in
     # The options come in `argv`; sys.argv stays as it is, since the "ddp" launcher re-runs it on every rank.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=argv, run=False, seed_everything_default=0,
+    cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=with_recipe_paths(argv), run=False, seed_everything_default=0,
                    save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "rlm train"})
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     if module.model.config.vocab_size < len(data.tokenizer):
@@ -74,6 +79,17 @@ def train_main(argv: list[str]) -> None:
     if trainer.is_global_zero:
         out = export(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
         print(f"exported the trained model to {out}")
+
+
+def with_recipe_paths(argv: list[str]) -> list[str]:
+    """argv with every `--config NAME` of a shipped recipe replaced by its path (files are kept as given)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(resolve_recipe(out[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = f"--config={resolve_recipe(arg.removeprefix('--config='))}"
+    return out
 
 
 def export(model, tokenizer, out: str | Path) -> Path:

@@ -1,0 +1,32 @@
+"""What ships inside the package besides code, as litgpt ships its config hub: the training recipes (the
+repository's configs/, installed as recurrent_lm.configs) and the demo checkpoints (checkpoints/, installed as
+recurrent_lm.checkpoints). Both are found through the import system, so they are there in a checkout, an
+editable install and a wheel alike, wherever the user stands."""
+
+from importlib.resources import files
+from pathlib import Path
+
+
+def recipes_dir() -> Path:
+    return Path(str(files("recurrent_lm.configs")))
+
+
+def checkpoints_dir() -> Path:
+    return Path(str(files("recurrent_lm.checkpoints")))
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe(config: str | Path) -> Path:
+    """A training config: a YAML file that exists, or the name of a shipped recipe (`debug`, `demo-latent`, ...).
+    Anything else is an error that lists the shipped names."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"config {config} is neither a file nor a shipped recipe; shipped recipes: "
+                            f"{', '.join(recipe_names())} (e.g. --config debug)")
