@@ -44,7 +44,7 @@ class RecurrentConfig(PreTrainedConfig):
     """
 
     model_type: ClassVar[str] = "recurrent_lm"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "past_key_values"]
 
     vocab_size: int = 65536
     hidden_size: int = 5280

@@ -30,3 +30,17 @@ def resolve_recipe(config: str | Path) -> Path:
         return shipped
     raise FileNotFoundError(f"config {config} is neither a file nor a shipped recipe; shipped recipes: "
                             f"{', '.join(recipe_names())} (e.g. --config debug)")
+
+
+def checkpoint_names() -> list[str]:
+    return sorted(path.name for path in checkpoints_dir().iterdir() if (path / "config.json").is_file())
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory as given, or the name of a shipped checkpoint (`demo-latent`, `demo-cot`) when no such
+    directory exists where the user stands."""
+    path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    shipped = checkpoints_dir() / path.name
+    return shipped if (shipped / "config.json").is_file() else path

@@ -1,11 +1,14 @@
 """Inference: the (layer, step) cache, generation with depth control, adaptive exit, continuous CoT and
 self-speculative decoding."""
 
+import inspect
+
 import pytest
 import torch
 from transformers import TextStreamer
 
 from recurrent_lm import RecurrentCache, RecurrentConfig, RecurrentLM, character_tokenizer
+from recurrent_lm.cache import CACHE_NAME
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,46 @@ def test_new_steps_see_earlier_tokens_latest_step():
     step2, step4 = cache._layer(("core", 0, 1)), cache._layer(("core", 0, 3))
     assert step4.keys.shape == step2.keys.shape
     torch.testing.assert_close(step4.keys[..., :4, :], step2.keys[..., :4, :])
+
+
+# --- what transformers' generation loop passes -----------------------------------------------------------------
+
+
+def test_forward_gets_exactly_what_it_declares_from_generation_input_preparation(huginn):
+    """transformers releases add bookkeeping inputs of their own (cache_position up to 5.23, the cache renamed in
+    5.24, ...): the model's input preparation hands forward the arguments it declares and no others."""
+    cache, ids = RecurrentCache(), prompt()
+    inputs = huginn.prepare_inputs_for_generation(
+        ids, **{CACHE_NAME: cache}, attention_mask=torch.ones_like(ids), cache_position=torch.arange(6),
+        some_future_bookkeeping=torch.zeros(1), use_cache=True, num_steps=3, init_scale=0.0, continuous_cot=True,
+        depth_log=[])
+    declared = set(inspect.signature(huginn.forward).parameters)
+    assert set(inputs) <= declared
+    assert inputs["num_steps"] == 3 and inputs["use_cache"] and torch.equal(inputs["input_ids"], ids)
+    assert any(inputs.get(name) is cache for name in ("cache", "past_key_values"))
+    assert huginn(**inputs).logits.shape == (1, 6, huginn.config.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generate_takes_the_cache_under_either_name(huginn, name):
+    ids, cache = prompt(), RecurrentCache()
+    out = huginn.generate(ids, num_steps=3, max_new_tokens=5, do_sample=False, init_scale=0.0, **{name: cache})
+    assert torch.equal(out, recompute_greedy(huginn, ids, 5, 3))
+    assert cache.get_seq_length() == ids.shape[1] + 4  # the caller's cache is the one generate filled
+
+
+def test_misspelt_or_unsupported_arguments_are_clear_errors(huginn):
+    with pytest.raises(ValueError, match="num_step"):
+        huginn.generate(prompt(), num_step=8, max_new_tokens=2)
+    with pytest.raises(TypeError, match="num_step"):
+        huginn(prompt(), num_step=8)
+    with pytest.raises(ValueError, match="pass the cache once"):
+        huginn(prompt(), cache=RecurrentCache(), past_key_values=RecurrentCache())
+    with pytest.raises(ValueError, match="no attentions or per-layer hidden states"):
+        huginn.generate(prompt(), num_steps=2, max_new_tokens=2, output_hidden_states=True,
+                        return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="core_slots or a cache"):
+        huginn.generate(prompt(), num_steps=2, max_new_tokens=2, core_slots=2, cache=RecurrentCache())
 
 
 # --- sampling, seeds, streaming --------------------------------------------------------------------------------
