@@ -30,7 +30,7 @@ def test_minimum_versions_pin_every_lower_bound_of_pyproject():
         line = line.split("#")[0].strip()
         if line:
             name, version = line.split("==")
-            pins[name.strip().lower()] = version.strip()
+            pins[name.strip().lower()] = Version(version.strip())
     lower = {}
     for requirement in direct_requirements():
         bounds = [s.version for s in requirement.specifier if s.operator == ">="]
