@@ -68,8 +68,7 @@ def main() -> None:
         print("\ncache bytes per token (float32), r =", args.steps)
         for slots in (None, 4, 2, 1):
             cache = RecurrentCache(core_slots=slots)
-            ours.generate(ids, num_steps=args.steps, past_key_values=cache, **{**fixed, "max_new_tokens": 8,
-                                                                               "min_new_tokens": 8})
+            ours.generate(ids, num_steps=args.steps, cache=cache, **{**fixed, "max_new_tokens": 8, "min_new_tokens": 8})
             name = "full (one per step)" if slots is None else f"ring of {slots} slots"
             print(f"  {name:>22}: {cache.bytes_per_token():>8.0f}")
 

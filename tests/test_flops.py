@@ -81,7 +81,7 @@ def test_generation_flops_of_any_causal_lm_match_torch():
     ids = torch.randint(0, 64, (1, 10))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         llama.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    # exact but for the rotary frequencies, which transformers releases before 5.10 compute as a small matmul
+    # exact but for the rotary frequencies, which transformers releases before 5.11 compute as a small matmul
     # (head_dim / 2 x positions, 120 FLOPs here) that the counter, like the usual MFU formula, leaves out
     measured = counter.get_total_flops()
     assert 0 <= measured - causal_lm_generation_flops(llama, 10, 6) <= 2 * (8 // 2) * (10 + 5)
