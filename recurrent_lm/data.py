@@ -26,8 +26,9 @@ LOSS_ON = ("answer", "completion", "all")
 
 
 def prompt_ids(tokenizer, problem: Problem, cot: bool = False) -> list[int]:
-    """bos + the problem's prompt, as every model sees it at generation time."""
-    return [tokenizer.bos_token_id] + tokenizer(get_task(problem.task).prompt(problem, cot), add_special_tokens=False).input_ids
+    """The problem's prompt as every model sees it at generation time: encoded with the tokenizer's own special
+    tokens (bos first for this project's tokenizers; nothing for a tokenizer that adds none, such as GPT-2's)."""
+    return tokenizer(get_task(problem.task).prompt(problem, cot)).input_ids
 
 
 def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, loss_on: str = "answer",
@@ -41,15 +42,16 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
     completion = task.completion(problem, cot)
     thinking, answer = completion.split(THINK_END, 1) if cot else ("", completion)
     thinking += THINK_END if cot else ""
-    encoded_prompt = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    prompt_ids = [tokenizer.bos_token_id] + encoded_prompt["input_ids"]
+    encoded_prompt = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+    prompt_ids = encoded_prompt["input_ids"]  # with the tokenizer's own special tokens, as prompt_ids gives
     thinking_ids = tokenizer(thinking, add_special_tokens=False)["input_ids"] if thinking else []
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     input_ids = prompt_ids + thinking_ids + answer_ids
     supervised = {"answer": len(answer_ids), "completion": len(thinking_ids) + len(answer_ids), "all": len(input_ids) - 1}
     labels = [IGNORE] * (len(input_ids) - supervised[loss_on]) + input_ids[len(input_ids) - supervised[loss_on]:]
     if hints and problem.hints:
-        starts = {start: i + 1 for i, (start, _) in enumerate(encoded_prompt["offset_mapping"])}  # +1: the bos
+        starts = {start: i for i, ((start, _), special) in
+                  enumerate(zip(encoded_prompt["offset_mapping"], encoded_prompt["special_tokens_mask"])) if not special}
         for offset, target in problem.hints:
             target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
             if offset in starts and len(target_ids) == 1:  # a hint needs a token boundary and a one-token target
