@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         module, function, _ = OWN_PARSER[argv[0]]
         try:
             getattr(importlib.import_module(module), function)(argv[1:])
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
             sys.exit(f"rlm {argv[0]}: error: {error}")
         return
     argv = normalize_argv(argv)

@@ -163,3 +163,38 @@ def test_demo_models_have_equal_unique_parameters():
         with torch.device("meta"):
             counts.append(sum(p.numel() for p in RecurrentLMModule(spec).parameters()))
     assert counts[0] == counts[1]
+
+
+# --- a run owns its directory -------------------------------------------------------------------------------------
+
+
+def quick_train(*args: str):
+    from .test_cli import rlm
+
+    return rlm("train", "--config", "debug", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", *args)
+
+
+def test_resuming_last_with_no_checkpoint_is_a_one_line_error(tmp_path):
+    result = quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", "last")
+    assert result.returncode != 0
+    assert "--ckpt_path last" in result.stderr and "no last.ckpt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_never_takes_another_runs_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    first = quick_train("--trainer.default_root_dir", str(root))
+    assert first.returncode == 0, first.stderr
+    assert (root / "model" / "model.safetensors").is_file() and not (root / "run.lock").exists()
+    assert not (tmp_path / "runs").exists()  # the recipe's logger directory: logs went under the run's root
+    assert list(root.glob("**/version_0/hparams.yaml"))  # the CSV logger writes under the root
+    second = quick_train("--trainer.default_root_dir", str(root))
+    assert second.returncode != 0 and "already holds a run" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    (root / "run.lock").write_text(str(os.getpid()))  # a live run holds it
+    third = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last")
+    assert third.returncode != 0 and f"in use by another rlm train (pid {os.getpid()})" in third.stderr
+    (root / "run.lock").write_text("999999999")  # left by a killed run: taken over
+    resumed = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last", "--trainer.max_steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
