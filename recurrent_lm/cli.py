@@ -71,6 +71,14 @@ def generate(
 
     from .loading import load_model, load_tokenizer
 
+    from .generation import check_generation_args
+
+    check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
+                          draft_length)  # before the model loads: bad settings fail at once
+    if do_sample and not temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {temperature}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
     net = load_model(model)
     tok = load_tokenizer(tokenizer or model)
     torch.manual_seed(seed)
@@ -136,7 +144,7 @@ def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, 
     from .tasks import get_task, parse_int_list, save_jsonl
 
     task = get_task(name)
-    problems = [p for d in parse_int_list(difficulties) for p in task.problems(d, n, seed=seed)]
+    problems = [p for d in parse_int_list(difficulties, "--difficulties") for p in task.problems(d, n, seed=seed)]
     print(f"wrote {len(problems)} problems to {save_jsonl(problems, out)}")
 
 
