@@ -198,3 +198,16 @@ def test_a_run_never_takes_another_runs_directory(tmp_path, monkeypatch):
     (root / "run.lock").write_text("999999999")  # left by a killed run: taken over
     resumed = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last", "--trainer.max_steps", "4")
     assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer"),
+    (["--model.model.hidden_size", "63"], "model.model: RecurrentConfig.hidden_size (63) is not divisible"),
+    (["--model.learning_rate", "-1"], "model.learning_rate must be > 0, got -1"),
+    (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
+])
+def test_bad_training_options_are_one_line_errors_naming_the_field(tmp_path, args, message):
+    from .test_cli import one_line_error
+
+    one_line_error(quick_train("--trainer.default_root_dir", str(tmp_path / "run"), *args), message)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training set anything up

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -76,8 +77,12 @@ def train_main(argv: list[str]) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user opts in
     # The options come in `argv`; sys.argv stays as it is, since the "ddp" launcher re-runs it on every rank.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=with_recipe_paths(argv), run=False, seed_everything_default=0,
-                   save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "rlm train"})
+    try:
+        cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=with_recipe_paths(argv), run=False,
+                       seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                       parser_kwargs={"prog": "rlm train"})
+    except MisconfigurationException as error:  # Lightning's own check of a trainer option: one line
+        raise ValueError(f"trainer: {error}") from None
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     if module.model.config.vocab_size < len(data.tokenizer):
         raise ValueError(f"model.vocab_size ({module.model.config.vocab_size}) is smaller than the tokenizer "

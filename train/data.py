@@ -45,6 +45,10 @@ class RecurrentDataModule(L.LightningDataModule):
             raise ValueError("give either tasks or text_files to train on")
         if text_files and tokenizer is None:
             raise ValueError("training on text needs a tokenizer directory (rlm tokenizer train ...)")
+        if batch_size < 1:  # checked here, before any set-up, rather than when the first batch is drawn
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
         self.save_hyperparameters()
         self.curriculum = Curriculum(min_difficulty, max_difficulty, curriculum_batches)
         self.tokenizer = self._load_tokenizer()
