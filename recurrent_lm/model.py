@@ -12,8 +12,10 @@ attention, MLP, the sandwich block, the step-count sampler, then the model.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from numbers import Integral
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,6 +200,15 @@ class RecurrentPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SandwichBlock"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, with weight files as readable as the user's umask makes new files (some
+        transformers releases write them through a private temporary file, mode 0600)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in Path(save_directory).glob("*.safetensors"):
+            path.chmod(0o666 & ~umask)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -137,3 +137,22 @@ def test_bad_tensors_are_named(tiny_model):
         tiny_model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(1, 4\)"):
         tiny_model(torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_broken_or_pickled_weights_are_named(tmp_path):
+    import os
+    import stat
+
+    model = tiny_model_dir(tmp_path)
+    mode = stat.S_IMODE(os.stat(model / "model.safetensors").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # weights as readable as the rest of the directory
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab"), "model.safetensors",
+                   "not a readable safetensors file")
+    weights.unlink()
+    torch.save({"weights": torch.zeros(2)}, model / "pytorch_model.bin")
+    one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab"), "only pickled pytorch_model.bin",
+                   "never unpickles")
