@@ -211,3 +211,18 @@ def test_bad_training_options_are_one_line_errors_naming_the_field(tmp_path, arg
 
     one_line_error(quick_train("--trainer.default_root_dir", str(tmp_path / "run"), *args), message)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training set anything up
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
+    from .test_cli import one_line_error, rlm
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCode()}, evil)
+    for result in (quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(evil)),
+                   rlm("export", str(evil), str(tmp_path / "out"))):
+        one_line_error(result, "evil.ckpt is not a safe checkpoint")
+
+
+class RunsCode:
+    def __reduce__(self):  # unpickling this would call os.system
+        return (os.system, ("true",))

@@ -13,6 +13,7 @@ run in a directory that a live run holds, or that already holds a run it does no
 
 import contextlib
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -95,7 +96,10 @@ def train_main(argv: list[str]) -> None:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(root / "checkpoints")
     with own_run_dir(root, resuming=ckpt_path is not None):
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
+            raise unsafe_checkpoint(ckpt_path) from None
         if trainer.is_global_zero:
             out = export(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
             print(f"exported the trained model to {out}")
@@ -171,8 +175,15 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise unsafe_checkpoint(path) from None
     except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
+        raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0]}") from None
+
+
+def unsafe_checkpoint(path) -> ValueError:
+    return ValueError(f"{path} is not a safe checkpoint: it holds pickled objects beyond tensors and plain data, and "
+                      "rlm never runs pickled code")
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
