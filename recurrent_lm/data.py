@@ -170,28 +170,37 @@ def pack(documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int | N
         yield buffer
 
 
+HUB_PREFIX = "hub:"  # a hub dataset is asked for by name, explicitly: hub:NAME
+
+
+def text_source(source: str | Sequence[str]) -> tuple[str, list[Path] | str]:
+    """(builder, local files) or ("hub", dataset name), checked without reading anything: a missing local file is
+    an error here, never a request to the hub."""
+    files = [source] if isinstance(source, (str, Path)) else list(source)
+    if len(files) == 1 and str(files[0]).startswith(HUB_PREFIX):
+        return "hub", str(files[0])[len(HUB_PREFIX):]
+    local = [Path(f) for f in files]
+    missing = [str(p) for p in local if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"data files not found: {missing} (a hub dataset is named {HUB_PREFIX}NAME)")
+    builders = {FILE_BUILDERS.get(p.suffix) for p in local}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"data files must share one of the types {sorted(FILE_BUILDERS)}, got {files}")
+    return builders.pop(), local
+
+
 def load_text_dataset(source: str | Sequence[str], split: str = "train", streaming: bool = False):
     """A datasets.Dataset (or IterableDataset when streaming) from local files or, for users with network, a hub
-    dataset name. Local files: .txt (one document per line), .json/.jsonl, .parquet."""
+    dataset named hub:NAME. Local files: .txt (one document per line), .json/.jsonl, .parquet."""
     import datasets
 
-    files = [source] if isinstance(source, str) else list(source)
-    local = [Path(f) for f in files]
-    if all(p.suffix in FILE_BUILDERS or p.exists() for p in local) and any(p.suffix in FILE_BUILDERS for p in local):
-        missing = [str(p) for p in local if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"data files not found: {missing}")
-        builders = {FILE_BUILDERS.get(p.suffix) for p in local}
-        if None in builders or len(builders) > 1:
-            raise ValueError(f"data files must share one of the types {sorted(FILE_BUILDERS)}, got {files}")
-        builder = builders.pop()
-        try:
-            return datasets.load_dataset(builder, data_files=[str(p) for p in local], split=split, streaming=streaming)
-        except Exception as error:  # datasets wraps parse errors in several exception types
-            raise ValueError(f"cannot read {files} as {builder}: {error}") from error
-    if len(files) != 1:
-        raise ValueError(f"give local data files (.txt, .jsonl, .parquet) or one hub dataset name, got {files}")
-    return datasets.load_dataset(files[0], split=split, streaming=streaming)  # the network is the user's choice
+    builder, files = text_source(source)
+    if builder == "hub":
+        return datasets.load_dataset(files, split=split, streaming=streaming)  # the network is the user's choice
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split=split, streaming=streaming)
+    except Exception as error:  # datasets wraps parse errors in several exception types
+        raise ValueError(f"cannot read {[str(p) for p in files]} as {builder}: {str(error).splitlines()[0]}") from None
 
 
 class TextStream(IterableDataset):

@@ -179,6 +179,8 @@ def test_text_stream_from_local_files(tmp_path, kind):
 def test_bad_data_files(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="not found"):
         TextStream(str(tmp_path / "missing.jsonl"), tokenizer, seq_len=8)
+    with pytest.raises(FileNotFoundError, match=r"not found: \['my_corpus'\] \(a hub dataset is named hub:NAME\)"):
+        TextStream("my_corpus", tokenizer, seq_len=8)  # a typo of a folder: a local error, never a hub request
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(ValueError, match="cannot read"):

@@ -226,3 +226,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
 class RunsCode:
     def __reduce__(self):  # unpickling this would call os.system
         return (os.system, ("true",))
+
+
+def test_missing_text_files_fail_before_set_up(tmp_path):
+    from .test_cli import one_line_error
+
+    from recurrent_lm.tokenization import character_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    character_tokenizer("abc").save_pretrained(tokenizer)
+    result = quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--data.tasks", "null",
+                         "--data.text_files", "[corpus_typo]", "--data.tokenizer", str(tokenizer))
+    one_line_error(result, "data files not found: ['corpus_typo']")
