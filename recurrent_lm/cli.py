@@ -92,7 +92,8 @@ def generate(
         exit_threshold=exit_threshold, min_steps=min_steps, continuous_cot=continuous_cot, draft_steps=draft_steps,
         draft_length=draft_length, core_slots=core_slots, init_scale=init_scale,
         generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=TokenProgress(max_new_tokens),
+        **sampling)
     new_ids = out.sequences[0, encoded.input_ids.shape[1]:]
     steps = out.steps_per_token[0].tolist()
     print(prompt + tok.decode(new_ids, skip_special_tokens=False))
@@ -102,6 +103,24 @@ def generate(
     if out.acceptance_rate is not None:
         summary += f", draft acceptance rate {out.acceptance_rate:.2f} ({out.forward_passes} forward passes)"
     print(summary)
+
+
+class TokenProgress:
+    """A transformers streamer that shows a progress bar of generated tokens on stderr (on a terminal)."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="tok", desc="generating", leave=False, disable=None)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:  # generate's first put is the prompt
+            self.bar.update(value.shape[-1] if value.ndim > 1 else 1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
 
 
 def tasks_list() -> None:

@@ -156,3 +156,16 @@ def test_broken_or_pickled_weights_are_named(tmp_path):
     torch.save({"weights": torch.zeros(2)}, model / "pytorch_model.bin")
     one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab"), "only pickled pytorch_model.bin",
                    "never unpickles")
+
+
+def test_generation_shows_progress_per_generated_token(tmp_path):
+    from recurrent_lm.cli import TokenProgress
+
+    model, ticks = RecurrentLM.from_pretrained(tiny_model_dir(tmp_path)).eval(), []
+    for settings in (dict(), dict(draft_steps=1, draft_length=2)):
+        progress = TokenProgress(6)
+        progress.bar.update = ticks.append
+        out = model.generate(torch.ones(1, 3, dtype=torch.long), num_steps=2, max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, init_scale=0.0, streamer=progress, **settings)
+        assert sum(ticks) == out.shape[1] - 3 if isinstance(out, torch.Tensor) else out.sequences.shape[1] - 3
+        ticks.clear()
