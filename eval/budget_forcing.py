@@ -78,8 +78,7 @@ def _generate(model, tokenizer, rows: list[list[int]], max_new_tokens: int, stop
 def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinking: int | None = None,
                            min_thinking: int = 0, num_waits: int = 0, wait_text: str = "Wait",
                            answer_prompt: str = "", max_answer_tokens: int = 16, think_start: str = THINK_START,
-                           think_end: str = THINK_END, add_bos: bool = True,
-                           **generate_kwargs) -> list[BudgetResult]:
+                           think_end: str = THINK_END, **generate_kwargs) -> list[BudgetResult]:
     """Think-then-answer generation with s1 budget forcing. Each prompt should end where thinking starts (with
     `think_start`, which is appended if missing). generate_kwargs go to model.generate (do_sample, temperature,
     num_steps for a recurrent model, ...)."""
@@ -93,10 +92,9 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
     wait_ids = tokenizer(wait_text, add_special_tokens=False).input_ids if num_waits else []
     answer_prompt_ids = tokenizer(answer_prompt, add_special_tokens=False).input_ids if answer_prompt else []
     budget = max_thinking if max_thinking is not None else 10**9
-    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     prefixes = []
     for prompt in prompts:
-        ids = bos + tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt).input_ids  # with the tokenizer's own special tokens (bos, for ours)
         prefixes.append(ids if ids and ids[-1] == start_id else ids + [start_id])
     thinking = [[] for _ in prompts]
     waits = [0] * len(prompts)

@@ -117,12 +117,13 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     """
     from recurrent_lm.adaptive import DEFAULT_THRESHOLDS
 
-    budget_list, depth_list, vote_list = parse_int_list(budgets), parse_int_list(steps), parse_int_list(votes)
+    budget_list, depth_list = parse_int_list(budgets, "--budgets"), parse_int_list(steps, "--steps")
+    vote_list = parse_int_list(votes, "--votes")
     if any(b < 0 for b in budget_list) or (vote_budget is not None and vote_budget < 0):
         raise ValueError(f"thinking budgets must be >= 0, got {budgets!r}")
     if not depth_list or min(depth_list) < 1 or any(v < 1 for v in vote_list):
         raise ValueError("latent steps and vote counts must be >= 1")
-    by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties), n, seed)
+    by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
     latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)
     cot_model, cot_tok = load_any_causal_lm(cot), load_tokenizer(cot_tokenizer or cot)
     sample = next(iter(by_difficulty.values()))[0]
@@ -130,7 +131,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     check_tokenizer(cot_tok, sample, cot=True, which="CoT")
     out = prepare_output(out, overwrite)
     recurrent_cot = isinstance(cot_model.config, RecurrentConfig)
-    cot_depths = parse_int_list(cot_steps) if cot_steps else [cot_model.config.mean_recurrence] if recurrent_cot else [None]
+    cot_depths = (parse_int_list(cot_steps, "--cot_steps") if cot_steps
+                  else [cot_model.config.mean_recurrence] if recurrent_cot else [None])
     thresholds = exit_thresholds or ([DEFAULT_THRESHOLDS[exit_criterion] * s for s in (10, 1, 0.1)] if exit_criterion else [])
     torch.manual_seed(seed)
 

@@ -70,7 +70,7 @@ def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path
 
     from .report import line_plot, markdown_table, prepare_output, write_results, write_summary
 
-    depths = parse_int_list(steps)
+    depths = parse_int_list(steps, "--steps")
     if not depths or min(depths) < 1:
         raise ValueError(f"steps must all be >= 1, got {steps!r}")
     net, tok = load_model(model), load_tokenizer(tokenizer or model)

@@ -107,14 +107,14 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         dynamics: trace this many problems step by step (latent dynamics plot); 0 skips it.
         overwrite: replace an earlier run in `out`.
     """
-    depths = parse_int_list(steps)
+    depths = parse_int_list(steps, "--steps")
     if not depths or min(depths) < 1:
         raise ValueError(f"steps must all be >= 1, got {steps!r}")
     criteria = list(CRITERIA) if exit_criteria is None else list(exit_criteria)
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
-    by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties), n, seed)
+    by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
     net, tok = load_model(model), load_tokenizer(tokenizer or model)
     out = prepare_output(out, overwrite)
     max_steps = adaptive_max_steps or max(depths)

@@ -71,6 +71,14 @@ def generate(
 
     from .loading import load_model, load_tokenizer
 
+    from .generation import check_generation_args
+
+    check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
+                          draft_length)  # before the model loads: bad settings fail at once
+    if do_sample and not temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {temperature}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
     net = load_model(model)
     tok = load_tokenizer(tokenizer or model)
     torch.manual_seed(seed)
@@ -84,7 +92,8 @@ def generate(
         exit_threshold=exit_threshold, min_steps=min_steps, continuous_cot=continuous_cot, draft_steps=draft_steps,
         draft_length=draft_length, core_slots=core_slots, init_scale=init_scale,
         generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=TokenProgress(max_new_tokens),
+        **sampling)
     new_ids = out.sequences[0, encoded.input_ids.shape[1]:]
     steps = out.steps_per_token[0].tolist()
     print(prompt + tok.decode(new_ids, skip_special_tokens=False))
@@ -94,6 +103,24 @@ def generate(
     if out.acceptance_rate is not None:
         summary += f", draft acceptance rate {out.acceptance_rate:.2f} ({out.forward_passes} forward passes)"
     print(summary)
+
+
+class TokenProgress:
+    """A transformers streamer that shows a progress bar of generated tokens on stderr (on a terminal)."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="tok", desc="generating", leave=False, disable=None)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:  # generate's first put is the prompt
+            self.bar.update(value.shape[-1] if value.ndim > 1 else 1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
 
 
 def tasks_list() -> None:
@@ -136,7 +163,7 @@ def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, 
     from .tasks import get_task, parse_int_list, save_jsonl
 
     task = get_task(name)
-    problems = [p for d in parse_int_list(difficulties) for p in task.problems(d, n, seed=seed)]
+    problems = [p for d in parse_int_list(difficulties, "--difficulties") for p in task.problems(d, n, seed=seed)]
     print(f"wrote {len(problems)} problems to {save_jsonl(problems, out)}")
 
 
@@ -282,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         module, function, _ = OWN_PARSER[argv[0]]
         try:
             getattr(importlib.import_module(module), function)(argv[1:])
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
             sys.exit(f"rlm {argv[0]}: error: {error}")
         return
     argv = normalize_argv(argv)

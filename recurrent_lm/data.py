@@ -26,8 +26,9 @@ LOSS_ON = ("answer", "completion", "all")
 
 
 def prompt_ids(tokenizer, problem: Problem, cot: bool = False) -> list[int]:
-    """bos + the problem's prompt, as every model sees it at generation time."""
-    return [tokenizer.bos_token_id] + tokenizer(get_task(problem.task).prompt(problem, cot), add_special_tokens=False).input_ids
+    """The problem's prompt as every model sees it at generation time: encoded with the tokenizer's own special
+    tokens (bos first for this project's tokenizers; nothing for a tokenizer that adds none, such as GPT-2's)."""
+    return tokenizer(get_task(problem.task).prompt(problem, cot)).input_ids
 
 
 def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, loss_on: str = "answer",
@@ -41,15 +42,16 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
     completion = task.completion(problem, cot)
     thinking, answer = completion.split(THINK_END, 1) if cot else ("", completion)
     thinking += THINK_END if cot else ""
-    encoded_prompt = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    prompt_ids = [tokenizer.bos_token_id] + encoded_prompt["input_ids"]
+    encoded_prompt = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+    prompt_ids = encoded_prompt["input_ids"]  # with the tokenizer's own special tokens, as prompt_ids gives
     thinking_ids = tokenizer(thinking, add_special_tokens=False)["input_ids"] if thinking else []
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     input_ids = prompt_ids + thinking_ids + answer_ids
     supervised = {"answer": len(answer_ids), "completion": len(thinking_ids) + len(answer_ids), "all": len(input_ids) - 1}
     labels = [IGNORE] * (len(input_ids) - supervised[loss_on]) + input_ids[len(input_ids) - supervised[loss_on]:]
     if hints and problem.hints:
-        starts = {start: i + 1 for i, (start, _) in enumerate(encoded_prompt["offset_mapping"])}  # +1: the bos
+        starts = {start: i for i, ((start, _), special) in
+                  enumerate(zip(encoded_prompt["offset_mapping"], encoded_prompt["special_tokens_mask"])) if not special}
         for offset, target in problem.hints:
             target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
             if offset in starts and len(target_ids) == 1:  # a hint needs a token boundary and a one-token target
@@ -168,28 +170,37 @@ def pack(documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int | N
         yield buffer
 
 
+HUB_PREFIX = "hub:"  # a hub dataset is asked for by name, explicitly: hub:NAME
+
+
+def text_source(source: str | Sequence[str]) -> tuple[str, list[Path] | str]:
+    """(builder, local files) or ("hub", dataset name), checked without reading anything: a missing local file is
+    an error here, never a request to the hub."""
+    files = [source] if isinstance(source, (str, Path)) else list(source)
+    if len(files) == 1 and str(files[0]).startswith(HUB_PREFIX):
+        return "hub", str(files[0])[len(HUB_PREFIX):]
+    local = [Path(f) for f in files]
+    missing = [str(p) for p in local if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"data files not found: {missing} (a hub dataset is named {HUB_PREFIX}NAME)")
+    builders = {FILE_BUILDERS.get(p.suffix) for p in local}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"data files must share one of the types {sorted(FILE_BUILDERS)}, got {files}")
+    return builders.pop(), local
+
+
 def load_text_dataset(source: str | Sequence[str], split: str = "train", streaming: bool = False):
     """A datasets.Dataset (or IterableDataset when streaming) from local files or, for users with network, a hub
-    dataset name. Local files: .txt (one document per line), .json/.jsonl, .parquet."""
+    dataset named hub:NAME. Local files: .txt (one document per line), .json/.jsonl, .parquet."""
     import datasets
 
-    files = [source] if isinstance(source, str) else list(source)
-    local = [Path(f) for f in files]
-    if all(p.suffix in FILE_BUILDERS or p.exists() for p in local) and any(p.suffix in FILE_BUILDERS for p in local):
-        missing = [str(p) for p in local if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"data files not found: {missing}")
-        builders = {FILE_BUILDERS.get(p.suffix) for p in local}
-        if None in builders or len(builders) > 1:
-            raise ValueError(f"data files must share one of the types {sorted(FILE_BUILDERS)}, got {files}")
-        builder = builders.pop()
-        try:
-            return datasets.load_dataset(builder, data_files=[str(p) for p in local], split=split, streaming=streaming)
-        except Exception as error:  # datasets wraps parse errors in several exception types
-            raise ValueError(f"cannot read {files} as {builder}: {error}") from error
-    if len(files) != 1:
-        raise ValueError(f"give local data files (.txt, .jsonl, .parquet) or one hub dataset name, got {files}")
-    return datasets.load_dataset(files[0], split=split, streaming=streaming)  # the network is the user's choice
+    builder, files = text_source(source)
+    if builder == "hub":
+        return datasets.load_dataset(files, split=split, streaming=streaming)  # the network is the user's choice
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split=split, streaming=streaming)
+    except Exception as error:  # datasets wraps parse errors in several exception types
+        raise ValueError(f"cannot read {[str(p) for p in files]} as {builder}: {str(error).splitlines()[0]}") from None
 
 
 class TextStream(IterableDataset):

@@ -94,6 +94,8 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Tensor | None
             streamer.put(tokens.cpu())
         finished = finished | torch.isin(tokens, eos).any(dim=1)
 
+    if streamer is not None:  # as transformers' generate does: the prompt first, then each new token
+        streamer.put(input_ids.cpu())
     if max_new_tokens > 0:  # the prompt, at the verify depth, gives the first token
         passes += 1
         logits = model(input_ids, attention_mask=attention_mask, num_steps=num_steps, logits_to_keep=1, **kwargs).logits

@@ -4,6 +4,8 @@ for anything else."""
 import json
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .recipes import checkpoint_names, resolve_model_dir
 
 
@@ -24,7 +26,20 @@ def load_model(path: str | Path):
     if kind != "recurrent_lm":
         hint = " (convert it first with `rlm convert-huginn`)" if kind == "huginn_raven" else ""
         raise ValueError(f"{path} holds a {kind!r} model, not a RecurrentLM{hint}")
-    return RecurrentLM.from_pretrained(resolve_model_dir(path)).eval()
+    directory = resolve_model_dir(path)
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
+        found = f" (only pickled {', '.join(pickled)})" if pickled else ""
+        raise ValueError(f"{path} holds no safetensors weights{found}: recurrent-lm loads safetensors and never "
+                         "unpickles")
+    for file in weights:  # a truncated or garbled file: say which, not safetensors' internal error
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as error:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {error}") from None
+    return RecurrentLM.from_pretrained(directory).eval()
 
 
 def load_tokenizer(path: str | Path):

@@ -12,8 +12,10 @@ attention, MLP, the sandwich block, the step-count sampler, then the model.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from numbers import Integral
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,6 +136,9 @@ def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch
     return depth - with_grad, with_grad
 
 
+MAX_NUM_STEPS = 100_000  # more core steps per token than this is a typo: raise it if you mean it
+
+
 def _step_count(value: Any, what: str) -> int:
     """An int (or 0-d integer tensor) >= 0; anything else is a clear error."""
     if isinstance(value, Tensor):
@@ -144,6 +149,9 @@ def _step_count(value: Any, what: str) -> int:
         raise TypeError(f"{what} must be an integer, got {value!r}")
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
+    if value > MAX_NUM_STEPS:
+        raise ValueError(f"{what} = {value} exceeds {MAX_NUM_STEPS} core steps per token "
+                         "(recurrent_lm.model.MAX_NUM_STEPS; raise it if you mean it)")
     return int(value)
 
 
@@ -192,6 +200,15 @@ class RecurrentPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SandwichBlock"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, with weight files as readable as the user's umask makes new files (some
+        transformers releases write them through a private temporary file, mode 0600)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in Path(save_directory).glob("*.safetensors"):
+            path.chmod(0o666 & ~umask)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -374,6 +391,9 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                                 f"{tuple(labels.shape)}")
             if logits_to_keep:
                 raise ValueError("labels need logits at every position: leave logits_to_keep at 0")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
@@ -512,6 +532,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
     def _check_token_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got a {input_ids.dtype} tensor")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids holds no tokens: give at least one (an empty prompt still has bos)")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")

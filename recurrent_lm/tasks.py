@@ -223,13 +223,21 @@ def load_jsonl(path: str | Path) -> list[Problem]:
     return problems
 
 
-def parse_int_list(text: str) -> list[int]:
-    """'1,2,4-6' -> [1, 2, 4, 5, 6] (for command-line difficulty and depth lists)."""
+MAX_LIST_LENGTH = 10_000  # a command-line list longer than this is a typo, not a plan
+
+
+def parse_int_list(text: str, name: str = "list") -> list[int]:
+    """'1,2,4-6' -> [1, 2, 4, 5, 6] (for command-line difficulty and depth lists); `name` (e.g. "--steps") is
+    named in the error for anything else, or for a list of more than MAX_LIST_LENGTH values."""
     values = []
     for part in filter(None, re.split(r"\s*,\s*", str(text).strip())):
-        if "-" in part[1:]:
-            low, high = part.split("-", 1)
-            values += range(int(low), int(high) + 1)
-        else:
-            values.append(int(part))
+        try:
+            low, high = part.split("-", 1) if "-" in part[1:] else (part, part)
+            low, high = int(low), int(high)
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} is not a list of integers and ranges such as 1,2,4-8") from None
+        if len(values) + high - low + 1 > MAX_LIST_LENGTH:
+            raise ValueError(f"{name}: {text!r} holds more than {MAX_LIST_LENGTH} values "
+                             "(recurrent_lm.tasks.MAX_LIST_LENGTH)")
+        values += range(low, high + 1)
     return values

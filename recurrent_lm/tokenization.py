@@ -1,9 +1,11 @@
 """Tokenizers, built with the tokenizers library and saved as transformers fast tokenizers (AutoTokenizer loads
-them). Every tokenizer here has bos, eos and pad tokens and the thinking delimiters as special tokens."""
+them). Every tokenizer here has bos, eos and pad tokens and the thinking delimiters as special tokens, and puts bos
+before every text it encodes (as Llama's does), so whatever encodes text with a saved tokenizer (lm-eval,
+pipelines, budget forcing, a user's own code) gets the ids the model was trained on."""
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -36,6 +38,14 @@ class RecurrentCharacterTokenizer(PreTrainedTokenizerFast):
         return super()._encode_plus(text, text_pair, *args, **kwargs)
 
 
+def bos_first(backend: Tokenizer) -> Tokenizer:
+    """Make the backend tokenizer start every encoding (and each text of a pair) with bos; saved in
+    tokenizer.json, so every consumer of the saved tokenizer applies it. add_special_tokens=False turns it off."""
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, backend.token_to_id(BOS))])
+    return backend
+
+
 def character_tokenizer(alphabet: Iterable[str]) -> "RecurrentCharacterTokenizer":
     """A character-level tokenizer: ids 0-4 are <pad> <bos> <eos> <think> </think>, then one id per character."""
     characters = sorted(set(alphabet) - set(SPECIAL_TOKENS))
@@ -43,7 +53,7 @@ def character_tokenizer(alphabet: Iterable[str]) -> "RecurrentCharacterTokenizer
     backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is its own token
     backend.decoder = decoders.Fuse()  # and decoding joins them back without spaces
-    return RecurrentCharacterTokenizer(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+    return RecurrentCharacterTokenizer(tokenizer_object=bos_first(backend), bos_token=BOS, eos_token=EOS, pad_token=PAD,
                               additional_special_tokens=[THINK_START, THINK_END], alphabet="".join(characters),
                               padding_side="left")
 
@@ -77,5 +87,5 @@ def train_bpe_tokenizer(files: Iterable[str], vocab_size: int, min_frequency: in
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+    return PreTrainedTokenizerFast(tokenizer_object=bos_first(backend), bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=[THINK_START, THINK_END], padding_side="left")

@@ -102,3 +102,70 @@ def test_generate_command_bad_input(tmp_path):
     assert result.returncode != 0 and "outside the tokenizer's alphabet" in result.stderr
     result = rlm("generate", "--model", str(HUGINN_TINY), "--prompt", "ab")
     assert result.returncode != 0 and "convert it first" in result.stderr
+
+
+# --- bad input: one line that names the problem -------------------------------------------------------------------
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_bad_generation_and_sweep_input_gets_one_line(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab", "--do-sample", "--top-p", "2"),
+                   "--top_p must be in (0, 1]")
+    one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab", "--num-steps", "1000000000"),
+                   "num_steps = 1000000000 exceeds", "MAX_NUM_STEPS")
+    one_line_error(rlm("sweep", "--model", "demo-latent", "--task", "permutation", "--steps", "1,x",
+                       "--out", str(tmp_path / "s1")), "--steps: '1,x' is not a list of integers")
+    one_line_error(rlm("sweep", "--model", "demo-latent", "--task", "permutation", "--steps", "1-200000000",
+                       "--out", str(tmp_path / "s2")), "--steps", "more than 10000 values")
+    empty = rlm("generate", "--model", str(model), "--prompt", "", "--max-new-tokens", "2", "--init-scale", "0")
+    assert empty.returncode == 0, empty.stderr  # an empty prompt is bos alone: the model continues from it
+
+
+def test_bad_tensors_are_named(tiny_model):
+    import pytest
+
+    with pytest.raises(ValueError, match="integer token ids"):
+        tiny_model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="holds no tokens"):
+        tiny_model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(1, 4\)"):
+        tiny_model(torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_broken_or_pickled_weights_are_named(tmp_path):
+    import os
+    import stat
+
+    model = tiny_model_dir(tmp_path)
+    mode = stat.S_IMODE(os.stat(model / "model.safetensors").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # weights as readable as the rest of the directory
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab"), "model.safetensors",
+                   "not a readable safetensors file")
+    weights.unlink()
+    torch.save({"weights": torch.zeros(2)}, model / "pytorch_model.bin")
+    one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab"), "only pickled pytorch_model.bin",
+                   "never unpickles")
+
+
+def test_generation_shows_progress_per_generated_token(tmp_path):
+    from recurrent_lm.cli import TokenProgress
+
+    model, ticks = RecurrentLM.from_pretrained(tiny_model_dir(tmp_path)).eval(), []
+    for settings in (dict(), dict(draft_steps=1, draft_length=2)):
+        progress = TokenProgress(6)
+        progress.bar.update = ticks.append
+        out = model.generate(torch.ones(1, 3, dtype=torch.long), num_steps=2, max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, init_scale=0.0, streamer=progress, **settings)
+        assert sum(ticks) == out.shape[1] - 3 if isinstance(out, torch.Tensor) else out.sequences.shape[1] - 3
+        ticks.clear()

@@ -31,8 +31,8 @@ def test_character_tokenizer_saves_as_a_fast_tokenizer(tokenizer, tmp_path):
     assert [loaded.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
     assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("<pad>", "<bos>", "<eos>")
     text = "a=3;b=a+4;b?<think>a=3;</think>0<eos>"
-    assert loaded.decode(loaded(text).input_ids) == text
-    assert len(loaded("a=3;").input_ids) == 4  # one token per character
+    assert loaded.decode(loaded(text).input_ids) == "<bos>" + text  # the tokenizer puts bos first
+    assert len(loaded("a=3;", add_special_tokens=False).input_ids) == 4  # one token per character
 
 
 def test_text_outside_the_alphabet_is_a_clear_error(tokenizer):
@@ -48,9 +48,9 @@ def test_bpe_trainer(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path / "bpe")
     text = "the cat <think>sat</think> on é"
     ids = loaded(text).input_ids
-    assert loaded.decode(ids) == text
+    assert loaded.decode(ids) == "<bos>" + text
     assert loaded.convert_tokens_to_ids("<think>") in ids and len(loaded) <= 300
-    assert len(loaded("the cat sat on the mat").input_ids) < len("the cat sat on the mat") / 2
+    assert len(loaded("the cat sat on the mat", add_special_tokens=False).input_ids) < len("the cat sat on the mat") / 2
     with pytest.raises(FileNotFoundError):
         train_bpe_tokenizer([tmp_path / "missing.txt"], 300)
 
@@ -179,6 +179,8 @@ def test_text_stream_from_local_files(tmp_path, kind):
 def test_bad_data_files(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="not found"):
         TextStream(str(tmp_path / "missing.jsonl"), tokenizer, seq_len=8)
+    with pytest.raises(FileNotFoundError, match=r"not found: \['my_corpus'\] \(a hub dataset is named hub:NAME\)"):
+        TextStream("my_corpus", tokenizer, seq_len=8)  # a typo of a folder: a local error, never a hub request
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(ValueError, match="cannot read"):
@@ -187,3 +189,38 @@ def test_bad_data_files(tmp_path, tokenizer):
     other.write_text('{"body": "ok"}\n')
     with pytest.raises(ValueError, match="no field 'text'"):
         TextStream(str(other), tokenizer, seq_len=8)
+
+
+def test_saved_tokenizers_put_bos_first_for_every_consumer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from recurrent_lm.tokenization import BOS, character_tokenizer
+
+    tokenizer = character_tokenizer("ab=")
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    bos = loaded.convert_tokens_to_ids(BOS)
+    assert loaded("ab").input_ids == [bos, *loaded("ab", add_special_tokens=False).input_ids]
+    assert loaded(["a", "b="]).input_ids[1][0] == bos
+
+
+def test_prompt_ids_follow_the_tokenizers_own_rules():
+    """A tokenizer without bos (GPT-2's, Qwen2's) gets none; this project's get theirs once, first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recurrent_lm.data import prompt_ids
+    from recurrent_lm.tasks import get_task
+    from recurrent_lm.tokenization import task_tokenizer
+
+    problem = get_task("chain").problems(2, 1, seed=5)[0]
+    ours = task_tokenizer(["chain"])
+    ids = prompt_ids(ours, problem)
+    assert ids[0] == ours.bos_token_id and ids.count(ours.bos_token_id) == 1
+    alphabet = sorted(set(get_task("chain").prompt(problem)))
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(alphabet)}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert no_bos.bos_token_id is None
+    assert prompt_ids(no_bos, problem) == no_bos(get_task("chain").prompt(problem)).input_ids
+    assert None not in prompt_ids(no_bos, problem)

@@ -69,6 +69,47 @@ def test_every_call_runs_at_the_requested_depth(model_dir):
     assert seen and seen[0]["num_steps"] == 6 and seen[0]["exit_criterion"] == "kl"
 
 
+def test_a_shipped_model_scores_on_a_task_it_solves(tmp_path):
+    """The saved tokenizer itself puts bos first, so lm-eval feeds the ids the model was trained on: the demo model
+    picks the composed permutation out of four (chance 0.25) as it does through the project's own evaluation."""
+    import random
+
+    from recurrent_lm.data import heldout_problems
+    from recurrent_lm.tasks import get_task
+
+    rng, rows = random.Random(0), []
+    for problem in heldout_problems(["permutation"], [1, 2], 12, seed=777):
+        wrong = set()
+        while len(wrong) < 3:
+            candidate = "".join(rng.sample(problem.answer, len(problem.answer)))
+            if candidate != problem.answer:
+                wrong.add(candidate)
+        choices = [problem.answer, *sorted(wrong)]
+        rng.shuffle(choices)
+        rows.append({"question": get_task("permutation").prompt(problem), "choices": choices,
+                     "answer": choices.index(problem.answer)})
+    data = tmp_path / "perm.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "perm.yaml").write_text(f"""task: rlm_perm
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    higher_is_better: true
+""")
+    result = lm_eval_sweep("demo-latent", "rlm_perm", steps="4", out=tmp_path / "out", include_path=tmp_path)
+    accuracy = next(r["value"] for r in result["rows"] if r["metric"] == "acc")
+    assert accuracy >= 0.9  # 24 problems; without bos the same model scored near chance
+
+
 def test_depth_sweep_over_a_local_task(model_dir, task_dir, tmp_path):
     result = lm_eval_sweep(model_dir, "rlm_toy", steps="1,2", out=tmp_path / "out", include_path=task_dir)
     accuracy = [r for r in result["rows"] if r["metric"] == "acc"]

@@ -163,3 +163,78 @@ def test_demo_models_have_equal_unique_parameters():
         with torch.device("meta"):
             counts.append(sum(p.numel() for p in RecurrentLMModule(spec).parameters()))
     assert counts[0] == counts[1]
+
+
+# --- a run owns its directory -------------------------------------------------------------------------------------
+
+
+def quick_train(*args: str):
+    from .test_cli import rlm
+
+    return rlm("train", "--config", "debug", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", *args)
+
+
+def test_resuming_last_with_no_checkpoint_is_a_one_line_error(tmp_path):
+    result = quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", "last")
+    assert result.returncode != 0
+    assert "--ckpt_path last" in result.stderr and "no last.ckpt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_never_takes_another_runs_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    first = quick_train("--trainer.default_root_dir", str(root))
+    assert first.returncode == 0, first.stderr
+    assert (root / "model" / "model.safetensors").is_file() and not (root / "run.lock").exists()
+    assert not (tmp_path / "runs").exists()  # the recipe's logger directory: logs went under the run's root
+    assert list(root.glob("**/version_0/hparams.yaml"))  # the CSV logger writes under the root
+    second = quick_train("--trainer.default_root_dir", str(root))
+    assert second.returncode != 0 and "already holds a run" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    (root / "run.lock").write_text(str(os.getpid()))  # a live run holds it
+    third = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last")
+    assert third.returncode != 0 and f"in use by another rlm train (pid {os.getpid()})" in third.stderr
+    (root / "run.lock").write_text("999999999")  # left by a killed run: taken over
+    resumed = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last", "--trainer.max_steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer"),
+    (["--model.model.hidden_size", "63"], "model.model: RecurrentConfig.hidden_size (63) is not divisible"),
+    (["--model.learning_rate", "-1"], "model.learning_rate must be > 0, got -1"),
+    (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
+])
+def test_bad_training_options_are_one_line_errors_naming_the_field(tmp_path, args, message):
+    from .test_cli import one_line_error
+
+    one_line_error(quick_train("--trainer.default_root_dir", str(tmp_path / "run"), *args), message)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training set anything up
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
+    from .test_cli import one_line_error, rlm
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCode()}, evil)
+    for result in (quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(evil)),
+                   rlm("export", str(evil), str(tmp_path / "out"))):
+        one_line_error(result, "evil.ckpt is not a safe checkpoint")
+
+
+class RunsCode:
+    def __reduce__(self):  # unpickling this would call os.system
+        return (os.system, ("true",))
+
+
+def test_missing_text_files_fail_before_set_up(tmp_path):
+    from .test_cli import one_line_error
+
+    from recurrent_lm.tokenization import character_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    character_tokenizer("abc").save_pretrained(tokenizer)
+    result = quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--data.tasks", "null",
+                         "--data.text_files", "[corpus_typo]", "--data.tokenizer", str(tokenizer))
+    one_line_error(result, "data files not found: ['corpus_typo']")

@@ -5,18 +5,22 @@
 --config takes a YAML file or the name of a recipe that ships with the package (recurrent_lm.recipes); print one
 with `rlm train --config debug --print_config` to start a recipe of your own.
 
-Checkpoints go to {trainer.default_root_dir}/checkpoints (a fixed place, so `--ckpt_path last` finds them),
-written atomically; at the end the trained model is exported as a transformers directory (weights, config,
-tokenizer) that AutoModelForCausalLM.from_pretrained and `rlm generate` load.
+A run owns its directory, {trainer.default_root_dir}: its logs, its checkpoints (in checkpoints/, a fixed place,
+so `--ckpt_path last` finds them; written atomically) and at the end the trained model, exported as a transformers
+directory (weights, config, tokenizer) that AutoModelForCausalLM.from_pretrained and `rlm generate` load. A second
+run in a directory that a live run holds, or that already holds a run it does not resume, is refused.
 """
 
+import contextlib
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -39,6 +43,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class TrainCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """Logs go under the run's own root, whatever directory the recipe's logger names."""
+        trainer = self.config.trainer
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "save_dir" in init_args:
+                init_args.save_dir = trainer.default_root_dir
+
     def instantiate_trainer(self, **kwargs):
         plugins = kwargs.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
@@ -65,20 +78,74 @@ def train_main(argv: list[str]) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user opts in
     # The options come in `argv`; sys.argv stays as it is, since the "ddp" launcher re-runs it on every rank.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=with_recipe_paths(argv), run=False, seed_everything_default=0,
-                   save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "rlm train"})
+    try:
+        cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=with_recipe_paths(argv), run=False,
+                       seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                       parser_kwargs={"prog": "rlm train"})
+    except MisconfigurationException as error:  # Lightning's own check of a trainer option: one line
+        raise ValueError(f"trainer: {error}") from None
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     if module.model.config.vocab_size < len(data.tokenizer):
         raise ValueError(f"model.vocab_size ({module.model.config.vocab_size}) is smaller than the tokenizer "
                          f"({len(data.tokenizer)} tokens)")
-    root = Path(trainer.default_root_dir)
+    root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
+    if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
+        raise FileNotFoundError(f"--ckpt_path last: {root / 'checkpoints'} holds no last.ckpt to resume; "
+                                "drop --ckpt_path to train from the start")
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(root / "checkpoints")
-    trainer.fit(module, datamodule=data, ckpt_path=cli.config.get("ckpt_path"))
-    if trainer.is_global_zero:
-        out = export(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
-        print(f"exported the trained model to {out}")
+    with own_run_dir(root, resuming=ckpt_path is not None):
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
+            raise unsafe_checkpoint(ckpt_path) from None
+        if trainer.is_global_zero:
+            out = export(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
+            print(f"exported the trained model to {out}")
+
+
+@contextlib.contextmanager
+def own_run_dir(root: Path, resuming: bool):
+    """Hold {root}/run.lock for the run. Refused: a directory a live run holds (its lock names a running pid),
+    and a directory that already holds a run (checkpoints or an exported model) that this one does not resume.
+    A lock left by a killed run is taken over. Processes that a launcher started for ranks > 0 share rank 0's."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        yield
+        return
+    lock = root / "run.lock"
+    holder = _lock_holder(lock)
+    if holder is not None:
+        raise FileExistsError(f"{root} is in use by another rlm train (pid {holder}); give this run its own "
+                              "--trainer.default_root_dir")
+    earlier = [p for p in (root / "checkpoints", root / "model") if p.exists() and any(p.iterdir())]
+    if earlier and not resuming:
+        raise FileExistsError(f"{root} already holds a run ({earlier[0]}); resume it with --ckpt_path last, or give "
+                              "this run its own --trainer.default_root_dir")
+    root.mkdir(parents=True, exist_ok=True)
+    lock.unlink(missing_ok=True)  # no live holder: a lock left by a killed run, if any
+    try:
+        with open(lock, "x") as file:  # exclusive creation: of two runs starting together, one gets the lock
+            file.write(str(os.getpid()))
+    except FileExistsError:
+        raise FileExistsError(f"{root} is in use by another rlm train that has just started; give this run its own "
+                              "--trainer.default_root_dir") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The pid of the live process that holds the lock, or None (no lock, or one left by a dead process)."""
+    try:
+        pid = int(lock.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, owned by another user
+        return pid
+    return pid
 
 
 def with_recipe_paths(argv: list[str]) -> list[str]:
@@ -108,8 +175,15 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise unsafe_checkpoint(path) from None
     except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
+        raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0]}") from None
+
+
+def unsafe_checkpoint(path) -> ValueError:
+    return ValueError(f"{path} is not a safe checkpoint: it holds pickled objects beyond tensors and plain data, and "
+                      "rlm never runs pickled code")
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:

@@ -7,7 +7,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from recurrent_lm.data import Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems
+from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems,
+                               text_source)
 from recurrent_lm.tasks import get_task, load_jsonl
 
 
@@ -16,8 +17,8 @@ class RecurrentDataModule(L.LightningDataModule):
 
     Args:
         tasks: task names to train on (see `rlm tasks list`); each batch mixes them.
-        text_files: train on packed text instead: local .txt/.jsonl/.parquet files or one hub dataset name
-            (needs `tokenizer`).
+        text_files: train on packed text instead: local .txt/.jsonl/.parquet files, or one hub dataset named
+            hub:NAME (needs the network; needs `tokenizer`).
         tokenizer: a tokenizer directory; by default the character tokenizer of the tasks.
         batch_size: sequences per batch (per device).
         seq_len: sequence length of packed text.
@@ -45,6 +46,12 @@ class RecurrentDataModule(L.LightningDataModule):
             raise ValueError("give either tasks or text_files to train on")
         if text_files and tokenizer is None:
             raise ValueError("training on text needs a tokenizer directory (rlm tokenizer train ...)")
+        if text_files:
+            text_source(text_files)  # a missing file fails now, not after the model and trainer are set up
+        if batch_size < 1:  # checked here, before any set-up, rather than when the first batch is drawn
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
         self.save_hyperparameters()
         self.curriculum = Curriculum(min_difficulty, max_difficulty, curriculum_batches)
         self.tokenizer = self._load_tokenizer()

@@ -12,6 +12,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.evaluation import accuracy, answer_problems
@@ -28,7 +29,12 @@ ModelSpec.__module__ = __name__  # importable by name, so DDP-spawned processes 
 
 
 def build_config(spec, **extra) -> RecurrentConfig:
-    return RecurrentConfig(**dataclasses.asdict(spec), **extra)
+    """The RecurrentConfig of a model spec; an impossible shape is a one-line error naming the field."""
+    try:
+        return RecurrentConfig(**dataclasses.asdict(spec), **extra)
+    except StrictDataclassError as error:  # huggingface_hub's validation error wraps the config's own message
+        cause = error.__cause__ or error
+        raise ValueError(f"model.model: {str(cause).strip().splitlines()[-1].strip()}") from None
 
 
 class RecurrentLMModule(L.LightningModule):
@@ -59,8 +65,12 @@ class RecurrentLMModule(L.LightningModule):
                  decay_fraction: float = 0.2, fixed_num_steps: int | None = None, seed: int = 0,
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False):
         super().__init__()
-        if learning_rate <= 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or not 0 < decay_fraction <= 1:
-            raise ValueError("need learning_rate > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, 0 < decay_fraction <= 1")
+        for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
+                                         ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+                                         ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+                                         ("decay_fraction", decay_fraction, 0 < decay_fraction <= 1, "in (0, 1]")]:
+            if not valid:
+                raise ValueError(f"model.{name} must be {rule}, got {value}")
         if fixed_num_steps is not None and fixed_num_steps < 1:
             raise ValueError(f"fixed_num_steps must be >= 1, got {fixed_num_steps}")
         if any(d < 1 for d in eval_depths):
