@@ -4,7 +4,7 @@ Registers the lm-eval model "recurrent_lm": every loglikelihood and generation c
 model_args (num_steps, and optionally exit_criterion / exit_threshold / min_steps), so any lm-eval task can be
 swept over depth:
 
-    python -m eval.lm_eval --model recurrent_lm --model_args pretrained=DIR,num_steps=32 --tasks arc_easy
+    python -m recurrent_lm.eval.lm_eval --model recurrent_lm --model_args pretrained=DIR,num_steps=32 --tasks arc_easy
     rlm lm-eval --model DIR --tasks arc_easy,hellaswag --steps 1,4,8,16,32,64 --out DIR
 
 Hub tasks (the paper's ARC, HellaSwag, MMLU, GSM8K ...) download their data: that needs the network. Offline,

@@ -28,14 +28,14 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def task_dir(tmp_path):
-    """A local multiple-choice task: no download (characters only, so no space before the answer)."""
-    (tmp_path / "toy.yaml").write_text(f"""task: rlm_toy
+def write_task(folder: Path, name: str, data: Path) -> Path:
+    """A local multiple-choice lm-eval task over a JSONL file: no download (characters only, so no space before
+    the answer)."""
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {TOY}
+    test: {data}
 output_type: multiple_choice
 test_split: test
 doc_to_text: "{{{{question}}}}"
@@ -46,7 +46,12 @@ metric_list:
   - metric: acc
     higher_is_better: true
 """)
-    return tmp_path
+    return folder
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    return write_task(tmp_path, "rlm_toy", TOY)
 
 
 def test_every_call_runs_at_the_requested_depth(model_dir):
@@ -90,21 +95,7 @@ def test_a_shipped_model_scores_on_a_task_it_solves(tmp_path):
                      "answer": choices.index(problem.answer)})
     data = tmp_path / "perm.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tmp_path / "perm.yaml").write_text(f"""task: rlm_perm
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    higher_is_better: true
-""")
+    write_task(tmp_path, "rlm_perm", data)
     result = lm_eval_sweep("demo-latent", "rlm_perm", steps="4", out=tmp_path / "out", include_path=tmp_path)
     accuracy = next(r["value"] for r in result["rows"] if r["metric"] == "acc")
     assert accuracy >= 0.9  # 24 problems; without bos the same model scored near chance
