@@ -169,3 +169,10 @@ def test_generation_shows_progress_per_generated_token(tmp_path):
                              do_sample=False, init_scale=0.0, streamer=progress, **settings)
         assert sum(ticks) == out.shape[1] - 3 if isinstance(out, torch.Tensor) else out.sequences.shape[1] - 3
         ticks.clear()
+
+
+def test_generate_feeds_a_shipped_model_the_bos_it_was_trained_with():
+    result = rlm("generate", "--model", "demo-latent", "--prompt", "02431.31420.12403?", "--num-steps", "4",
+                 "--init-scale", "0", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-4] == "02431.31420.12403?03142<eos>"  # 40123 without bos
