@@ -76,3 +76,13 @@ def test_train_names_a_shipped_recipe_and_rejects_an_unknown_one(tmp_path, monke
     assert result.returncode != 0
     assert "config nope is neither a file nor a shipped recipe" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_test_the_readme_names_exists():
+    """The README's troubleshooting table names the test that keeps each row true: those tests must exist."""
+    import re
+
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", (ROOT / "README.md").read_text())
+    assert len(named) >= 10
+    for file, test in named:
+        assert f"def {test}(" in (ROOT / "tests" / file).read_text(), f"{file}::{test}"
