@@ -473,8 +473,9 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         inputs = kwargs.pop("input_ids", None) if inputs is None else inputs
         config = generation_config or self.generation_config
         max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if max_new_tokens is None:
-            max_new_tokens = kwargs.get("max_length", config.max_length) - inputs.shape[1]
+        max_length = kwargs.get("max_length", config.max_length)
+        if max_new_tokens is None and max_length is not None:
+            max_new_tokens = max_length - inputs.shape[1]
         check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                               draft_length)
         steps = num_steps if num_steps is not None else self.config.mean_recurrence
@@ -489,7 +490,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 raise ValueError("speculative decoding is greedy only: drop do_sample")
             return speculative_generate(
                 self, inputs, kwargs.get("attention_mask"), num_steps=sum(resolve_num_steps(steps)),
-                draft_steps=draft_steps, draft_length=draft_length, max_new_tokens=max_new_tokens,
+                draft_steps=draft_steps, draft_length=draft_length,
+                max_new_tokens=max_new_tokens if max_new_tokens is not None else 20,  # transformers' default length
                 eos_token_id=kwargs.get("eos_token_id", config.eos_token_id),
                 pad_token_id=kwargs.get("pad_token_id", config.pad_token_id), init_scale=kwargs.get("init_scale"),
                 generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), cache=cache)

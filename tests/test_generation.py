@@ -303,3 +303,10 @@ def test_bad_generation_settings(huginn, settings, message):
     settings = {"num_steps": 4, "max_new_tokens": 3, **settings}
     with pytest.raises(ValueError, match=message):
         huginn.generate(prompt(), **settings)
+
+
+def test_generate_without_a_length_uses_transformers_default(tiny_model):
+    ids = prompt(1, 4).clamp(max=tiny_model.config.vocab_size - 1)
+    plain = tiny_model.generate(ids, num_steps=2, do_sample=False, init_scale=0.0, exit_criterion="kl")
+    spec = tiny_model.generate(ids, num_steps=2, do_sample=False, init_scale=0.0, draft_steps=1)
+    assert plain.shape[1] > 4 and spec.sequences.shape[1] > 4
