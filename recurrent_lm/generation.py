@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .adaptive import AdaptiveExit
 from .cache import CACHE_NAME, RecurrentCache
+from .depth import resolve_num_steps
 
 
 @dataclass
@@ -31,9 +33,6 @@ class GenerateDepthOutput(GenerateDecoderOnlyOutput):
 def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                           draft_length) -> None:
     """Clear errors for bad generation settings, before any compute."""
-    from .adaptive import AdaptiveExit
-    from .model import resolve_num_steps
-
     steps = sum(resolve_num_steps(num_steps)) if num_steps is not None else None
     if max_new_tokens is not None and max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

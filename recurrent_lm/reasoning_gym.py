@@ -8,7 +8,7 @@ dataset's seed offset only: reasoning-gym's difficulty knobs differ per dataset,
 import random
 from typing import Any
 
-from .tasks import Problem, Task
+from .problem import Problem, Task
 
 
 def _require():

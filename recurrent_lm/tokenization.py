@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-THINK_START, THINK_END = "<think>", "</think>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, THINK_START, THINK_END)
+from .special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS, THINK_END, THINK_START
+from .tasks import get_task
+
 
 
 class RecurrentCharacterTokenizer(PreTrainedTokenizerFast):
@@ -60,8 +60,6 @@ def character_tokenizer(alphabet: Iterable[str]) -> "RecurrentCharacterTokenizer
 
 def task_tokenizer(task_names: Iterable[str]) -> "RecurrentCharacterTokenizer":
     """A character tokenizer covering every character the given tasks render."""
-    from .tasks import get_task
-
     alphabet = "".join(get_task(name).alphabet for name in task_names)
     if not alphabet:
         raise ValueError(f"tasks {list(task_names)} have free-text alphabets: train a BPE tokenizer instead")

@@ -1,0 +1,83 @@
+"""A reasoning problem and the task interface every task implements (rendering, parsing and scoring are shared)."""
+
+import json
+import random
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .special_tokens import EOS, THINK_END, THINK_START
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str
+    difficulty: int
+    question: str
+    answer: str
+    steps: tuple[str, ...] = ()  # the intermediate results a chain of thought writes, in order
+    hints: tuple[tuple[int, str], ...] = ()  # dense supervision inside the question: (offset, target)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Problem":
+        missing = {"task", "difficulty", "question", "answer"} - set(raw)
+        if missing:
+            raise ValueError(f"problem lacks fields {sorted(missing)}")
+        return cls(task=str(raw["task"]), difficulty=int(raw["difficulty"]), question=str(raw["question"]),
+                   answer=str(raw["answer"]), steps=tuple(raw.get("steps", ())),
+                   hints=tuple((int(o), str(t)) for o, t in raw.get("hints", ())), metadata=dict(raw.get("metadata", {})))
+
+
+class Task(ABC):
+    """A family of problems. Subclasses define generation; rendering, parsing and scoring are shared."""
+
+    name: str
+    min_difficulty: int = 1
+    max_difficulty: int
+    alphabet: str  # every character a rendered problem may contain (special tokens aside)
+    description: str
+
+    def check_difficulty(self, difficulty: int) -> None:
+        if not self.min_difficulty <= difficulty <= self.max_difficulty:
+            raise ValueError(f"difficulty {difficulty} is out of range for task {self.name!r}: "
+                             f"{self.min_difficulty}..{self.max_difficulty}")
+
+    @abstractmethod
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem: ...
+
+    def generate(self, difficulty: int, rng: random.Random) -> Problem:
+        self.check_difficulty(difficulty)
+        return self._generate(difficulty, rng)
+
+    def problems(self, difficulty: int, n: int, seed: int = 0) -> list[Problem]:
+        """n problems at one difficulty, the same for the same seed on every machine."""
+        rng = random.Random(f"{self.name}/{difficulty}/{seed}")
+        return [self.generate(difficulty, rng) for _ in range(n)]
+
+    def prompt(self, problem: Problem, cot: bool = False) -> str:
+        return problem.question + (THINK_START if cot else "")
+
+    def completion(self, problem: Problem, cot: bool = False) -> str:
+        thinking = "".join(step + ";" for step in problem.steps) + THINK_END if cot else ""
+        return thinking + problem.answer + EOS
+
+    def render(self, problem: Problem, cot: bool = False) -> str:
+        """The full text a model trains on: prompt + completion."""
+        return self.prompt(problem, cot) + self.completion(problem, cot)
+
+    def parse_answer(self, generated: str, cot: bool = False) -> str | None:
+        """The answer in text generated after the prompt; None if there is none (e.g. thinking never ended)."""
+        if cot:
+            if THINK_END not in generated:
+                return None
+            generated = generated.split(THINK_END, 1)[1]
+        answer = generated.split(EOS, 1)[0].strip()
+        return answer or None
+
+    def score(self, answer: str | None, problem: Problem) -> float:
+        """1.0 for the right answer, else 0.0."""
+        return float(answer is not None and answer.strip() == problem.answer)
