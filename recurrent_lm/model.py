@@ -10,6 +10,7 @@ and at test time it is the knob that trades compute for accuracy. Read top to bo
 attention, MLP, the sandwich block, the step-count sampler, then the model.
 """
 
+import functools
 import inspect
 import math
 import os
@@ -476,7 +477,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         this method nor forward declares. continuous_cot and depth_log are read by _update_model_kwargs_for_generation.
         """
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        accepted = inspect.signature(self.forward).parameters
+        accepted = declared_arguments(type(self).forward)
         return {name: value for name, value in inputs.items() if name in accepted}
 
     def _update_model_kwargs_for_generation(self, outputs: RecurrentLMOutput, model_kwargs: dict[str, Any],
@@ -534,6 +535,12 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         if problems:
             raise ValueError(f"checkpoint does not match its config: {problems}")
         return (model, info) if want_info else model
+
+
+@functools.cache
+def declared_arguments(function) -> frozenset[str]:
+    """The parameter names of a function, read once (generation asks for forward's at every token)."""
+    return frozenset(inspect.signature(function).parameters)
 
 
 def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device) -> Tensor | None:
