@@ -15,7 +15,7 @@ import yaml
 from recurrent_lm.flops import forward_flops
 from recurrent_lm.train.module import ModelSpec, build_config
 from recurrent_lm import RecurrentLM
-from recurrent_lm.model import sample_num_steps
+from recurrent_lm.depth import sample_num_steps
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 

@@ -5,7 +5,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .cache import RecurrentCache
 from .config import RecurrentConfig
 from .flops import FlopCount, forward_flops
-from .model import RecurrentLM, RecurrentLMOutput, sample_num_steps
+from .depth import StepCounts, sample_num_steps
+from .model import RecurrentLM, RecurrentLMOutput
 from .tokenization import RecurrentCharacterTokenizer, character_tokenizer
 
 AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig, exist_ok=True)
@@ -13,4 +14,4 @@ AutoModelForCausalLM.register(RecurrentConfig, RecurrentLM, exist_ok=True)
 AutoTokenizer.register(RecurrentConfig, fast_tokenizer_class=RecurrentCharacterTokenizer, exist_ok=True)
 
 __all__ = ["FlopCount", "RecurrentCache", "RecurrentCharacterTokenizer", "RecurrentConfig", "RecurrentLM",
-           "RecurrentLMOutput", "character_tokenizer", "forward_flops", "sample_num_steps"]
+           "RecurrentLMOutput", "StepCounts", "character_tokenizer", "forward_flops", "sample_num_steps"]

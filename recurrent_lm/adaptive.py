@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .depth import check_count
+
 CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
 DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5}
 
@@ -32,8 +34,7 @@ class AdaptiveExit:
             raise ValueError(f"exit threshold must be > 0, got {self.threshold}")
         if self.criterion == "argmax-stability" and self.threshold is not None and self.threshold != int(self.threshold):
             raise ValueError(f"argmax-stability counts steps: its threshold must be an integer, got {self.threshold}")
-        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
-            raise ValueError(f"min_steps must be an integer >= 1, got {self.min_steps!r}")
+        check_count(self.min_steps, "min_steps")
 
     @property
     def limit(self) -> float:

@@ -28,6 +28,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .depth import check_count
+
 # transformers 5.24 renamed the cache argument of forward and generate, and the cache field of model outputs, from
 # `past_key_values` to `cache`. Detect the installed convention from the outputs' fields rather than from a version
 # number, so that every 5.x release is served by the name its own generation loop uses.
@@ -45,8 +47,8 @@ class RecurrentCache(Cache):
     """Cache keyed by (layer, step). See the module docstring for the strategies."""
 
     def __init__(self, core_slots: int | None = None):
-        if core_slots is not None and (isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1):
-            raise ValueError(f"core_slots must be None (full cache) or an integer >= 1, got {core_slots!r}")
+        if core_slots is not None:  # None: the full cache
+            core_slots = check_count(core_slots, "core_slots")
         super().__init__(layer_class_to_replicate=DynamicLayer)
         self.core_slots = core_slots
         self.slot_of: dict[Hashable, int] = {}

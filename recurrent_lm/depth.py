@@ -1,46 +1,99 @@
-"""How many core steps a call runs: the one place that checks a depth given by a caller."""
+"""The recurrence depth: how many core steps a forward call runs. Every depth a caller gives is validated here,
+every default is resolved here, and the training-time draw lives here.
 
+Names used across the project:
+- `num_steps`: the depth of one forward call, as a caller gives it: an int r, or a pair (n, k) = n steps without
+  gradient then k with it (truncated backprop). Resolved to `StepCounts(no_grad, grad)`.
+- `steps_per_token`: the depth each generated token actually ran (fewer than num_steps where it exited early).
+- `step`: the 0-based index of one core application inside a forward call.
+"""
+
+import math
 from numbers import Integral
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-StepCounts = tuple[int, int]  # (steps run without gradient, steps run with gradient)
-
 MAX_NUM_STEPS = 100_000  # more core steps per token than this is a typo: raise it if you mean it
 
 
-def _step_count(value: Any, what: str) -> int:
-    """An int (or 0-d integer tensor) >= 0; anything else is a clear error."""
+class StepCounts(NamedTuple):
+    """A resolved depth: `no_grad` steps run without an autograd graph, then `grad` steps with one."""
+
+    no_grad: int
+    grad: int
+
+    @property
+    def total(self) -> int:
+        return self.no_grad + self.grad
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """An integer >= minimum (an int or a 0-d integer tensor; never a bool or a float): the one check for every
+    count a caller gives (steps, slots, lengths); anything else is a one-line error that names it."""
     if isinstance(value, Tensor):
         if value.ndim != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise TypeError(f"{what} must be an integer or a 0-d integer tensor, got a tensor {tuple(value.shape)} {value.dtype}")
+            raise TypeError(f"{name} must be an integer or a 0-d integer tensor, got a tensor {tuple(value.shape)} "
+                            f"{value.dtype}")
         value = int(value.item())
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{what} must be an integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must be >= 0, got {value}")
-    if value > MAX_NUM_STEPS:
-        raise ValueError(f"{what} = {value} exceeds {MAX_NUM_STEPS} core steps per token "
-                         "(recurrent_lm.depth.MAX_NUM_STEPS; raise it if you mean it)")
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
-def resolve_num_steps(num_steps: Any) -> StepCounts:
-    """num_steps as given by a caller -> (steps without gradient, steps with gradient).
+def _step_count(value: Any, name: str) -> int:
+    steps = check_count(value, name, minimum=0)
+    if steps > MAX_NUM_STEPS:
+        raise ValueError(f"{name} = {steps} exceeds {MAX_NUM_STEPS} core steps per token "
+                         "(recurrent_lm.depth.MAX_NUM_STEPS; raise it if you mean it)")
+    return steps
+
+
+def resolve_num_steps(num_steps: Any, config=None, training: bool = False,
+                      generator: torch.Generator | None = None) -> StepCounts:
+    """num_steps as a caller gives it -> StepCounts(no_grad, grad).
 
     An int r runs r steps that all keep the autograd graph (when grad is enabled at all); a pair (n, k) runs n
-    steps under no_grad and then k steps with gradient (truncated backprop).
+    steps under no_grad and then k steps with gradient. None takes the model's default from `config`: a random
+    training draw (sample_num_steps, from `generator`) in training mode, mean_recurrence otherwise.
     """
+    if num_steps is None:
+        if config is None:
+            raise ValueError("num_steps is None and no model config gives a default depth")
+        if training:
+            return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, generator)
+        return StepCounts(0, config.mean_recurrence)
     if isinstance(num_steps, (tuple, list)) or (isinstance(num_steps, Tensor) and num_steps.ndim == 1):
         if len(num_steps) != 2:
             raise ValueError(f"num_steps as a pair must be (steps without gradient, steps with gradient), got {num_steps!r}")
-        counts = (_step_count(num_steps[0], "num_steps[0]"), _step_count(num_steps[1], "num_steps[1]"))
-        if sum(counts) < 1:
+        counts = StepCounts(_step_count(num_steps[0], "num_steps[0]"), _step_count(num_steps[1], "num_steps[1]"))
+        if counts.total < 1:
             raise ValueError(f"num_steps must total at least 1 step, got {tuple(counts)}")
         return counts
     steps = _step_count(num_steps, "num_steps")
     if steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {steps}")
-    return 0, steps
+    return StepCounts(0, steps)
+
+
+def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None) -> StepCounts:
+    """Draw a training depth r >= 1 and split it into (steps without gradient, steps with gradient).
+
+    r = 1 + Poisson(lambda), lambda ~ LogNormal(mu, 0.5) with E[lambda] = mean_recurrence - 1, so E[r] equals
+    mean_recurrence exactly (Huginn's reference draws lambda with mean mean_recurrence, so its mean is one step
+    more). The heavy right tail trains the model to keep improving at depths well past the mean. Only the last
+    `backprop_depth` steps get gradients, so memory does not grow with r. Give every rank the same seeded
+    generator (the training module does) and all ranks run the same depth.
+    """
+    sigma = 0.5
+    if mean_recurrence <= 1:
+        depth = 1
+    else:
+        mu = math.log(mean_recurrence - 1) - sigma**2 / 2
+        rate = torch.exp(mu + sigma * torch.randn((), generator=generator))
+        depth = int(torch.poisson(rate, generator=generator)) + 1
+    with_grad = min(backprop_depth, depth)
+    return StepCounts(depth - with_grad, with_grad)

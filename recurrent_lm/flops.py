@@ -12,7 +12,10 @@ in r: the latent model's "thinking longer" and a chain-of-thought model's "writi
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
 from .config import RecurrentConfig
+from .depth import resolve_num_steps
 
 
 @dataclass(frozen=True)
@@ -24,21 +27,17 @@ class FlopCount:
         return FlopCount(self.flops + other.flops, self.params + other.params)
 
 
-def _total_steps(num_steps) -> int:
-    return sum(num_steps) if isinstance(num_steps, (tuple, list)) else int(num_steps)
-
-
 def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new_tokens: int = 1,
                   context_length: int = 0, batch_size: int = 1, logit_tokens: int | None = None,
                   lens_decodes: int = 0) -> FlopCount:
     """FLOPs of one forward call that feeds `new_tokens` tokens (per sequence) with `context_length` tokens already
-    in the cache, running `num_steps` core steps (an int or a (no-grad, grad) pair), computing logits for
+    in the cache, running `num_steps` core steps (as forward takes them: an int or a (no-grad, grad) pair), computing logits for
     `logit_tokens` positions (default: all new tokens), plus `lens_decodes` extra passes of every new token through
     the coda and the head (the logit lens that the kl, entropy-diff and argmax-stability exits read each step)."""
-    steps = _total_steps(num_steps)
-    if steps < 1 or new_tokens < 0 or context_length < 0 or batch_size < 1:
-        raise ValueError(f"need num_steps >= 1, new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
-                         f"{steps}, {new_tokens}, {context_length}, {batch_size}")
+    steps = resolve_num_steps(num_steps).total
+    if new_tokens < 0 or context_length < 0 or batch_size < 1:
+        raise ValueError(f"need new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
+                         f"{new_tokens}, {context_length}, {batch_size}")
     d, inter = config.hidden_size, config.intermediate_size
     block = 4 * d * d + 3 * d * inter  # qkv (3d^2) + attention out (d^2) + fused gate/up (2dI) + down (dI)
     head = config.vocab_size * d
@@ -53,45 +52,40 @@ def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new
     return FlopCount(flops=flops, params=body + head)
 
 
-def generation_flops(config: RecurrentConfig, prompt_length: int, num_steps: int | Sequence[int],
-                     new_tokens: int | None = None, batch_size: int = 1, prompt_steps: int | None = None,
-                     lens_decodes: Sequence[int] | None = None, prompt_lens_decodes: int = 0) -> FlopCount:
+def generation_flops(config: RecurrentConfig, prompt_length: int, steps_per_token: Sequence[int], batch_size: int = 1,
+                     prompt_steps: int | None = None, lens_decodes: Sequence[int] | None = None,
+                     prompt_lens_decodes: int = 0) -> FlopCount:
     """FLOPs of generating tokens with a KV cache: one prefill of the prompt that yields the first token, then one
-    single-token forward for each further token. `num_steps` is one depth for all tokens or the depth each
-    generated token used (adaptive exit); the prefill runs `prompt_steps` core steps (default: the first token's
-    depth). `lens_decodes` / `prompt_lens_decodes`: logit-lens passes of each decode call and of the prefill.
-    Logits are computed for the last position only, as generate does."""
-    steps = [int(num_steps)] * (new_tokens or 0) if isinstance(num_steps, int) else list(num_steps)
-    if new_tokens is not None and len(steps) != new_tokens:
-        raise ValueError(f"got {len(steps)} per-token depths for {new_tokens} new tokens")
+    single-token forward for each further token. `steps_per_token`: the depth each generated token ran (one value
+    repeated for a fixed depth, fewer steps where adaptive exit stopped early); the prefill runs `prompt_steps`
+    core steps (default: the first token's depth). `lens_decodes` / `prompt_lens_decodes`: logit-lens passes of
+    each decode call and of the prefill. Logits are computed for the last position only, as generate does."""
+    steps = list(steps_per_token)
     if not steps:
         return FlopCount(0, 0)
     lens = list(lens_decodes) if lens_decodes is not None else [0] * len(steps)
     total = forward_flops(config, prompt_steps or steps[0], prompt_length, 0, batch_size, logit_tokens=1,
                           lens_decodes=prompt_lens_decodes)
-    for i, depth in enumerate(steps[1:]):
-        total = total + forward_flops(config, depth, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1])
+    for i, token_steps in enumerate(steps[1:]):
+        total = total + forward_flops(config, token_steps, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1])
     return total
 
 
-def causal_lm_generation_flops(model, prompt_length: int, new_tokens: int, num_steps: int | Sequence[int] | None = None,
-                               **recurrent_kwargs) -> int:
+def causal_lm_generation_flops(model, prompt_length: int, new_tokens: int, num_steps: int | None = None) -> int:
     """FLOPs of generating `new_tokens` tokens after a prompt with a KV cache, for any transformers causal LM:
-    a RecurrentLM through generation_flops (at `num_steps`), any other model from its linear layers (2 FLOPs per
-    weight per token) and its attention (4 * layers * queries * keys * attention width), the same rules.
+    a RecurrentLM through generation_flops (every token at `num_steps`, default mean_recurrence), any other model
+    from its linear layers (2 FLOPs per weight per token) and its attention (4 * layers * queries * keys *
+    attention width), the same rules.
     Tokens inserted rather than sampled (delimiters, "Wait") cost what generated ones do: each is fed once."""
-    from torch import nn
-
     config = model.config
     if isinstance(config, RecurrentConfig):
-        steps = num_steps if num_steps is not None else config.mean_recurrence
-        return generation_flops(config, prompt_length, steps, new_tokens if isinstance(steps, int) else None,
-                                **recurrent_kwargs).flops
+        steps = resolve_num_steps(num_steps, config).total
+        return generation_flops(config, prompt_length, [steps] * new_tokens).flops
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     head_params = head.weight.numel() if head is not None else 0
     layers = config.num_hidden_layers
-    width = config.num_attention_heads * getattr(config, "head_dim", None) or config.hidden_size
+    width = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
     def forward(new: int, context: int, logits: int) -> int:
         return 2 * new * linear + 2 * logits * head_params + layers * 4 * new * (context + new) * width

@@ -9,7 +9,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .adaptive import AdaptiveExit
 from .cache import CACHE_NAME, RecurrentCache
-from .depth import resolve_num_steps
+from .depth import check_count, resolve_num_steps
 
 
 @dataclass
@@ -31,11 +31,13 @@ class GenerateDepthOutput(GenerateDecoderOnlyOutput):
 
 
 def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
-                          draft_length) -> None:
-    """Clear errors for bad generation settings, before any compute."""
-    steps = sum(resolve_num_steps(num_steps)) if num_steps is not None else None
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+                          draft_length, config=None) -> int | None:
+    """Clear errors for bad generation settings, before any compute (`rlm generate` calls it before it loads the
+    model). Returns the depth per token: num_steps resolved (config's default when None), or None without a
+    config to take a default from."""
+    steps = resolve_num_steps(num_steps, config).total if num_steps is not None or config is not None else None
+    if max_new_tokens is not None:
+        check_count(max_new_tokens, "max_new_tokens", minimum=0)
     if exit_criterion is not None:
         rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps)
         if steps is not None and rule.min_steps > steps:
@@ -43,12 +45,11 @@ def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_thresh
     elif exit_threshold is not None:
         raise ValueError("exit_threshold given without exit_criterion")
     if draft_steps is not None:
-        if isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1:
-            raise ValueError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
+        check_count(draft_steps, "draft_steps")
         if steps is not None and draft_steps > steps:
             raise ValueError(f"draft_steps ({draft_steps}) > verify steps (num_steps = {steps})")
-        if draft_length < 1:
-            raise ValueError(f"draft_length must be >= 1, got {draft_length}")
+        check_count(draft_length, "draft_length")
+    return steps
 
 
 def steps_per_generated_token(calls: list[Tensor], generated: int) -> Tensor:

@@ -118,25 +118,6 @@ class SandwichBlock(nn.Module):
         return self.mlp_out_norm(self.mlp(self.mlp_in_norm(x)) + x)
 
 
-def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None) -> StepCounts:
-    """Draw a training depth r >= 1 and split it into (steps without gradient, steps with gradient).
-
-    r = 1 + Poisson(lambda), lambda ~ LogNormal(mu, 0.5) with E[lambda] = mean_recurrence - 1, so E[r] equals
-    mean_recurrence exactly (Huginn's reference draws lambda with mean mean_recurrence, so its mean is one step
-    more). The heavy right tail trains the model to keep improving at depths well past the mean. Only the last
-    `backprop_depth` steps get gradients, so memory does not grow with r.
-    """
-    sigma = 0.5
-    if mean_recurrence <= 1:
-        depth = 1
-    else:
-        mu = math.log(mean_recurrence - 1) - sigma**2 / 2
-        rate = torch.exp(mu + sigma * torch.randn((), generator=generator))
-        depth = int(torch.poisson(rate, generator=generator)) + 1
-    with_grad = min(backprop_depth, depth)
-    return depth - with_grad, with_grad
-
-
 @dataclass
 class RecurrentLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus what is particular to a recurrent-depth model.
@@ -205,8 +186,6 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_coda_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)  # shared: after the core and again after the coda
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        # Source of the random training depths; seed it identically on every rank (see seed_recurrence).
-        self.recurrence_generator = torch.Generator().manual_seed(0)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -214,13 +193,6 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def seed_recurrence(self, seed: int) -> None:
-        """Make the training-time depth draws reproducible, and identical on every rank that uses the same seed."""
-        self.recurrence_generator.manual_seed(seed)
-
-    def sample_num_steps(self) -> StepCounts:
-        return sample_num_steps(self.config.mean_recurrence, self.config.mean_backprop_depth, self.recurrence_generator)
 
     def initial_state(self, like: Tensor, init_scale: float | None = None, generator: torch.Generator | None = None) -> Tensor:
         """s_0: truncated normal of std sqrt(2/5d) * init_scale cut at 3 std (times the embedding scale); zeros if
@@ -304,10 +276,12 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 shifted inside, token t predicts label t+1), with -100 at positions that take no loss.
             num_steps: core recurrences. An int r (or 0-d integer tensor) runs r steps, all with gradient when
                 grad is enabled; a pair (n, k) runs n steps under no_grad, then k with gradient. None draws a
-                random pair in training mode (see sample_num_steps) and means mean_recurrence in eval mode.
+                random pair in training mode (recurrent_lm.depth.sample_num_steps, from `generator`) and means
+                mean_recurrence in eval mode.
             initial_state: (batch, seq, hidden) latent state to start from instead of a random one (continuous
                 chain of thought feeds the previous token's final state here).
-            init_scale / generator: scale of, and random source for, the random initial state.
+            init_scale / generator: scale of, and random source for, the random initial state (and the training
+                depth draw when num_steps is None).
             output_latent_states / output_step_logits: also return the state / the coda's logits after every step.
             logits_to_keep: if > 0, compute logits only for the last that many positions (generation).
             exit_criterion / exit_threshold / min_steps: adaptive depth per position (see recurrent_lm.adaptive):
@@ -322,10 +296,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             raise ValueError("RecurrentLM returns no attentions or per-layer hidden states: ask for "
                              "output_latent_states or output_step_logits instead")
         config = self.config
-        if num_steps is None:
-            no_grad_steps, grad_steps = self.sample_num_steps() if self.training else (0, config.mean_recurrence)
-        else:
-            no_grad_steps, grad_steps = resolve_num_steps(num_steps)
+        depth = resolve_num_steps(num_steps, config, self.training, generator)
         self._check_token_ids(input_ids)
         batch, seq_len = input_ids.shape
         cache = resolve_cache_argument(cache, past_key_values)
@@ -343,8 +314,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         embedded = self.embed(input_ids, rope, mask, cache)
         state = self._start_state(embedded, initial_state, init_scale, generator)
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
-        state, states, steps_used = self._recur(state, embedded, no_grad_steps, grad_steps, rope, mask, cache,
-                                                exit_rule, keep_states=output_latent_states or output_step_logits)
+        state, states, steps_used = self._recur(state, embedded, depth, rope, mask, cache, exit_rule,
+                                                keep_states=output_latent_states or output_step_logits)
 
         step_logits = None
         if output_step_logits:  # the logit lens: decode every step, without writing the coda's cache for them
@@ -367,7 +338,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             latent_state=state,
             latent_states=tuple(states) if output_latent_states else None,
             step_logits=step_logits,
-            num_steps=(no_grad_steps, grad_steps),
+            num_steps=depth,
             steps_used=steps_used,
         )
 
@@ -378,16 +349,16 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(initial_state.shape)}")
         return initial_state.to(embedded.dtype)
 
-    def _recur(self, state, embedded, no_grad_steps, grad_steps, rope, mask, cache, exit_rule, keep_states):
+    def _recur(self, state, embedded, depth: StepCounts, rope, mask, cache, exit_rule, keep_states):
         """Unroll the core. With an exit rule, each position stops (its state frozen) once the rule says it has
         converged, and the loop ends when every position has; returns (state, per-step states, steps used)."""
-        total = no_grad_steps + grad_steps
+        total = depth.total
         steps_used = torch.full(state.shape[:2], total, dtype=torch.long, device=state.device)
         tracker = exit_rule.tracker() if exit_rule is not None else None
         lens_cache = cache.read_only() if cache is not None else None
         exited, states, injected = None, [], {}
         for step in range(total):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= no_grad_steps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= depth.no_grad):
                 grad = torch.is_grad_enabled()
                 if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
                     injected[grad] = self.inject(embedded)
@@ -437,9 +408,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         max_length = kwargs.get("max_length", config.max_length)
         if max_new_tokens is None and max_length is not None:
             max_new_tokens = max_length - inputs.shape[1]
-        check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
-                              draft_length)
-        steps = num_steps if num_steps is not None else self.config.mean_recurrence
+        steps = check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps,
+                                      draft_steps, draft_length, self.config)
         cache = resolve_cache_argument(cache, past_key_values)
         if cache is not None and core_slots is not None:
             raise ValueError("core_slots shapes a new cache: give core_slots or a cache, not both")
@@ -450,18 +420,18 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             if kwargs.get("do_sample", config.do_sample):
                 raise ValueError("speculative decoding is greedy only: drop do_sample")
             return speculative_generate(
-                self, inputs, kwargs.get("attention_mask"), num_steps=sum(resolve_num_steps(steps)),
+                self, inputs, kwargs.get("attention_mask"), num_steps=steps,
                 draft_steps=draft_steps, draft_length=draft_length,
                 max_new_tokens=max_new_tokens if max_new_tokens is not None else 20,  # transformers' default length
                 eos_token_id=kwargs.get("eos_token_id", config.eos_token_id),
                 pad_token_id=kwargs.get("pad_token_id", config.pad_token_id), init_scale=kwargs.get("init_scale"),
                 generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), cache=cache)
         depth_log: list[Tensor] = []  # filled by _update_model_kwargs_for_generation, one entry per forward
-        depth = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot, depth_log=depth_log)
+        recurrence = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot, depth_log=depth_log)
         if exit_criterion is not None:
-            depth.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
+            recurrence.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
         kwargs["use_cache"] = True  # the cache is what makes recurrent decoding affordable
-        out = super().generate(inputs, generation_config, **{CACHE_NAME: cache}, **depth, **kwargs)
+        out = super().generate(inputs, generation_config, **{CACHE_NAME: cache}, **recurrence, **kwargs)
         if not isinstance(out, Tensor):
             generated = out.sequences.shape[1] - inputs.shape[1]
             out = GenerateDepthOutput(**out, steps_per_token=steps_per_generated_token(depth_log, generated),

@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from recurrent_lm import RecurrentCache, RecurrentConfig, RecurrentLM, forward_flops
-from recurrent_lm.flops import generation_flops
+from recurrent_lm.flops import causal_lm_generation_flops, generation_flops
 
 
 def measured_flops(model, **kwargs) -> int:
@@ -50,12 +50,12 @@ def test_flops_grow_linearly_with_depth_and_params_count_repeats():
 
 def test_generation_flops_is_prefill_plus_one_token_per_step():
     config = RecurrentConfig.preset("debug")
-    total = generation_flops(config, prompt_length=10, num_steps=[4, 2, 8])
+    total = generation_flops(config, prompt_length=10, steps_per_token=[4, 2, 8])
     expected = (forward_flops(config, 4, 10, logit_tokens=1).flops + forward_flops(config, 2, 1, 10).flops
                 + forward_flops(config, 8, 1, 11).flops)
     assert total.flops == expected
-    assert generation_flops(config, 10, 4, new_tokens=3).flops == generation_flops(config, 10, [4, 4, 4]).flops
-    with pytest.raises(ValueError, match="num_steps >= 1"):
+    assert causal_lm_generation_flops(RecurrentLM(config), 10, 3, num_steps=4) == generation_flops(config, 10, [4, 4, 4]).flops
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
         forward_flops(config, 0)
 
 
@@ -72,8 +72,6 @@ def test_logit_lens_passes_of_adaptive_exit_are_counted():
 
 def test_generation_flops_of_any_causal_lm_match_torch():
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from recurrent_lm.flops import causal_lm_generation_flops
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,

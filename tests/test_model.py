@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from recurrent_lm import RecurrentConfig, RecurrentLM, sample_num_steps
 from recurrent_lm.cache import CACHE_NAME
-from recurrent_lm.model import resolve_num_steps
+from recurrent_lm.depth import resolve_num_steps
 
 
 def ids(batch=2, seq=10, vocab=256, seed=0):
@@ -69,15 +69,19 @@ def test_depth_distribution_has_configured_mean_and_split():
 
 
 def test_training_draws_are_seeded_and_identical_across_replicas(tiny_config):
+    """Without num_steps, a model in training mode draws its depth from the forward's generator: the model keeps
+    no random source of its own, so replicas given equally seeded generators draw alike."""
     a, b = RecurrentLM(tiny_config).train(), RecurrentLM(tiny_config).train()
-    for model in (a, b):
-        model.seed_recurrence(7)
-    draws_a = [a(ids(seq=4)).num_steps for _ in range(12)]
-    draws_b = [b(ids(seq=4)).num_steps for _ in range(12)]
+
+    def draws(model, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [model(ids(seq=4), generator=generator).num_steps for _ in range(12)]
+
+    draws_a = draws(a, 7)
+    draws_b = draws(b, 7)
     assert draws_a == draws_b
     assert len(set(draws_a)) > 1, "training depth should vary from call to call"
-    a.seed_recurrence(8)
-    assert [a(ids(seq=4)).num_steps for _ in range(12)] != draws_a
+    assert draws(a, 8) != draws_a
 
 
 def test_random_initial_state_is_reproducible_with_a_generator(tiny_model):

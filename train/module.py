@@ -16,7 +16,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.evaluation import accuracy, answer_problems
-from recurrent_lm.model import sample_num_steps
+from recurrent_lm.depth import StepCounts, sample_num_steps
 
 # The model's options as a typed dataclass, built from RecurrentConfig's own fields (one list of options, not two),
 # so LightningCLI validates every `model.*` key and lists it in --help.
@@ -99,11 +99,11 @@ class RecurrentLMModule(L.LightningModule):
         """A random source that depends only on (seed, step, salt): the same on every rank and after a resume."""
         return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + step * 7 + salt)
 
-    def num_steps_for(self, global_step: int) -> tuple[int, int]:
+    def num_steps_for(self, global_step: int) -> StepCounts:
         """(no-grad, grad) steps of a training step: a pure function of (seed, step), equal on every rank."""
         fixed = self.hparams.fixed_num_steps
         if fixed is not None:
-            return 0, fixed
+            return StepCounts(0, fixed)
         config = self.model.config
         return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, self._generator(global_step, salt=0))
 
