@@ -9,6 +9,7 @@
    measurements, including when the expected effect does not show.
 """
 
+import csv
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
+from recurrent_lm.train.cli import train_main
 
 from .compare import compare
 from .report import markdown_table, prepare_output, write_summary
@@ -46,8 +48,6 @@ def machine() -> str:
 
 def last_metrics(run: Path) -> dict:
     """The last value of every metric the run logged (CSV logger)."""
-    import csv
-
     metrics = {}
     for path in sorted(run.glob("**/metrics.csv")):
         for row in csv.DictReader(open(path)):
@@ -68,8 +68,6 @@ def write_manifest(model_dir: Path, config: Path, overrides: list[str], seconds:
 
 def train_model(name: str, out: Path, extra: list[str]) -> Path:
     """`rlm train --config configs/{name}.yaml` into out/{name}; returns the exported model directory."""
-    from recurrent_lm.train.cli import train_main
-
     run = out / name
     config = CONFIGS / f"{name}.yaml"
     overrides = ["--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run), *extra]

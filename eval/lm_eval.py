@@ -14,36 +14,10 @@ point --include-path at local task YAMLs (dataset_path: json, with local data_fi
 import sys
 from pathlib import Path
 
-import torch
+from recurrent_lm.loading import load_model, load_tokenizer
+from recurrent_lm.tasks import parse_int_list
 
-try:
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.huggingface import HFLM
-except ImportError as error:  # an optional extra
-    raise ImportError('lm-evaluation-harness is not installed: pip install -e ".[lm-eval]"') from error
-
-import recurrent_lm  # noqa: F401  (registers RecurrentLM with the transformers Auto classes)
-
-
-@register_model("recurrent_lm")
-class RecurrentLMEval(HFLM):
-    """HFLM whose every forward and generate call carries the recurrent depth settings."""
-
-    def __init__(self, pretrained, num_steps: int | None = None, exit_criterion: str | None = None,
-                 exit_threshold: float | None = None, min_steps: int = 1, init_scale: float = 0.0, **kwargs):
-        self.depth = {"num_steps": int(num_steps) if num_steps is not None else None, "init_scale": float(init_scale)}
-        if exit_criterion:
-            self.depth.update(exit_criterion=exit_criterion, min_steps=int(min_steps),
-                              exit_threshold=float(exit_threshold) if exit_threshold is not None else None)
-        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        super().__init__(pretrained=pretrained, backend="causal", **kwargs)
-
-    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(inps, **self.depth).logits
-
-    def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        return super()._model_generate(context, max_length, stop, **{**generation_kwargs, **self.depth})
+from .report import line_plot, markdown_table, prepare_output, write_results, write_summary
 
 
 def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path = Path("lm-eval"),
@@ -62,13 +36,9 @@ def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path
         tokenizer: tokenizer directory, if the model directory has none.
         overwrite: replace an earlier run in `out`.
     """
+    from .lm_eval_model import RecurrentLMEval  # the optional extra: it says how to install it when missing
     import lm_eval
     from lm_eval.tasks import TaskManager
-
-    from recurrent_lm.loading import load_model, load_tokenizer
-    from recurrent_lm.tasks import parse_int_list
-
-    from .report import line_plot, markdown_table, prepare_output, write_results, write_summary
 
     depths = parse_int_list(steps, "--steps")
     if not depths or min(depths) < 1:
@@ -101,5 +71,7 @@ def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path
 
 if __name__ == "__main__":  # lm-eval's own command line, with "recurrent_lm" registered
     from lm_eval.__main__ import cli_evaluate
+
+    from . import lm_eval_model  # noqa: F401  (registers the model)
 
     sys.exit(cli_evaluate())

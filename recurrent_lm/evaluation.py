@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .adaptive import AdaptiveExit
 from .data import collate, prompt_ids
+from .flops import generation_flops
 from .tasks import Problem, get_task
 
 
@@ -63,9 +65,6 @@ def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | N
     """FLOPs a recurrent model spent on one answer, as if run alone: the prompt's forward pass, one forward per
     further generated token at its own depth, and the logit-lens passes of a logit-based exit criterion (after
     every step but the last, or up to the step where everything had exited)."""
-    from .adaptive import AdaptiveExit
-    from .flops import generation_flops
-
     reads_logits = exit_criterion is not None and AdaptiveExit(exit_criterion).needs_logits
 
     def lens(steps_run: int) -> int:

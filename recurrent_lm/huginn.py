@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import RecurrentConfig
+from .model import RecurrentLM
 
 # Huginn config field -> RecurrentConfig field
 CONFIG_FIELDS = {
@@ -116,8 +117,6 @@ def _source_shards(src: Path) -> list[Path]:
 
 
 def _expected_shapes(config: RecurrentConfig) -> dict[str, torch.Size]:
-    from .model import RecurrentLM
-
     with torch.device("meta"):
         model = RecurrentLM(config)
     shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
+from .model import RecurrentLM
 from .recipes import checkpoint_names, resolve_model_dir
 
 
@@ -20,8 +22,6 @@ def model_type(path: str | Path) -> str | None:
 
 def load_model(path: str | Path):
     """A RecurrentLM from a directory, in eval mode."""
-    from .model import RecurrentLM
-
     kind = model_type(path)
     if kind != "recurrent_lm":
         hint = " (convert it first with `rlm convert-huginn`)" if kind == "huginn_raven" else ""
@@ -44,8 +44,6 @@ def load_model(path: str | Path):
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a directory (a model directory, or one written by `rlm tokenizer`)."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_dir(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: pass --tokenizer DIR")

@@ -4,8 +4,9 @@ before every text it encodes (as Llama's does), so whatever encodes text with a 
 pipelines, budget forcing, a user's own code) gets the ids the model was trained on."""
 
 from collections.abc import Iterable
+from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS, THINK_END, THINK_START
@@ -68,10 +69,6 @@ def task_tokenizer(task_names: Iterable[str]) -> "RecurrentCharacterTokenizer":
 
 def train_bpe_tokenizer(files: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on text files, with the project's special tokens."""
-    from pathlib import Path
-
-    from tokenizers import trainers
-
     files = [str(f) for f in files]
     missing = [f for f in files if not Path(f).is_file()]
     if missing:

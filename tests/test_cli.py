@@ -159,7 +159,7 @@ def test_broken_or_pickled_weights_are_named(tmp_path):
 
 
 def test_generation_shows_progress_per_generated_token(tmp_path):
-    from recurrent_lm.cli import TokenProgress
+    from recurrent_lm.commands import TokenProgress
 
     model, ticks = RecurrentLM.from_pretrained(tiny_model_dir(tmp_path)).eval(), []
     for settings in (dict(), dict(draft_steps=1, draft_length=2)):

@@ -9,7 +9,8 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from recurrent_lm.eval.lm_eval import RecurrentLMEval, lm_eval_sweep  # noqa: E402
+from recurrent_lm.eval.lm_eval import lm_eval_sweep  # noqa: E402
+from recurrent_lm.eval.lm_eval_model import RecurrentLMEval  # noqa: E402
 from recurrent_lm import RecurrentConfig, RecurrentLM  # noqa: E402
 from recurrent_lm.tokenization import task_tokenizer  # noqa: E402
 

@@ -23,8 +23,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from transformers import AutoTokenizer
 
+from recurrent_lm import RecurrentLM
 from recurrent_lm.recipes import resolve_recipe
+from recurrent_lm.tokenization import task_tokenizer
 
 from .data import RecurrentDataModule
 from .module import ModelSpec, RecurrentLMModule, build_config
@@ -101,7 +104,7 @@ def train_main(argv: list[str]) -> None:
         except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
             raise unsafe_checkpoint(ckpt_path) from None
         if trainer.is_global_zero:
-            out = export(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
+            out = save_model_dir(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
             print(f"exported the trained model to {out}")
 
 
@@ -159,7 +162,7 @@ def with_recipe_paths(argv: list[str]) -> list[str]:
     return out
 
 
-def export(model, tokenizer, out: str | Path) -> Path:
+def save_model_dir(model, tokenizer, out: str | Path) -> Path:
     """A transformers directory: weights (safetensors), config, tokenizer."""
     out = Path(out)
     model.save_pretrained(out)
@@ -188,10 +191,6 @@ def unsafe_checkpoint(path) -> ValueError:
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Export a training checkpoint as a transformers directory (weights, config, tokenizer)."""
-    from recurrent_lm import RecurrentLM
-    from recurrent_lm.tokenization import task_tokenizer
-    from transformers import AutoTokenizer
-
     state = load_checkpoint(checkpoint)
     if "hyper_parameters" not in state or "model" not in state["hyper_parameters"]:
         raise ValueError(f"{checkpoint} is not a checkpoint of `rlm train`")
@@ -200,7 +199,17 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     model.load_state_dict(weights, strict=True)
     data = state.get("datamodule_hyper_parameters", {})
     tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"]) if data.get("tokenizer") else task_tokenizer(data["tasks"])
-    return export(model, tokenizer, out)
+    return save_model_dir(model, tokenizer, out)
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """Export a training checkpoint (from `rlm train`) as a transformers directory: weights, config, tokenizer.
+
+    Args:
+        checkpoint: a .ckpt file written by `rlm train` (e.g. runs/NAME/checkpoints/last.ckpt).
+        out: the directory to write; AutoModelForCausalLM.from_pretrained and `rlm generate` load it.
+    """
+    print(f"exported {checkpoint} to {export_checkpoint(checkpoint, out)}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
 
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems,
                                text_source)
 from recurrent_lm.tasks import get_task, load_jsonl
+from recurrent_lm.tokenization import task_tokenizer
 
 
 class RecurrentDataModule(L.LightningDataModule):
@@ -60,10 +62,6 @@ class RecurrentDataModule(L.LightningDataModule):
                 get_task(name).check_difficulty(max_difficulty)
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        from recurrent_lm.tokenization import task_tokenizer
-
         if self.hparams.tokenizer is None:
             return task_tokenizer(self.hparams.tasks)
         if not (Path(self.hparams.tokenizer) / "tokenizer.json").is_file():
