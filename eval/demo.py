@@ -3,8 +3,10 @@
 1. models: the shipped checkpoints (checkpoints/demo-latent, checkpoints/demo-cot, made by `rlm train` with
    configs/demo-latent.yaml and configs/demo-cot.yaml, each with a manifest), or retrained with the same configs
    (--from-scratch), or trained for a few dozen steps (--quick, a smoke test of the pipeline);
-2. `rlm sweep` of the latent model's depth (deeper than trained) on held-out problems, harder ones included;
-3. `rlm compare`: latent depth and adaptive exit against the CoT model's budget forcing and majority vote;
+2. `rlm compare` on held-out problems, harder ones included: latent depth (deeper than trained) and adaptive exit
+   against the CoT model's budget forcing, majority vote and best-of-n; its findings are the report's;
+3. the latent rows of that comparison written as a depth sweep (sweep/), with the latent dynamics of a few
+   problems traced step by step: every latent cell is answered once;
 4. report.md with the plots and tables, and results.json. Every statement in the report is computed from the
    measurements, including when the expected effect does not show.
 """
@@ -19,17 +21,21 @@ from pathlib import Path
 
 import torch
 
+from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
+from recurrent_lm.tasks import parse_int_list
 from recurrent_lm.train.cli import train_main
 
 from .compare import compare
-from .report import markdown_table, prepare_output, write_summary
-from .sweep import sweep
+from .latent import AdaptiveDepth, LatentDepth
+from .report import RESULT_COLUMNS, markdown_table, prepare_output, write_summary
+from .sweep import latent_dynamics, sweep_problems, write_sweep
 
 CHECKPOINTS = checkpoints_dir()
 CONFIGS = recipes_dir()
 TASK = "permutation"
 TRAINED_MAX_DIFFICULTY = 4  # configs/demo-*.yaml train on difficulties 1..4
+SEED = 1234  # the held-out problems' seed (training draws its problems from other seeds)
 
 # A permutation problem of difficulty k takes 12 * k thinking tokens ("42013>21430;" per permutation): the budgets
 # reach full chains at every trained difficulty (48 at k = 4) and at the harder k = 6 (72).
@@ -106,71 +112,37 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
                 raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
     print(f"[demo] models: {latent}, {cot}", flush=True)
 
-    sweep_result = sweep(latent, task=TASK, difficulties=settings["difficulties"], steps=settings["steps"],
-                         n=settings["n"], out=out / "sweep", exit_criteria=["kl"],
-                         exit_thresholds=settings["exit_thresholds"], dynamics=3)
     compare_result = compare(latent, cot, task=TASK, difficulties=settings["difficulties"], n=settings["n"],
                              out=out / "compare", steps=settings["steps"], exit_criterion="kl",
                              exit_thresholds=settings["exit_thresholds"], budgets=settings["budgets"],
-                             votes=settings["votes"], vote_budget=settings["vote_budget"])
+                             votes=settings["votes"], vote_budget=settings["vote_budget"], seed=SEED,
+                             trained_max_difficulty=TRAINED_MAX_DIFFICULTY)
+    sweep_rows = write_latent_sweep(out / "sweep", latent, compare_result["rows"], settings)
     manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in
                  (("latent", latent), ("cot", cot))}
-    findings = measured_findings(compare_result["rows"])
     results = {"task": TASK, "quick": quick, "from_scratch": from_scratch, "seed": seed, "settings": settings,
-               "models": {"latent": str(latent), "cot": str(cot)}, "manifests": manifests, "findings": findings,
-               "compare": compare_result["rows"], "s1_metrics": compare_result["s1_metrics"],
-               "sweep": sweep_result["rows"], "wall_seconds": round(time.perf_counter() - started, 1)}
+               "models": {"latent": str(latent), "cot": str(cot)}, "manifests": manifests,
+               "findings": compare_result["findings"], "compare": compare_result["rows"],
+               "s1_metrics": compare_result["s1_metrics"], "sweep": sweep_rows,
+               "wall_seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_report(out, results)
     print(f"[demo] wrote {report} and {out / 'results.json'} in {results['wall_seconds']:.0f} s", flush=True)
-    return {"out": str(out), "report": str(report), "findings": findings, "rows": compare_result["rows"]}
+    return {"out": str(out), "report": str(report), "findings": results["findings"], "rows": compare_result["rows"]}
 
 
-def measured_findings(rows: list[dict]) -> list[str]:
-    """Plain statements computed from the measurements: what rose, what did not, and which method buys more
-    accuracy per FLOP. An effect counts only when the intervals do not overlap."""
-    lines = []
-    for difficulty in sorted({r["difficulty"] for r in rows}):
-        kind = "in-distribution" if difficulty <= TRAINED_MAX_DIFFICULTY else "harder than any trained"
-        for method, knob, who, axis in (("latent", "steps", "latent model", "depth"),
-                                         ("cot-budget", "budget", "CoT model", "the thinking budget")):
-            curve = {r[knob]: r for r in rows if r["method"] == method and r["difficulty"] == difficulty}
-            if not curve:
-                continue
-            first, best = curve[min(curve)], max(curve.values(), key=lambda r: r["accuracy"])
-            rose = best["ci_low"] > first["ci_high"]
-            lines.append(f"Difficulty {difficulty} ({kind}), {who}: accuracy {first['accuracy']:.2f} at {knob} "
-                         f"{min(curve)}, best {best['accuracy']:.2f} at {knob} {best[knob]}: "
-                         + (f"rises with {axis}." if rose else f"no significant rise with {axis}."))
-        lines.append(cheapest_to_target(rows, difficulty))
-    return lines
-
-
-def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9) -> str:
-    """Which method buys accuracy with fewer FLOPs: the least FLOPs per problem at which each method reaches
-    `fraction` of the best accuracy any method reached at this difficulty. (Accuracy divided by FLOPs would favour
-    the cheapest near-chance setting.)"""
-    at = [r for r in rows if r["difficulty"] == difficulty]
-    best = max(r["accuracy"] for r in at)
-    if best < 0.2:
-        return f"Difficulty {difficulty}: no method reaches 0.2 accuracy (best {best:.2f}): no compute comparison."
-    target = fraction * best
-    cheapest = {}  # method -> its cheapest row on target, in order of FLOPs
-    for r in sorted(at, key=lambda r: r["flops_per_problem"]):
-        if r["accuracy"] >= target:
-            cheapest.setdefault(r["method"], r)
-    ranked = list(cheapest.values())
-    reached = "; ".join(f"{r['method']} {r['flops_per_problem']:.3g} ({r['setting']}, {r['accuracy']:.2f})" for r in ranked)
-    missed = sorted({r["method"] for r in at} - set(cheapest))
-    line = (f"Difficulty {difficulty}: FLOPs per problem to reach {target:.2f} accuracy ({fraction:.0%} of the best, "
-            f"{best:.2f}): {reached}" + (f"; never reached by {', '.join(missed)}" if missed else "") + ".")
-    latent = [r for r in ranked if r["method"].startswith("latent")]
-    cot = [r for r in ranked if r["method"].startswith("cot")]
-    if latent and cot:
-        ratio = cot[0]["flops_per_problem"] / latent[0]["flops_per_problem"]
-        line += (f" Latent depth is {ratio:.1f}x cheaper than chain of thought here." if ratio >= 1
-                 else f" Chain of thought is {1 / ratio:.1f}x cheaper than latent depth here.")
-    return line
+def write_latent_sweep(out: Path, latent: Path, rows: list[dict], settings: dict) -> list[dict]:
+    """sweep/ from the comparison's latent rows (no cell answered twice), plus the traced latent dynamics of three
+    problems of the hardest difficulty."""
+    latent_rows = [r for r in rows if r["method"] in (LatentDepth.name, AdaptiveDepth.name)]
+    difficulties = parse_int_list(settings["difficulties"], "--difficulties")
+    depths = parse_int_list(settings["steps"], "--steps")
+    hardest = sweep_problems(TASK, None, [max(difficulties)], 3, SEED)[max(difficulties)]
+    traces = latent_dynamics(load_model(latent), load_tokenizer(latent), hardest, max(depths))
+    meta = {"model": str(latent), "task": TASK, "seed": SEED, "depths": depths, "difficulties": difficulties,
+            "n": settings["n"], "adaptive_max_steps": max(depths)}
+    write_sweep(prepare_output(out, overwrite=False), latent, latent_rows, traces, meta)
+    return latent_rows
 
 
 def reproduce_command(results: dict) -> str:
@@ -186,8 +158,6 @@ def write_report(out: Path, results: dict) -> Path:
         if (out / "sweep" / name).exists():
             shutil.copy(out / "sweep" / name, out / name)
     rows = results["compare"]
-    columns = ["method", "setting", "difficulty", "n", "accuracy", "ci_low", "ci_high", "flops_per_problem",
-               "generated_tokens"]
     manifests = "\n".join(
         f"- {name}: `{m['command']}` on {m['machine']}, {m['wall_seconds']:.0f} s; final metrics "
         + ", ".join(f"{k} {v:.3g}" for k, v in sorted(m["final_metrics"].items()) if k.startswith("val/acc"))
@@ -203,7 +173,7 @@ def write_report(out: Path, results: dict) -> Path:
         ("Everything on one compute axis", "![accuracy against FLOPs](accuracy_vs_flops.png)"),
         ("Latent depth", "![accuracy against depth](accuracy_vs_depth.png)\n\n![logit lens](logit_lens.png)"),
         ("Thinking budget", "![accuracy against budget](accuracy_vs_budget.png)"),
-        ("Results", markdown_table(rows, columns)),
+        ("Results", markdown_table(rows, RESULT_COLUMNS)),
         ("s1 metrics (budget forcing)", markdown_table(results["s1_metrics"], ["difficulty", "cot_steps", "control",
                                                                              "scaling", "performance"])),
         ("Models", manifests),

@@ -14,6 +14,7 @@ point --include-path at local task YAMLs (dataset_path: json, with local data_fi
 import sys
 from pathlib import Path
 
+from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.tasks import parse_int_list
 
@@ -40,9 +41,7 @@ def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    depths = parse_int_list(steps, "--steps")
-    if not depths or min(depths) < 1:
-        raise ValueError(f"steps must all be >= 1, got {steps!r}")
+    depths = check_depths(parse_int_list(steps, "--steps"))
     net, tok = load_model(model), load_tokenizer(tokenizer or model)
     out = prepare_output(out, overwrite)
     manager = TaskManager(include_path=str(include_path) if include_path else None)

@@ -44,6 +44,25 @@ def accuracy_stats(scores: Sequence[float]) -> dict[str, float]:
     return {"n": n, "accuracy": sum(scores) / n, "ci_low": low, "ci_high": high}
 
 
+# The columns every method's rows share, in the order tables show them; methods add their own settings after these.
+RESULT_COLUMNS = ["method", "setting", "difficulty", "n", "accuracy", "ci_low", "ci_high", "flops_per_problem",
+                  "generated_tokens"]
+
+
+def result_row(method: str, setting: str, difficulty: int, scores: Sequence[float], flops: Sequence[float],
+               tokens: Sequence[float], seconds: float, **extra: Any) -> dict[str, Any]:
+    """One evaluated setting of one method on one difficulty: accuracy with its interval, and the mean FLOPs and
+    generated tokens per problem (`flops` and `tokens` hold one value per problem)."""
+    n = len(scores)
+    return {"method": method, "setting": setting, "difficulty": difficulty, **accuracy_stats(scores),
+            "flops_per_problem": sum(flops) / n, "generated_tokens": sum(tokens) / n, "wall_seconds": seconds, **extra}
+
+
+def select(rows: Sequence[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    """The rows whose fields equal every given value, e.g. select(rows, method="latent", difficulty=2)."""
+    return [row for row in rows if all(row.get(key) == value for key, value in where.items())]
+
+
 def write_results(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any], name: str = "results") -> None:
     """{name}.json (meta + rows) and {name}.csv (rows; columns = the union of keys, in first-seen order)."""
     (out / f"{name}.json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=1, default=str))

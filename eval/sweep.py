@@ -1,28 +1,26 @@
 """Test-time depth sweeps: how much does thinking deeper in latent space buy, and at what compute?
 
-For every (difficulty, depth) the model answers the same fixed problems; the sweep records accuracy with a 95%
-Wilson interval, FLOPs per problem (the one compute counter), forward passes, generated tokens and wall time.
-The same problems are then answered with adaptive exit (each criterion at several thresholds), to place adaptive
-compute on the fixed-depth accuracy/FLOPs frontier, and a few problems are traced step by step (latent dynamics).
+For every (difficulty, depth) the model answers the same fixed problems (eval/latent.py's LatentDepth); the sweep
+records accuracy with a 95% Wilson interval, FLOPs per problem (the one compute counter), generated tokens and
+wall time. The same problems are then answered with adaptive exit (AdaptiveDepth: each criterion at several
+thresholds), to place adaptive compute on the fixed-depth accuracy/FLOPs frontier, and a few problems are traced
+step by step (latent dynamics).
 """
 
-import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from recurrent_lm.adaptive import CRITERIA, DEFAULT_THRESHOLDS
+from recurrent_lm.adaptive import CRITERIA
 from recurrent_lm.data import prompt_ids
-from recurrent_lm.evaluation import Answer, answer_flops, answer_problems
+from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
 
-from .report import accuracy_stats, line_plot, markdown_table, panel_plot, prepare_output, write_results, write_summary
-
-THRESHOLD_SCALES = (10.0, 1.0, 0.1, 0.01)  # adaptive thresholds: the criterion's default times these
-ARGMAX_STEPS = (2, 3, 5, 8)
+from .latent import AdaptiveDepth, LatentDepth
+from .methods import run_methods
+from .report import line_plot, markdown_table, panel_plot, prepare_output, select, write_results, write_summary
 
 
 def sweep_problems(task: str | None, problems: Path | None, difficulties: list[int], n: int, seed: int) -> dict[int, list[Problem]]:
@@ -41,27 +39,6 @@ def sweep_problems(task: str | None, problems: Path | None, difficulties: list[i
     if not any(result.values()):
         raise ValueError("the problem set is empty")
     return result
-
-
-def summarize(answers: list[Answer], config, max_steps: int, criterion: str | None, seconds: float) -> dict:
-    n = len(answers)
-    steps = [s for a in answers for s in (a.steps_per_token or [])]
-    return {
-        **accuracy_stats([a.score for a in answers]),
-        "flops_per_problem": sum(answer_flops(config, a, max_steps, criterion) for a in answers) / n,
-        "forward_passes": sum(a.new_tokens for a in answers) / n,  # one prefill + one per further token
-        "generated_tokens": sum(a.new_tokens for a in answers) / n,
-        "mean_steps_per_token": sum(steps) / len(steps) if steps else float("nan"),
-        "wall_seconds": seconds,
-    }
-
-
-def thresholds_for(criterion: str, overrides: list[float] | None) -> list[float]:
-    if overrides:
-        return list(overrides)
-    if criterion == "argmax-stability":
-        return list(ARGMAX_STEPS)
-    return [DEFAULT_THRESHOLDS[criterion] * scale for scale in THRESHOLD_SCALES]
 
 
 @torch.no_grad()
@@ -99,7 +76,7 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         exit_criteria: adaptive-exit criteria to sweep (default: all of kl, entropy-diff, latent-diff, cosine,
             argmax-stability); an empty list skips adaptive exit.
         exit_thresholds: thresholds for every criterion (default: its default times 10, 1, 0.1, 0.01; for
-            argmax-stability 2, 3, 5, 8 steps).
+            argmax-stability 2, 3, 5, 8 steps; recurrent_lm.adaptive.threshold_grid).
         adaptive_max_steps: most steps a token may take under adaptive exit (default: the largest depth).
         seed: problems are a pure function of (task, difficulty, seed).
         batch_size: problems answered per batch.
@@ -107,50 +84,34 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         dynamics: trace this many problems step by step (latent dynamics plot); 0 skips it.
         overwrite: replace an earlier run in `out`.
     """
-    depths = parse_int_list(steps, "--steps")
-    if not depths or min(depths) < 1:
-        raise ValueError(f"steps must all be >= 1, got {steps!r}")
+    depths = check_depths(parse_int_list(steps, "--steps"))
     criteria = list(CRITERIA) if exit_criteria is None else list(exit_criteria)
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
     by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
     net, tok = load_model(model), load_tokenizer(tokenizer or model)
-    out = prepare_output(out, overwrite)
     max_steps = adaptive_max_steps or max(depths)
-
-    cells = [("fixed", None, None, d, r) for d in by_difficulty for r in depths]
-    cells += [("adaptive", c, t, d, max_steps) for c in criteria for t in thresholds_for(c, exit_thresholds)
-              for d in by_difficulty]
-    rows, histograms = [], {}
-    for mode, criterion, threshold, difficulty, depth in tqdm(cells, desc="sweep", unit="cell"):
-        settings = dict(num_steps=depth, init_scale=0.0)
-        if criterion:
-            settings.update(exit_criterion=criterion, exit_threshold=threshold)
-        start = time.perf_counter()
-        answers = answer_problems(net, tok, by_difficulty[difficulty], batch_size=batch_size, **settings)
-        row = {"mode": mode, "criterion": criterion or "", "threshold": threshold, "difficulty": difficulty,
-               "steps": depth, **summarize(answers, net.config, depth, criterion, time.perf_counter() - start)}
-        if criterion:
-            counts = Counter(s for a in answers for s in a.steps_per_token or [])
-            row["steps_histogram"] = {int(k): v for k, v in sorted(counts.items())}
-        rows.append(row)
-
-    traces = []
-    if dynamics:
-        first = by_difficulty[max(by_difficulty)][:dynamics]
-        traces = latent_dynamics(net, tok, first, max_steps)
+    methods = [LatentDepth(net, tok, depths, batch_size)]
+    methods += [AdaptiveDepth(net, tok, criterion, exit_thresholds, max_steps, batch_size) for criterion in criteria]
+    out = prepare_output(out, overwrite)
+    rows = run_methods(methods, by_difficulty, desc="sweep")
+    traces = latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps) if dynamics else []
     meta = {"model": str(model), "task": task, "problems": str(problems) if problems else None, "seed": seed,
-            "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps,
-            "dynamics": traces}
-    write_results(out, rows, meta)
-    plots = plot_sweep(out, rows, traces)
-    write_sweep_summary(out, model, rows, plots, by_difficulty)
+            "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps}
+    write_sweep(out, model, rows, traces, meta)
     return {"rows": rows, "out": str(out)}
 
 
+def write_sweep(out: Path, model: Path, rows: list[dict], traces: list[dict], meta: dict) -> None:
+    """results.json/.csv, the plots and summary.md of latent rows (LatentDepth and AdaptiveDepth) and traces."""
+    write_results(out, rows, {**meta, "dynamics": traces})
+    plots = plot_sweep(out, rows, traces)
+    write_sweep_summary(out, model, rows, plots)
+
+
 def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
-    fixed = [r for r in rows if r["mode"] == "fixed"]
+    fixed = select(rows, method="latent")
     difficulties = sorted({r["difficulty"] for r in fixed})
 
     def curve(d, x):
@@ -168,9 +129,9 @@ def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
     for d in difficulties:
         x, y, _ = curve(d, "flops_per_problem")
         panel = {"fixed depth": (x, y)}
-        for criterion in sorted({r["criterion"] for r in rows if r["mode"] == "adaptive"}):
-            points = sorted((r["flops_per_problem"], r["accuracy"]) for r in rows
-                            if r["criterion"] == criterion and r["difficulty"] == d)
+        for criterion in sorted({r["criterion"] for r in select(rows, method="latent-exit")}):
+            points = sorted((r["flops_per_problem"], r["accuracy"])
+                            for r in select(rows, method="latent-exit", criterion=criterion, difficulty=d))
             panel[f"exit: {criterion}"] = ([p[0] for p in points], [p[1] for p in points])
         panels[f"difficulty {d}"] = panel
     plots.append(panel_plot(out / "accuracy_vs_flops.png", panels, "FLOPs per problem", "accuracy",
@@ -187,19 +148,22 @@ def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
     return plots
 
 
-def write_sweep_summary(out: Path, model: Path, rows: list[dict], plots: list[str], by_difficulty) -> None:
-    fixed = [r for r in rows if r["mode"] == "fixed"]
-    adaptive = [r for r in rows if r["mode"] == "adaptive"]
-    columns = ["difficulty", "steps", "n", "accuracy", "ci_low", "ci_high", "flops_per_problem", "forward_passes",
+def write_sweep_summary(out: Path, model: Path, rows: list[dict], plots: list[str]) -> None:
+    fixed, adaptive = select(rows, method="latent"), select(rows, method="latent-exit")
+    difficulties = sorted({r["difficulty"] for r in fixed})
+    columns = ["difficulty", "steps", "n", "accuracy", "ci_low", "ci_high", "flops_per_problem", "generated_tokens",
                "wall_seconds"]
-    best = {d: max((r for r in fixed if r["difficulty"] == d), key=lambda r: r["accuracy"]) for d in by_difficulty}
-    findings = "\n".join(
-        f"- difficulty {d}: accuracy {min((r for r in fixed if r['difficulty'] == d), key=lambda r: r['steps'])['accuracy']:.2f} "
-        f"at the smallest depth, best {b['accuracy']:.2f} at {b['steps']} steps" for d, b in best.items())
-    sections = [("Setup", f"Model `{model}`; {sum(len(v) for v in by_difficulty.values())} problems; greedy "
+    findings = []
+    for d in difficulties:
+        curve = select(fixed, difficulty=d)
+        shallowest, best = min(curve, key=lambda r: r["steps"]), max(curve, key=lambda r: r["accuracy"])
+        findings.append(f"- difficulty {d}: accuracy {shallowest['accuracy']:.2f} at the smallest depth, best "
+                        f"{best['accuracy']:.2f} at {best['steps']} steps")
+    problems = sum(r["n"] for r in fixed if r["steps"] == fixed[0]["steps"])
+    sections = [("Setup", f"Model `{model}`; {problems} problems; greedy "
                  "decoding from a zero initial state. Accuracy intervals are 95% Wilson intervals; FLOPs count the "
                  "prompt's forward pass and every generated token at its depth (recurrent_lm.flops)."),
-                ("Findings (measured)", findings),
+                ("Findings (measured)", "\n".join(findings)),
                 ("Fixed depth", markdown_table(fixed, columns))]
     if adaptive:
         sections.append(("Adaptive exit", markdown_table(

@@ -19,6 +19,8 @@ from .depth import check_count
 
 CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
 DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5}
+THRESHOLD_SCALES = (10.0, 1.0, 0.1, 0.01)  # a sweep's thresholds: the criterion's default times these ...
+STABLE_STEPS = (2, 3, 5, 8)  # ... except argmax-stability, which counts steps
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,22 @@ class AdaptiveExit:
 
     def tracker(self) -> "ExitTracker":
         return ExitTracker(self)
+
+
+def threshold_grid(criterion: str, thresholds: list[float] | None = None) -> list[float]:
+    """The thresholds a sweep of one criterion runs at: the given ones, or the default grid (the criterion's default
+    times 10, 1, 0.1 and 0.01; argmax-stability: 2, 3, 5 and 8 stable steps). Each is checked here, so a bad one
+    fails before any compute."""
+    AdaptiveExit(criterion)  # an unknown criterion is named before anything else
+    if thresholds:
+        grid = list(thresholds)
+    elif criterion == "argmax-stability":
+        grid = list(STABLE_STEPS)
+    else:
+        grid = [DEFAULT_THRESHOLDS[criterion] * scale for scale in THRESHOLD_SCALES]
+    for threshold in grid:
+        AdaptiveExit(criterion, threshold)
+    return grid
 
 
 class ExitTracker:

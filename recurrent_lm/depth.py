@@ -97,3 +97,12 @@ def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch
         depth = int(torch.poisson(rate, generator=generator)) + 1
     with_grad = min(backprop_depth, depth)
     return StepCounts(depth - with_grad, with_grad)
+
+
+def check_depths(depths: list[int], option: str = "--steps") -> list[int]:
+    """Test-time depths to evaluate, as an option gives them: at least one, each >= 1."""
+    if not depths or any(isinstance(d, bool) or not isinstance(d, Integral) or d < 1 for d in depths):
+        raise ValueError(f"{option} must all be >= 1 (at least one depth), got {depths}")
+    for depth in depths:
+        _step_count(depth, option)
+    return list(depths)

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from recurrent_lm.eval.budget_forcing import best_of_n, budget_forced_generate, majority_vote, s1_metrics
-from recurrent_lm.eval.compare import compare, cot_runs
+from recurrent_lm.eval.compare import compare
+from recurrent_lm.eval.cot import cot_runs
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.flops import causal_lm_generation_flops
 from recurrent_lm.tasks import get_task
@@ -151,3 +152,30 @@ def test_compare_bad_input(models, tmp_path):
     task_tokenizer(["parity"]).save_pretrained(other)
     with pytest.raises(ValueError, match="latent model's tokenizer is incompatible with task 'chain'"):
         compare(models / "latent", models / "cot", task="chain", n=2, latent_tokenizer=other, out=tmp_path / "b")
+
+
+def test_one_threshold_grid_serves_every_criterion():
+    """Sweep and compare ask recurrent_lm.adaptive.threshold_grid: argmax-stability counts whole steps, the others
+    scale their default; every threshold it gives is one AdaptiveExit accepts."""
+    from recurrent_lm.adaptive import CRITERIA, DEFAULT_THRESHOLDS, AdaptiveExit, threshold_grid
+
+    assert threshold_grid("argmax-stability") == [2, 3, 5, 8]
+    assert threshold_grid("kl") == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
+    assert threshold_grid("kl", [0.5]) == [0.5]
+    for criterion in CRITERIA:
+        grid = threshold_grid(criterion)
+        assert DEFAULT_THRESHOLDS[criterion] in grid or criterion == "argmax-stability"
+        assert all(AdaptiveExit(criterion, t).limit == t for t in grid)
+    with pytest.raises(ValueError, match="must be an integer"):
+        threshold_grid("argmax-stability", [0.5])
+    with pytest.raises(ValueError, match="unknown exit criterion"):
+        threshold_grid("vibes")
+
+
+def test_compare_runs_argmax_stability_at_whole_steps(models, tmp_path):
+    """`rlm compare --exit_criterion argmax-stability` once asked AdaptiveExit for a threshold of 0.5 steps."""
+    result = compare(models / "latent", models / "cot", task="chain", difficulties="1", n=2, out=tmp_path / "out",
+                     steps="1,4", exit_criterion="argmax-stability", budgets="0", votes="")
+    exits = [r for r in result["rows"] if r["method"] == "latent-exit"]
+    assert [r["threshold"] for r in exits] == [2, 3, 5, 8]
+    assert all(r["criterion"] == "argmax-stability" and r["steps"] == 4 for r in exits)

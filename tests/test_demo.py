@@ -33,7 +33,7 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
 
 
 def test_findings_are_computed_from_the_measurements():
-    from recurrent_lm.eval.demo import measured_findings
+    from recurrent_lm.eval.compare import measured_findings
 
     def row(method, knob, value, accuracy, low, high, flops):
         return {"method": method, knob: value, "difficulty": 2, "accuracy": accuracy, "ci_low": low,

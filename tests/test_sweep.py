@@ -13,8 +13,8 @@ from recurrent_lm.tokenization import task_tokenizer
 
 from .test_train import train
 
-COLUMNS = {"mode", "criterion", "threshold", "difficulty", "steps", "n", "accuracy", "ci_low", "ci_high",
-           "flops_per_problem", "forward_passes", "generated_tokens", "mean_steps_per_token", "wall_seconds"}
+COLUMNS = {"method", "setting", "criterion", "threshold", "difficulty", "steps", "n", "accuracy", "ci_low", "ci_high",
+           "flops_per_problem", "generated_tokens", "mean_steps_per_token", "wall_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,14 @@ def test_sweep_writes_every_promised_file_and_column(trained, tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert COLUMNS <= set(rows[0])
-    fixed = [r for r in rows if r["mode"] == "fixed"]
+    fixed = [r for r in rows if r["method"] == "latent"]
     assert {(int(r["difficulty"]), int(r["steps"])) for r in fixed} == {(d, s) for d in (1, 3) for s in (1, 2, 4)}
-    assert len([r for r in rows if r["mode"] == "adaptive"]) == 2 * 2 * 2
+    assert len([r for r in rows if r["method"] == "latent-exit"]) == 2 * 2 * 2
     flops = {int(r["steps"]): float(r["flops_per_problem"]) for r in fixed if r["difficulty"] == "1"}
     assert flops[1] < flops[2] < flops[4]  # deeper costs more
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["rows"]) == len(result["rows"]) and len(saved["dynamics"]) == 2
-    assert "steps_histogram" in [r for r in saved["rows"] if r["mode"] == "adaptive"][0]
+    assert "steps_histogram" in [r for r in saved["rows"] if r["method"] == "latent-exit"][0]
     summary = (out / "summary.md").read_text()
     assert "![accuracy_vs_flops.png](accuracy_vs_flops.png)" in summary and "| difficulty | steps |" in summary
 

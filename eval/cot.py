@@ -1,0 +1,134 @@
+"""Token-level test-time scaling as methods (recurrent_lm.eval.methods), for any transformers causal LM that thinks
+in a chain of thought between the task's thinking delimiters (a RecurrentLM too, at a chosen depth):
+- BudgetForcing:    s1 budget forcing at each thinking budget B (recurrent_lm.eval.budget_forcing);
+- ParallelSampling: N sampled chains per problem, reported as majority vote ("cot-vote") and as best-of-n scored
+                    by the model's own mean answer log-probability ("cot-best-of-n") over the first n of them.
+FLOPs: the prompt and every generated or inserted token at the model's depth, plus best-of-n's scoring passes.
+"""
+
+import time
+from typing import Any, NamedTuple
+
+from recurrent_lm.data import prompt_ids
+from recurrent_lm.flops import causal_lm_generation_flops
+from recurrent_lm.problem import Problem
+from recurrent_lm.special_tokens import THINK_END
+from recurrent_lm.tasks import get_task
+
+from .budget_forcing import BudgetResult, budget_forced_generate, majority_vote, model_logprob_scorer, s1_metrics
+from .methods import Method
+from .report import result_row, select
+
+
+class ChainRun(NamedTuple):
+    """One budget-forced chain of thought for one problem: the parsed answer, the run, and its FLOPs."""
+
+    answer: str | None
+    result: BudgetResult
+    flops: int
+
+
+def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int | None, samples: int = 1,
+             temperature: float = 0.0, batch_size: int = 32) -> list[list[ChainRun]]:
+    """Budget-forced chains of thought, greedy, or `samples` > 1 sampled per problem; a list of runs per problem."""
+    depth_kwargs = {"num_steps": depth, "init_scale": 0.0} if depth is not None else {}
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if samples > 1 else dict(do_sample=False)
+    per_problem = [[] for _ in problems]
+    requests = [(index, problem) for index, problem in enumerate(problems) for _ in range(samples)]
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        prompts = [get_task(p.task).prompt(p, cot=True) for _, p in chunk]
+        results = budget_forced_generate(model, tokenizer, prompts, max_thinking=budget,
+                                         max_answer_tokens=len(chunk[0][1].answer) + 3, **sampling, **depth_kwargs)
+        for (index, problem), result in zip(chunk, results):
+            answer = get_task(problem.task).parse_answer(result.answer_text.replace(tokenizer.pad_token or "\0", ""))
+            flops = causal_lm_generation_flops(model, result.prompt_tokens, result.new_tokens, depth)
+            per_problem[index].append(ChainRun(answer, result, flops))
+    return per_problem
+
+
+def depth_label(depth: int | None) -> str:
+    return f", r={depth}" if depth is not None else ""
+
+
+class BudgetForcing(Method):
+    """s1 budget forcing at every thinking budget, greedy; `depth` is the CoT model's own depth if it is recurrent."""
+
+    name = "cot-budget"
+
+    def __init__(self, model, tokenizer, budgets: list[int], depth: int | None = None, batch_size: int = 32):
+        self.model, self.tokenizer, self.budgets, self.depth, self.batch_size = model, tokenizer, budgets, depth, batch_size
+        self.thinking_lengths: dict[tuple[int, int], list[int]] = {}  # (difficulty, budget) -> one per problem
+
+    def run(self, problems: list[Problem], budget: int) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        runs = [chains[0] for chains in cot_runs(self.model, self.tokenizer, problems, budget, self.depth,
+                                                 batch_size=self.batch_size)]
+        lengths = [len(run.result.thinking_ids) for run in runs]
+        self.thinking_lengths[(problems[0].difficulty, budget)] = lengths
+        scores = [get_task(p.task).score(run.answer, p) for p, run in zip(problems, runs)]
+        return [result_row(self.name, f"B={budget}" + depth_label(self.depth), problems[0].difficulty, scores,
+                           [run.flops for run in runs], [run.result.new_tokens for run in runs],
+                           time.perf_counter() - start, budget=budget, steps=self.depth,
+                           mean_thinking_tokens=sum(lengths) / len(lengths),
+                           control=sum(length <= budget for length in lengths) / len(lengths))]
+
+    def s1_metrics(self, rows: list[dict[str, Any]], difficulty: int) -> dict[str, Any]:
+        """Control, scaling and performance (s1) of this method's rows at one difficulty."""
+        mine = select(rows, method=self.name, difficulty=difficulty, steps=self.depth)
+        accuracy = {row["budget"]: row["accuracy"] for row in mine}
+        lengths = {budget: self.thinking_lengths[(difficulty, budget)] for budget in accuracy}
+        return {"difficulty": difficulty, "cot_steps": self.depth, **s1_metrics(accuracy, lengths)}
+
+
+class ParallelSampling(Method):
+    """max(counts) chains sampled per problem at thinking budget `budget`, once per difficulty; each count n
+    reports majority vote and best-of-n over the first n samples (the same samples for every n)."""
+
+    name = "cot-samples"
+
+    def __init__(self, model, tokenizer, counts: list[int], budget: int, temperature: float, depth: int | None = None,
+                 batch_size: int = 32):
+        self.model, self.tokenizer, self.budgets, self.budget = model, tokenizer, counts, budget
+        self.temperature, self.depth, self.batch_size = temperature, depth, batch_size
+        self.scorer = model_logprob_scorer(model, **({"num_steps": depth, "init_scale": 0.0} if depth else {}))
+        self.pools: dict[tuple, tuple[list[list[tuple[ChainRun, float, int]]], float]] = {}
+
+    def _samples(self, problems: list[Problem]) -> tuple[list[list[tuple[ChainRun, float, int]]], float]:
+        """Per problem, (run, its best-of-n score, its scored length) for every sample; and the sampling seconds."""
+        key = tuple((p.task, p.difficulty, p.question) for p in problems)
+        if key not in self.pools:
+            start = time.perf_counter()
+            runs = cot_runs(self.model, self.tokenizer, problems, self.budget, self.depth, samples=max(self.budgets),
+                            temperature=self.temperature, batch_size=self.batch_size)
+            end = self.tokenizer(THINK_END, add_special_tokens=False).input_ids
+            pool = []
+            for problem, samples in zip(problems, runs):
+                scored = []
+                for run in samples:  # the answer's log-probability given prompt + thinking + end delimiter
+                    context = prompt_ids(self.tokenizer, problem, cot=True) + run.result.thinking_ids + end
+                    scored.append((run, self.scorer(context, run.result.answer_ids),
+                                   len(context) + len(run.result.answer_ids)))
+                pool.append(scored)
+            self.pools[key] = (pool, time.perf_counter() - start)
+        return self.pools[key]
+
+    def run(self, problems: list[Problem], count: int) -> list[dict[str, Any]]:
+        pool, seconds = self._samples(problems)
+        vote_scores, best_scores, vote_flops, best_flops, tokens = [], [], [], [], []
+        for problem, scored in zip(problems, pool):
+            first = scored[:count]
+            task = get_task(problem.task)
+            vote_scores.append(task.score(majority_vote([run.answer for run, _, _ in first]), problem))
+            best = max(first, key=lambda sample: sample[1])[0]
+            best_scores.append(task.score(best.answer, problem))
+            sample_flops = sum(run.flops for run, _, _ in first)
+            vote_flops.append(sample_flops)
+            best_flops.append(sample_flops + sum(causal_lm_generation_flops(self.model, length, 1, self.depth)
+                                                 for _, _, length in first))
+            tokens.append(sum(run.result.new_tokens for run, _, _ in first))
+        setting = f"n={count}, B={self.budget}" + depth_label(self.depth)
+        extra = dict(samples=count, budget=self.budget, steps=self.depth, temperature=self.temperature)
+        difficulty = problems[0].difficulty
+        return [result_row("cot-vote", setting, difficulty, vote_scores, vote_flops, tokens, seconds, **extra),
+                result_row("cot-best-of-n", setting, difficulty, best_scores, best_flops, tokens, seconds, **extra)]

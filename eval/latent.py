@@ -1,0 +1,64 @@
+"""Latent test-time scaling as methods (recurrent_lm.eval.methods): a RecurrentLM answering directly at a fixed
+depth r, and with adaptive per-token exit up to a maximum depth. `rlm sweep` and `rlm compare` both run these."""
+
+import math
+import time
+from collections import Counter
+from typing import Any
+
+from recurrent_lm.adaptive import threshold_grid
+from recurrent_lm.evaluation import Answer, answer_flops, answer_problems
+from recurrent_lm.problem import Problem
+
+from .methods import Method
+from .report import result_row
+
+
+def latent_row(name: str, setting: str, answers: list[Answer], config, max_steps: int, exit_criterion: str | None,
+               seconds: float, **extra: Any) -> dict[str, Any]:
+    """A result row of a recurrent model's answers: FLOPs of each answer at the depth each token ran."""
+    steps = [s for a in answers for s in a.steps_per_token or []]
+    return result_row(name, setting, answers[0].problem.difficulty, [a.score for a in answers],
+                      [answer_flops(config, a, max_steps, exit_criterion) for a in answers],
+                      [a.new_tokens for a in answers], seconds, steps=max_steps,
+                      mean_steps_per_token=sum(steps) / len(steps) if steps else math.nan, **extra)
+
+
+class LatentDepth(Method):
+    """The latent model answering directly (no chain of thought) at each test-time depth r, greedy, from a zero
+    initial state."""
+
+    name = "latent"
+
+    def __init__(self, model, tokenizer, depths: list[int], batch_size: int = 64):
+        self.model, self.tokenizer, self.budgets, self.batch_size = model, tokenizer, list(depths), batch_size
+
+    def run(self, problems: list[Problem], depth: int) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        answers = answer_problems(self.model, self.tokenizer, problems, batch_size=self.batch_size, num_steps=depth,
+                                  init_scale=0.0)
+        return [latent_row(self.name, f"r={depth}", answers, self.model.config, depth, None,
+                           time.perf_counter() - start)]
+
+
+class AdaptiveDepth(Method):
+    """The latent model with adaptive per-token exit (recurrent_lm.adaptive) at each threshold of one criterion, up
+    to max_steps; the rows also hold the histogram of the depths the tokens ran."""
+
+    name = "latent-exit"
+
+    def __init__(self, model, tokenizer, criterion: str, thresholds: list[float] | None, max_steps: int,
+                 batch_size: int = 64):
+        self.model, self.tokenizer, self.criterion, self.max_steps = model, tokenizer, criterion, max_steps
+        self.budgets, self.batch_size = threshold_grid(criterion, thresholds), batch_size
+
+    def run(self, problems: list[Problem], threshold: float) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        answers = answer_problems(self.model, self.tokenizer, problems, batch_size=self.batch_size,
+                                  num_steps=self.max_steps, init_scale=0.0, exit_criterion=self.criterion,
+                                  exit_threshold=threshold)
+        histogram = Counter(s for a in answers for s in a.steps_per_token or [])
+        return [latent_row(self.name, f"{self.criterion}<{threshold:g} (max {self.max_steps})", answers,
+                           self.model.config, self.max_steps, self.criterion, time.perf_counter() - start,
+                           criterion=self.criterion, threshold=threshold,
+                           steps_histogram={int(k): v for k, v in sorted(histogram.items())})]

@@ -1,0 +1,38 @@
+"""The one interface of a test-time scaling method, and the loop that runs a list of them on the same problems.
+
+A method is evaluated at each of its budgets (latent depths, exit thresholds, thinking budgets, sample counts) on
+the problems of one difficulty at a time, and returns result rows (recurrent_lm.eval.report.result_row): accuracy
+with its interval, FLOPs per problem from the one compute counter, generated tokens, and its own settings.
+Latent depth, adaptive exit, budget forcing and parallel sampling implement it; so does any search method added
+later, and `rlm compare` puts every one of them on the same FLOPs axis.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from recurrent_lm.problem import Problem
+
+
+class Method(ABC):
+    """A way of spending test-time compute. `name` labels its rows; `budgets` are the settings it is run at."""
+
+    name: str
+    budgets: Sequence[Any]
+
+    @abstractmethod
+    def run(self, problems: list[Problem], budget: Any) -> list[dict[str, Any]]:
+        """Answer `problems` (all of one difficulty) at one budget; one row per reported method (parallel
+        sampling reports majority vote and best-of-n from the same samples)."""
+
+
+def run_methods(methods: Sequence[Method], by_difficulty: dict[int, list[Problem]], desc: str) -> list[dict[str, Any]]:
+    """Every method at every budget on every difficulty's problems, with a progress bar over the cells."""
+    cells = [(method, difficulty, budget) for method in methods for difficulty in by_difficulty
+             for budget in method.budgets]
+    rows = []
+    for method, difficulty, budget in tqdm(cells, desc=desc, unit="cell"):
+        rows += method.run(by_difficulty[difficulty], budget)
+    return rows
