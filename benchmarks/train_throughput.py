@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from recurrent_lm.flops import forward_flops
-from recurrent_lm.train.module import ModelSpec, build_config
+from recurrent_lm.train.module import ArchitectureSpec, build_config
 from recurrent_lm import RecurrentLM
 from recurrent_lm.depth import sample_num_steps
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     raw = yaml.safe_load(open(args.config))
-    config = build_config(ModelSpec(**raw["model"]["model"]))
+    config = build_config(ArchitectureSpec(**raw["model"]["architecture"]))
     batch = args.batch or raw["data"].get("batch_size", 8)
     seq = args.seq or min(raw["data"].get("seq_len", 128), config.max_position_embeddings)
     cuda = torch.cuda.is_available()

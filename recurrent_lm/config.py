@@ -2,7 +2,8 @@
 
 The layout is Huginn-0125's (Geiping et al. 2025): a prelude of transformer blocks embeds the input, a recurrent
 core of blocks is applied r times with the prelude's output injected at every step, and a coda decodes. The
-defaults are Huginn-0125's own shape; `RecurrentConfig.preset("debug")` gives a tiny model for tests.
+defaults are Huginn-0125's own shape; PRESETS names every shape the project uses ("debug" for tests, "demo",
+"100m", "huginn-0125"), `RecurrentConfig.preset("debug", vocab_size=48)` builds one.
 """
 
 import math
@@ -117,15 +118,28 @@ class RecurrentConfig(PreTrainedConfig):
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "RecurrentConfig":
-        """A named shape: "huginn-0125" (3.5B, the defaults) or "debug" (tiny, for tests and CPU smoke runs)."""
+        """A named shape (see PRESETS), with any field overridden: `RecurrentConfig.preset("debug", vocab_size=48)`."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 
+# The named model shapes, the one place a shape is written (recipes say `architecture: {preset: NAME, ...}` and
+# override what they need, typically vocab_size for their tokenizer). Fields not given take RecurrentConfig's
+# defaults, which are Huginn-0125's.
 PRESETS: dict[str, dict[str, Any]] = {
-    "huginn-0125": {},
+    # ~0.2M parameters: unit tests and CPU smoke runs (configs/debug.yaml)
     "debug": dict(vocab_size=256, hidden_size=64, num_attention_heads=4, intermediate_size=160,
                   num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4,
                   mean_backprop_depth=2, max_position_embeddings=256),
+    # ~0.8M parameters: the demo's latent and CoT models, trained on a laptop CPU in minutes (configs/demo-*.yaml)
+    "demo": dict(vocab_size=256, hidden_size=128, num_attention_heads=4, intermediate_size=320,
+                 num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=6,
+                 mean_backprop_depth=3, max_position_embeddings=256),
+    # ~83M parameters (about 100M with its vocabulary and depth): a first GPU pretraining run (configs/gpu-100m.yaml)
+    "100m": dict(vocab_size=32768, hidden_size=768, num_attention_heads=12, intermediate_size=2048,
+                 num_prelude_layers=2, num_core_layers=4, num_coda_layers=2, mean_recurrence=8,
+                 mean_backprop_depth=4, max_position_embeddings=1024),
+    # 3.5B: Huginn-0125 itself (Geiping et al. 2025), the defaults (configs/huginn-0125.yaml)
+    "huginn-0125": {},
 }

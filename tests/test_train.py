@@ -99,13 +99,13 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 
 def test_misspelt_or_ill_typed_config_fields_are_named(tmp_path, capsys):
-    for args, name in [(["--model.model.hiden_size", "64"], "hiden_size"), (["--model.learning_rate", "fast"], "learning_rate"),
+    for args, name in [(["--model.architecture.hiden_size", "64"], "hiden_size"), (["--model.learning_rate", "fast"], "learning_rate"),
                        (["--data.batch_sise", "3"], "batch_sise")]:
         with pytest.raises(SystemExit):
             train(tmp_path, *args)
         assert name in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  model:\n    num_core_layrs: 2\n")
+    bad.write_text("model:\n  architecture:\n    num_core_layrs: 2\n")
     with pytest.raises(SystemExit):
         train(tmp_path, "--config", str(bad))
     assert "num_core_layrs" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_misspelt_or_ill_typed_config_fields_are_named(tmp_path, capsys):
 def test_resume_from_another_architecture_is_a_clear_error(tmp_path):
     root = train(tmp_path, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0")
     with pytest.raises(ValueError, match=r"another architecture.*hidden_size"):
-        train(tmp_path, "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0", "--model.model.hidden_size", "32",
+        train(tmp_path, "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0", "--model.architecture.hidden_size", "32",
               "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), name="other")
 
 
@@ -140,7 +140,7 @@ def test_depth_draws_depend_only_on_seed_and_step():
     module = RecurrentLMModule({"vocab_size": 48, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
                                 "num_prelude_layers": 1, "num_core_layers": 1, "num_coda_layers": 1,
                                 "mean_recurrence": 8, "mean_backprop_depth": 3})
-    other = RecurrentLMModule(dict(module.hparams.model))
+    other = RecurrentLMModule(dict(module.hparams.architecture))
     draws = [module.num_steps_for(step) for step in range(50)]
     assert draws == [other.num_steps_for(step) for step in range(50)]
     assert len(set(draws)) > 3 and all(k == min(3, n + k) for n, k in draws)
@@ -159,7 +159,7 @@ def test_demo_models_have_equal_unique_parameters():
 
     counts = []
     for name in ("demo-latent", "demo-cot"):
-        spec = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]["model"]
+        spec = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]["architecture"]
         with torch.device("meta"):
             counts.append(sum(p.numel() for p in RecurrentLMModule(spec).parameters()))
     assert counts[0] == counts[1]
@@ -202,7 +202,7 @@ def test_a_run_never_takes_another_runs_directory(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer"),
-    (["--model.model.hidden_size", "63"], "model.model: RecurrentConfig.hidden_size (63) is not divisible"),
+    (["--model.architecture.hidden_size", "63"], "model.architecture: RecurrentConfig.hidden_size (63) is not divisible"),
     (["--model.learning_rate", "-1"], "model.learning_rate must be > 0, got -1"),
     (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
 ])
@@ -238,3 +238,25 @@ def test_missing_text_files_fail_before_set_up(tmp_path):
     result = quick_train("--trainer.default_root_dir", str(tmp_path / "run"), "--data.tasks", "null",
                          "--data.text_files", "[corpus_typo]", "--data.tokenizer", str(tokenizer))
     one_line_error(result, "data files not found: ['corpus_typo']")
+
+
+def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
+    """Shapes are written once (recurrent_lm.config.PRESETS); a recipe names one and overrides what it needs, and
+    the demo recipes still build exactly the architectures of the shipped checkpoints they made."""
+    import json
+
+    import yaml
+
+    from recurrent_lm.config import PRESETS
+
+    for name in ("debug", "demo-latent", "demo-cot", "gpu-100m", "huginn-0125"):
+        recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
+        assert recipe["architecture"]["preset"] in PRESETS, name
+        assert set(recipe["architecture"]) <= {"preset", "vocab_size", "max_position_embeddings"}, name
+    for name in ("demo-latent", "demo-cot"):
+        recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
+        with torch.device("meta"):
+            built = RecurrentLMModule(**recipe).model.config.to_dict()
+        shipped = json.loads((ROOT / "checkpoints" / name / "config.json").read_text())
+        fields = set(dict(RecurrentLMModule(**recipe).hparams.architecture)) - {"preset"}
+        assert {k: built[k] for k in fields} == {k: shipped[k] for k in fields}, name

@@ -30,7 +30,7 @@ from recurrent_lm.recipes import resolve_recipe
 from recurrent_lm.tokenization import task_tokenizer
 
 from .data import RecurrentDataModule
-from .module import ModelSpec, RecurrentLMModule, build_config
+from .module import ArchitectureSpec, RecurrentLMModule, build_config, saved_architecture
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -192,9 +192,10 @@ def unsafe_checkpoint(path) -> ValueError:
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Export a training checkpoint as a transformers directory (weights, config, tokenizer)."""
     state = load_checkpoint(checkpoint)
-    if "hyper_parameters" not in state or "model" not in state["hyper_parameters"]:
+    architecture = saved_architecture(state)
+    if architecture is None:
         raise ValueError(f"{checkpoint} is not a checkpoint of `rlm train`")
-    model = RecurrentLM(build_config(ModelSpec(**state["hyper_parameters"]["model"])))
+    model = RecurrentLM(build_config(ArchitectureSpec(**architecture)))
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
     model.load_state_dict(weights, strict=True)
     data = state.get("datamodule_hyper_parameters", {})

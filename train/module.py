@@ -15,33 +15,53 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
+from recurrent_lm.config import PRESETS
 from recurrent_lm.evaluation import accuracy, answer_problems
 from recurrent_lm.depth import StepCounts, sample_num_steps
 
-# The model's options as a typed dataclass, built from RecurrentConfig's own fields (one list of options, not two),
-# so LightningCLI validates every `model.*` key and lists it in --help.
+# The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
+# to override in it, built from RecurrentConfig's own fields (one list of options, not two) so that LightningCLI
+# validates every `model.architecture.*` key and lists it in --help. A field left at None keeps the preset's value.
 _OWN_FIELDS = [f for f in dataclasses.fields(RecurrentConfig) if f.name in RecurrentConfig.__annotations__
                and f.name not in ("use_cache",)]
-ModelSpec = dataclasses.make_dataclass(
-    "ModelSpec", [(f.name, f.type, dataclasses.field(default=f.default)) for f in _OWN_FIELDS], frozen=True)
-ModelSpec.__doc__ = RecurrentConfig.__doc__
-ModelSpec.__module__ = __name__  # importable by name, so DDP-spawned processes can unpickle it
+ArchitectureSpec = dataclasses.make_dataclass(
+    "ArchitectureSpec",
+    [("preset", Literal[tuple(PRESETS)] | None, dataclasses.field(default=None))]
+    + [(f.name, f.type | None, dataclasses.field(default=None)) for f in _OWN_FIELDS], frozen=True)
+ArchitectureSpec.__doc__ = ("A model shape: `preset` names one of recurrent_lm.config.PRESETS (none: RecurrentConfig's "
+                            "defaults, Huginn-0125's shape); every other field overrides the preset's value.\n\n"
+                            + RecurrentConfig.__doc__)
+ArchitectureSpec.__module__ = __name__  # importable by name, so DDP-spawned processes can unpickle it
 
 
-def build_config(spec, **extra) -> RecurrentConfig:
-    """The RecurrentConfig of a model spec; an impossible shape is a one-line error naming the field."""
+def build_config(spec) -> RecurrentConfig:
+    """The RecurrentConfig of an architecture spec; an impossible shape is a one-line error naming the field."""
+    fields = {name: value for name, value in dataclasses.asdict(spec).items() if value is not None and name != "preset"}
     try:
-        return RecurrentConfig(**dataclasses.asdict(spec), **extra)
+        return RecurrentConfig.preset(spec.preset, **fields) if spec.preset else RecurrentConfig(**fields)
     except StrictDataclassError as error:  # huggingface_hub's validation error wraps the config's own message
         cause = error.__cause__ or error
-        raise ValueError(f"model.model: {str(cause).strip().splitlines()[-1].strip()}") from None
+        raise ValueError(f"model.architecture: {str(cause).strip().splitlines()[-1].strip()}") from None
+
+
+def resolved_spec(config: RecurrentConfig) -> "ArchitectureSpec":
+    """Every field of a config written out (no preset): what checkpoints record, so a run resumes and exports
+    the same shape even if a preset changes later."""
+    return ArchitectureSpec(**{f.name: getattr(config, f.name) for f in _OWN_FIELDS})
+
+
+def saved_architecture(checkpoint: dict) -> dict | None:
+    """The architecture a training checkpoint recorded (under "model" before it was named "architecture")."""
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    return hyper_parameters.get("architecture", hyper_parameters.get("model"))
 
 
 class RecurrentLMModule(L.LightningModule):
     """Trains a RecurrentLM.
 
     Args:
-        model: the model's shape (every field of RecurrentConfig).
+        architecture: the model's shape: `preset` (a name in recurrent_lm.config.PRESETS) and any RecurrentConfig
+            field to override, e.g. {preset: debug, vocab_size: 48}.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases or the qk bias).
         betas: AdamW betas.
@@ -59,7 +79,7 @@ class RecurrentLMModule(L.LightningModule):
         eval_cot: validation problems are answered with a chain of thought.
     """
 
-    def __init__(self, model: ModelSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
+    def __init__(self, architecture: ArchitectureSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
                  schedule: Literal["cosine", "wsd", "constant"] = "cosine", min_lr_ratio: float = 0.1,
                  decay_fraction: float = 0.2, fixed_num_steps: int | None = None, seed: int = 0,
@@ -75,22 +95,24 @@ class RecurrentLMModule(L.LightningModule):
             raise ValueError(f"fixed_num_steps must be >= 1, got {fixed_num_steps}")
         if any(d < 1 for d in eval_depths):
             raise ValueError(f"eval_depths must be >= 1, got {list(eval_depths)}")
-        spec = model if isinstance(model, ModelSpec) else ModelSpec(**model)
+        spec = architecture if isinstance(architecture, ArchitectureSpec) else ArchitectureSpec(**architecture)
+        config = build_config(spec)
         if fixed_num_steps is not None:  # the model's default (eval) depth, and its init, follow the fixed depth
-            spec = dataclasses.replace(spec, mean_recurrence=fixed_num_steps,
-                                       mean_backprop_depth=min(spec.mean_backprop_depth, fixed_num_steps))
-        self.save_hyperparameters({"model": dataclasses.asdict(spec)} | {
-            k: v for k, v in locals().items() if k not in ("self", "model", "spec", "__class__")})
-        self.spec = spec
-        self.model = RecurrentLM(build_config(spec))
+            config = build_config(dataclasses.replace(
+                resolved_spec(config), mean_recurrence=fixed_num_steps,
+                mean_backprop_depth=min(config.mean_backprop_depth, fixed_num_steps)))
+        self.spec = resolved_spec(config)
+        self.save_hyperparameters({"architecture": dataclasses.asdict(self.spec)} | {
+            k: v for k, v in locals().items() if k not in ("self", "architecture", "spec", "config", "__class__")})
+        self.model = RecurrentLM(config)
         self._step_started = None
 
     def on_load_checkpoint(self, checkpoint) -> None:
         """Resuming from a checkpoint of another architecture is a clear error, not a state-dict shape dump."""
-        saved = checkpoint.get("hyper_parameters", {}).get("model")
+        saved = saved_architecture(checkpoint)
         current = dataclasses.asdict(self.spec)
-        if saved is not None and saved != current:
-            differences = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        differences = {k: (saved.get(k), v) for k, v in current.items() if saved is not None and saved.get(k) != v}
+        if differences:
             raise ValueError(f"the checkpoint is of another architecture, (checkpoint, config): {differences}")
 
     # --- depth per step ----------------------------------------------------------------------------------------------
