@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from recurrent_lm.adaptive import threshold_grid
-from recurrent_lm.evaluation import Answer, answer_flops, answer_problems
+from recurrent_lm.answering import Answer, answer_flops, answer_problems
 from recurrent_lm.problem import Problem
 
 from .methods import Method

@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(vocab_size=256, hidden_size=128, num_attention_heads=4, intermediate_size=320,
                  num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=6,
                  mean_backprop_depth=3, max_position_embeddings=256),
-    # ~83M parameters (about 100M with its vocabulary and depth): a first GPU pretraining run (configs/gpu-100m.yaml)
+    # ~83M parameters: a first GPU pretraining run (configs/gpu-100m.yaml)
     "100m": dict(vocab_size=32768, hidden_size=768, num_attention_heads=12, intermediate_size=2048,
                  num_prelude_layers=2, num_core_layers=4, num_coda_layers=2, mean_recurrence=8,
                  mean_backprop_depth=4, max_position_embeddings=1024),

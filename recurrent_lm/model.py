@@ -207,7 +207,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
     # --- the three stages ------------------------------------------------------------------------------------------
 
-    def embed(self, input_ids: Tensor, rope, mask, cache=None) -> Tensor:
+    def run_prelude(self, input_ids: Tensor, rope, mask, cache=None) -> Tensor:
+        """Token embedding (times sqrt(d)) and the prelude blocks: e, the input every core step re-injects."""
         x = self.embed_tokens(input_ids) * self.config.embedding_scale
         for i, block in enumerate(self.prelude):
             x = block(x, rope, mask, cache, ("prelude", i))
@@ -227,8 +228,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             x = block(x, rope, mask, cache, ("core", i, step), frozen)
         return x
 
-    def decode(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0) -> Tensor:
-        """Shared norm -> coda -> shared norm -> LM head; logits in float32."""
+    def predict_from_latent(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0) -> Tensor:
+        """Logits from a latent state: shared norm -> coda blocks -> shared norm -> LM head, in float32."""
         x = self.norm(state)
         for i, block in enumerate(self.coda):
             x = block(x, rope, mask, cache, ("coda", i))
@@ -311,7 +312,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
         if cache is not None:
             cache.begin(seq_len)
-        embedded = self.embed(input_ids, rope, mask, cache)
+        embedded = self.run_prelude(input_ids, rope, mask, cache)
         state = self._start_state(embedded, initial_state, init_scale, generator)
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
         state, states, steps_used = self._recur(state, embedded, depth, rope, mask, cache, exit_rule,
@@ -320,8 +321,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         step_logits = None
         if output_step_logits:  # the logit lens: decode every step, without writing the coda's cache for them
             lens_cache = cache.read_only() if cache is not None else None
-            step_logits = tuple(self.decode(s, rope, mask, lens_cache, logits_to_keep) for s in states)
-        logits = self.decode(state, rope, mask, cache, logits_to_keep)
+            step_logits = tuple(self.predict_from_latent(s, rope, mask, lens_cache, logits_to_keep) for s in states)
+        logits = self.predict_from_latent(state, rope, mask, cache, logits_to_keep)
 
         loss = None
         if labels is not None:
@@ -368,7 +369,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
             if tracker is not None and step + 1 < total:
-                logits = self.decode(state, rope, mask, lens_cache) if exit_rule.needs_logits else None
+                logits = self.predict_from_latent(state, rope, mask, lens_cache) if exit_rule.needs_logits else None
                 done = tracker.converged(step + 1, state, logits)
                 newly = done if exited is None else done & ~exited
                 steps_used = torch.where(newly, step + 1, steps_used)

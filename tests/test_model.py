@@ -289,16 +289,6 @@ def test_cached_continuation_matches_full_forward(tiny_model):
     assert cache.get_seq_length() == 12
 
 
-@pytest.mark.parametrize("name", ["debug", "huginn-0125"])
-def test_model_yaml_configs_match_presets(name):
-    import yaml
-
-    from .conftest import FIXTURES
-
-    fields = yaml.safe_load((FIXTURES.parent.parent / "configs" / "model" / f"{name}.yaml").read_text())
-    assert RecurrentConfig(**fields).to_dict() == RecurrentConfig.preset(name).to_dict()
-
-
 def test_huginn_0125_shape_has_the_published_parameter_counts():
     with torch.device("meta"):
         model = RecurrentLM(RecurrentConfig())

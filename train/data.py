@@ -69,24 +69,24 @@ class RecurrentDataModule(L.LightningDataModule):
         return AutoTokenizer.from_pretrained(self.hparams.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
-        hp, trainer = self.hparams, self.trainer
+        options, trainer = self.hparams, self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if hp.text_files:
-            stream = TextStream(hp.text_files, self.tokenizer, hp.seq_len, rank=rank, world_size=world)
-            return DataLoader(stream, batch_size=hp.batch_size, num_workers=hp.num_workers)
+        if options.text_files:
+            stream = TextStream(options.text_files, self.tokenizer, options.seq_len, rank=rank, world_size=world)
+            return DataLoader(stream, batch_size=options.batch_size, num_workers=options.num_workers)
         # A resumed run starts at the batch after the last one it trained on: no batch repeated or skipped.
         done = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
-        stream = TaskStream(hp.tasks, self.tokenizer, hp.batch_size, self.curriculum, cot=hp.cot, loss_on=hp.loss_on,
-                            hints=hp.hints, seed=hp.seed, rank=rank, start_batch=done)
-        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0)
+        stream = TaskStream(options.tasks, self.tokenizer, options.batch_size, self.curriculum, cot=options.cot, loss_on=options.loss_on,
+                            hints=options.hints, seed=options.seed, rank=rank, start_batch=done)
+        return DataLoader(stream, batch_size=None, num_workers=options.num_workers,
+                          persistent_workers=options.num_workers > 0)
 
     def validation_problems(self):
-        hp = self.hparams
-        if hp.val_problems:
-            return load_jsonl(hp.val_problems)
-        difficulties = hp.val_difficulties or list(range(hp.min_difficulty, hp.max_difficulty + 1))
-        return heldout_problems(hp.tasks, difficulties, hp.val_problems_per_difficulty)
+        options = self.hparams
+        if options.val_problems:
+            return load_jsonl(options.val_problems)
+        difficulties = options.val_difficulties or list(range(options.min_difficulty, options.max_difficulty + 1))
+        return heldout_problems(options.tasks, difficulties, options.val_problems_per_difficulty)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.hparams.tasks and not self.hparams.val_problems:

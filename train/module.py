@@ -16,7 +16,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.config import PRESETS
-from recurrent_lm.evaluation import accuracy, answer_problems
+from recurrent_lm.answering import accuracy, answer_problems
 from recurrent_lm.depth import StepCounts, sample_num_steps
 
 # The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
@@ -167,15 +167,15 @@ class RecurrentLMModule(L.LightningModule):
             if not parameter.requires_grad:
                 continue
             (decay if parameter.ndim == 2 else no_decay).append(parameter)  # matrices decay; norms, biases don't
-        hp = self.hparams
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+        hparams = self.hparams
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hparams.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=hp.learning_rate, betas=tuple(hp.betas))
+                                      lr=hparams.learning_rate, betas=tuple(hparams.betas))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        if total is None and hp.schedule != "constant":
-            raise ValueError(f"schedule {hp.schedule!r} needs trainer.max_steps")
+        if total is None and hparams.schedule != "constant":
+            raise ValueError(f"schedule {hparams.schedule!r} needs trainer.max_steps")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, hp.warmup_steps, total, hp.schedule, hp.min_lr_ratio, hp.decay_fraction))
+            step, hparams.warmup_steps, total, hparams.schedule, hparams.min_lr_ratio, hparams.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
