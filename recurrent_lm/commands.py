@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
 from .loading import load_model, load_tokenizer
-from .tasks import TASKS, get_task, parse_int_list, save_jsonl
-from .tokenization import task_tokenizer, train_bpe_tokenizer
+from .tasks import TASKS, get_task, parse_int_list, save_jsonl, task_tokenizer
+from .tokenization import train_bpe_tokenizer
 
 
 def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bool = False) -> None:

@@ -192,7 +192,7 @@ def text_source(source: str | Sequence[str]) -> tuple[str, list[Path] | str]:
 def load_text_dataset(source: str | Sequence[str], split: str = "train", streaming: bool = False):
     """A datasets.Dataset (or IterableDataset when streaming) from local files or, for users with network, a hub
     dataset named hub:NAME. Local files: .txt (one document per line), .json/.jsonl, .parquet."""
-    import datasets
+    import datasets  # imported when text data is loaded (it takes seconds), not with every evaluation
 
     builder, files = text_source(source)
     if builder == "hub":

@@ -14,15 +14,19 @@ Dense supervision: a problem may carry `hints`, (offset, target) pairs inside th
 prompt up to this offset, the model should predict `target`" (e.g. the value of each variable right after its
 statement). The data pipeline turns them into extra labels on prompt positions (the label differs from the next
 input token), so one sequence supervises every intermediate result without writing it into the input.
+
+The tasks' character tokenizer (`task_tokenizer`) sits beside the registry: it covers exactly their alphabets.
 """
 
 import json
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .problem import Problem, Task
 from .reasoning_gym import ReasoningGymTask
+from .tokenization import RecurrentCharacterTokenizer, character_tokenizer
 
 
 # --- 1. variable tracking: arithmetic chains modulo a small prime -------------------------------------------------
@@ -163,3 +167,11 @@ def parse_int_list(text: str, name: str = "list") -> list[int]:
                              "(recurrent_lm.tasks.MAX_LIST_LENGTH)")
         values += range(low, high + 1)
     return values
+
+
+def task_tokenizer(task_names: Iterable[str]) -> RecurrentCharacterTokenizer:
+    """A character tokenizer covering every character the given tasks render."""
+    alphabet = "".join(get_task(name).alphabet for name in task_names)
+    if not alphabet:
+        raise ValueError(f"tasks {list(task_names)} have free-text alphabets: train a BPE tokenizer instead")
+    return character_tokenizer(alphabet)

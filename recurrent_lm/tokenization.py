@@ -10,7 +10,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from .special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS, THINK_END, THINK_START
-from .tasks import get_task
 
 
 
@@ -57,14 +56,6 @@ def character_tokenizer(alphabet: Iterable[str]) -> "RecurrentCharacterTokenizer
     return RecurrentCharacterTokenizer(tokenizer_object=bos_first(backend), bos_token=BOS, eos_token=EOS, pad_token=PAD,
                               additional_special_tokens=[THINK_START, THINK_END], alphabet="".join(characters),
                               padding_side="left")
-
-
-def task_tokenizer(task_names: Iterable[str]) -> "RecurrentCharacterTokenizer":
-    """A character tokenizer covering every character the given tasks render."""
-    alphabet = "".join(get_task(name).alphabet for name in task_names)
-    if not alphabet:
-        raise ValueError(f"tasks {list(task_names)} have free-text alphabets: train a BPE tokenizer instead")
-    return character_tokenizer(alphabet)
 
 
 def train_bpe_tokenizer(files: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:

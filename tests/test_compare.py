@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.eval.budget_forcing import best_of_n, budget_forced_generate, majority_vote, s1_metrics
 from recurrent_lm.eval.compare import compare
 from recurrent_lm.eval.cot import cot_runs
-from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.flops import causal_lm_generation_flops
-from recurrent_lm.tasks import get_task
-from recurrent_lm.tokenization import THINK_END, character_tokenizer, task_tokenizer
+from recurrent_lm.tasks import get_task, task_tokenizer
+from recurrent_lm.tokenization import THINK_END, character_tokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzW0123456789=+-*;?"
 

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from recurrent_lm.data import IGNORE, Curriculum, TaskStream, TextStream, collate, encode_problem, pack
-from recurrent_lm.tasks import TASKS
-from recurrent_lm.tokenization import SPECIAL_TOKENS, task_tokenizer, train_bpe_tokenizer
+from recurrent_lm.tasks import TASKS, task_tokenizer
+from recurrent_lm.tokenization import SPECIAL_TOKENS, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,6 @@ def test_prompt_ids_follow_the_tokenizers_own_rules():
 
     from recurrent_lm.data import prompt_ids
     from recurrent_lm.tasks import get_task
-    from recurrent_lm.tokenization import task_tokenizer
 
     problem = get_task("chain").problems(2, 1, seed=5)[0]
     ours = task_tokenizer(["chain"])

@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from recurrent_lm.eval.lm_eval import lm_eval_sweep  # noqa: E402
 from recurrent_lm.eval.lm_eval_model import RecurrentLMEval  # noqa: E402
 from recurrent_lm import RecurrentConfig, RecurrentLM  # noqa: E402
-from recurrent_lm.tokenization import task_tokenizer  # noqa: E402
+from recurrent_lm.tasks import task_tokenizer  # noqa: E402
 
 TOY = Path(__file__).parent / "fixtures" / "lm_eval" / "toy.jsonl"
 

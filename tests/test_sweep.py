@@ -5,11 +5,10 @@ import json
 
 import pytest
 
-from recurrent_lm.eval.sweep import sweep
 from recurrent_lm.answering import answer_problems
+from recurrent_lm.eval.sweep import sweep
 from recurrent_lm.loading import load_model, load_tokenizer
-from recurrent_lm.tasks import get_task, save_jsonl
-from recurrent_lm.tokenization import task_tokenizer
+from recurrent_lm.tasks import get_task, save_jsonl, task_tokenizer
 
 from .test_train import train
 

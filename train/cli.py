@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from recurrent_lm import RecurrentLM
 from recurrent_lm.recipes import resolve_recipe
-from recurrent_lm.tokenization import task_tokenizer
+from recurrent_lm.tasks import task_tokenizer
 
 from .data import RecurrentDataModule
 from .module import ArchitectureSpec, RecurrentLMModule, build_config, saved_architecture

@@ -10,8 +10,7 @@ from transformers import AutoTokenizer
 
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems,
                                text_source)
-from recurrent_lm.tasks import get_task, load_jsonl
-from recurrent_lm.tokenization import task_tokenizer
+from recurrent_lm.tasks import get_task, load_jsonl, task_tokenizer
 
 
 class RecurrentDataModule(L.LightningDataModule):
