@@ -7,10 +7,14 @@
 - cache bytes per token for each cache strategy (full, and rings of N slots).
 - mean core steps per token with kl adaptive exit at a few thresholds (an untrained model converges quickly;
   run it on a trained checkpoint with --model DIR for meaningful numbers).
+- batched adaptive exit (latent-diff, no coda pass per step): wall time per token against fixed depth at the
+  maximum and at the adaptive run's own mean depth. Rows whose every position has exited are not computed, so
+  the adaptive run should cost about what its mean depth costs, not what its deepest row costs.
 Run: python benchmarks/generate.py [--model DIR] [--new-tokens 128] [--steps 8]
 """
 
 import argparse
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exit-threshold", type=float, default=0.03, help="latent-diff threshold of the batched run")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -77,6 +82,20 @@ def main() -> None:
             out = ours.generate(ids, num_steps=4 * args.steps, exit_criterion="kl", exit_threshold=threshold,
                                 return_dict_in_generate=True, **{**fixed, "max_new_tokens": 32, "min_new_tokens": 32})
             print(f"  threshold {threshold:g}: mean {out.steps_per_token.float().mean():.2f} steps per token")
+
+        batch, deepest = max(args.batches), 4 * args.steps
+        ids = torch.randint(5, c.vocab_size, (batch, args.prompt))
+        tokens = dict(fixed, max_new_tokens=32, min_new_tokens=32)
+        adaptive = dict(num_steps=deepest, exit_criterion="latent-diff", exit_threshold=args.exit_threshold)
+        mean = float(ours.generate(ids, **adaptive, return_dict_in_generate=True, **tokens).steps_per_token.float().mean())
+        at_mean = max(1, round(mean))
+        t_adaptive, t_max, t_mean = paired_best_seconds(
+            lambda: ours.generate(ids, **adaptive, **tokens), lambda: ours.generate(ids, num_steps=deepest, **tokens),
+            lambda: ours.generate(ids, num_steps=at_mean, **tokens), repeats=args.repeats)
+        per_token = lambda t: 1000 * t / (batch * 32)  # noqa: E731
+        print(f"\nbatch {batch}, latent-diff < {args.exit_threshold:g}, max {deepest} steps: mean {mean:.2f} steps per token")
+        print(f"  ms per token: adaptive {per_token(t_adaptive):.2f}, fixed r={deepest} {per_token(t_max):.2f}, "
+              f"fixed r={at_mean} {per_token(t_mean):.2f}; adaptive / fixed at its mean depth = {t_adaptive / t_mean:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ import time
 import torch
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
-from recurrent_lm.data import Curriculum, TaskStream, heldout_problems
 from recurrent_lm.answering import accuracy, answer_problems
-from recurrent_lm.tasks import get_task
-from recurrent_lm.tasks import task_tokenizer
+from recurrent_lm.data import Curriculum, TaskStream, heldout_problems
+from recurrent_lm.tasks import get_task, task_tokenizer
 
 
 def main() -> None:

@@ -73,10 +73,12 @@ class RecurrentCache(Cache):
     def _previous_step(self, key: Hashable) -> DynamicLayer | None:
         return self._layer(("core", key[1], key[2] - 1)) if key[0] == "core" and key[2] > 0 else None
 
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable,
-               frozen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen: Tensor | None = None,
+               rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Store this call's keys and values at `key` and return those of every token so far. `frozen`: a (batch,
-        new tokens) bool mask of positions that exited earlier; they store their latest computed step's entries."""
+        new tokens) bool mask of positions that exited earlier; they store their latest computed step's entries.
+        `rows`: the batch rows these states belong to (adaptive exit computes only rows with a position still
+        running); the other rows store their latest computed step's entries, and only `rows` are returned."""
         layer = self._layer(key)
         if layer is None:
             self.slot_of[self.slot(key)] = len(self.layers)
@@ -85,17 +87,31 @@ class RecurrentCache(Cache):
         total, new = self.seen_tokens, key_states.shape[-2]  # tokens including this call's
         past, have = total - new, layer.get_seq_length()
         previous = self._previous_step(key)
-        if frozen is not None and previous is not None:  # frozen positions keep their latest computed entries
-            frozen = frozen[:, None, :, None]
-            key_states = torch.where(frozen, previous.keys[..., past:total, :], key_states)
-            value_states = torch.where(frozen, previous.values[..., past:total, :], value_states)
+        if previous is not None and (frozen is not None or rows is not None):  # the latest computed entries
+            latest_keys, latest_values = previous.keys[..., past:total, :], previous.values[..., past:total, :]
+            if frozen is not None:
+                frozen = frozen[:, None, :, None]
+                pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+                key_states = torch.where(frozen, pick(latest_keys), key_states)
+                value_states = torch.where(frozen, pick(latest_values), value_states)
+            if rows is not None:
+                key_states = latest_keys.index_copy(0, rows, key_states)
+                value_states = latest_values.index_copy(0, rows, value_states)
         if have == total:  # a ring slot this call already wrote at an earlier step: overwrite this call's part
             layer.keys[..., past:, :] = key_states
             layer.values[..., past:, :] = value_states
-            return layer.keys, layer.values
-        if have < past:  # earlier tokens never computed this step: they contribute their latest computed step
-            layer.update(previous.keys[..., have:past, :], previous.values[..., have:past, :])
-        return layer.update(key_states, value_states)
+            keys, values = layer.keys, layer.values
+        else:
+            if have < past:  # earlier tokens never computed this step: they contribute their latest computed step
+                layer.update(previous.keys[..., have:past, :], previous.values[..., have:past, :])
+            keys, values = layer.update(key_states, value_states)
+        if rows is not None:
+            return keys.index_select(0, rows), values.index_select(0, rows)
+        return keys, values
+
+    def row_view(self, rows: Tensor) -> "RowView":
+        """The cache as the batch rows `rows` see it (see update)."""
+        return RowView(self, rows)
 
     def read_only(self) -> "ReadOnlyCache":
         """A view whose update returns past + new keys/values without storing them (the logit lens decodes every
@@ -126,10 +142,30 @@ class ReadOnlyCache:
     def get_seq_length(self) -> int:
         return self.cache.get_seq_length()
 
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen=None) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen=None,
+               rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         layer = self.cache._layer(key)
         if layer is None or not layer.is_initialized:
             return key_states, value_states
         past = self.cache.get_seq_length() - key_states.shape[-2]
-        return (torch.cat([layer.keys[..., :past, :], key_states], dim=-2),
-                torch.cat([layer.values[..., :past, :], value_states], dim=-2))
+        keys, values = layer.keys[..., :past, :], layer.values[..., :past, :]
+        if rows is not None:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def row_view(self, rows: Tensor) -> "RowView":
+        return RowView(self, rows)
+
+
+class RowView:
+    """A cache seen by some batch rows only: adaptive exit runs a core step on the rows that still have a position
+    running, and their attention reads and writes through this view."""
+
+    def __init__(self, cache: "RecurrentCache | ReadOnlyCache", rows: Tensor):
+        self.cache, self.rows = cache, rows
+
+    def get_seq_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen=None) -> tuple[Tensor, Tensor]:
+        return self.cache.update(key_states, value_states, key, frozen, rows=self.rows)

@@ -357,26 +357,45 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         steps_used = torch.full(state.shape[:2], total, dtype=torch.long, device=state.device)
         tracker = exit_rule.tracker() if exit_rule is not None else None
         lens_cache = cache.read_only() if cache is not None else None
-        exited, states, injected = None, [], {}
+        exited, states, injected, rows = None, [], {}, None
         for step in range(total):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= depth.no_grad):
                 grad = torch.is_grad_enabled()
                 if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
                     injected[grad] = self.inject(embedded)
                 # exited positions write their latest computed entries into the cache at later steps
-                new_state = self.core_step(state, injected[grad], step, rope, mask, cache, frozen=exited)
+                new_state = self._step_rows(state, injected[grad], step, rope, mask, cache, exited, rows)
             state = new_state if exited is None else torch.where(exited[..., None], state, new_state)
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
             if tracker is not None and step + 1 < total:
-                logits = self.predict_from_latent(state, rope, mask, lens_cache) if exit_rule.needs_logits else None
+                logits = None
+                if exit_rule.needs_logits:  # rows that have exited are not decoded: their verdict stands
+                    logits = self._step_rows(state, None, step, rope, mask, lens_cache, None, rows, decode=True)
                 done = tracker.converged(step + 1, state, logits)
                 newly = done if exited is None else done & ~exited
                 steps_used = torch.where(newly, step + 1, steps_used)
                 exited = done if exited is None else exited | done
                 if bool(exited.all()):
                     break
+                active = ~exited.all(dim=1)  # rows with a position still running
+                rows = None if bool(active.all()) else active.nonzero().squeeze(1)
         return state, states, steps_used
+
+    def _step_rows(self, state, injected, step, rope, mask, cache, frozen, rows, decode=False) -> Tensor:
+        """A core step (or, with decode, the logit lens) on the batch rows `rows` only (None: every row), so that
+        rows whose every position has exited cost nothing; the other rows keep their state (zero logits)."""
+        if rows is None:
+            if decode:
+                return self.predict_from_latent(state, rope, mask, cache)
+            return self.core_step(state, injected, step, rope, mask, cache, frozen=frozen)
+        pick = lambda x: None if x is None else x.index_select(0, rows)  # noqa: E731
+        view = None if cache is None else cache.row_view(rows)
+        if decode:
+            logits = self.predict_from_latent(pick(state), pick(rope), pick(mask), view)
+            return logits.new_zeros(state.shape[:2] + logits.shape[2:]).index_copy(0, rows, logits)
+        new = self.core_step(pick(state), pick(injected), step, pick(rope), pick(mask), view, frozen=pick(frozen))
+        return state.index_copy(0, rows, new)
 
     # --- generation ------------------------------------------------------------------------------------------------
     # transformers' generate drives forward through two hooks: prepare_inputs_for_generation builds each call's

@@ -111,9 +111,43 @@ class ParityTask(Task):
         return Problem(self.name, difficulty, "".join(map(str, bits)) + "?", str(running), tuple(steps), tuple(hints))
 
 
+# --- 4. pointer chasing to a fixed point: difficulty without length -------------------------------------------
+
+
+class PointerTask(Task):
+    """acbkcc...pe?b  A table of 16 nodes a..p, each written with the node it points to (in alphabetical order, so
+    every problem has the same length and layout), then a start node. Following the pointers from the start reaches
+    a node that points to itself after k hops; that node is the answer, and difficulty = k. The input's length and
+    format never change with k: only the number of lookups does, which separates thinking longer from length
+    generalisation, and the self-loop makes extra lookups harmless (the answer is a fixed point). Every other node
+    hangs off the start's chain or off at least three other self-looping nodes, so a guess among fixed points is
+    right at most a quarter of the time. The chain of thought writes the node after each hop ("c;k;e;")."""
+
+    name = "pointer"
+    nodes = "abcdefghijklmnop"
+    max_difficulty = len(nodes) - 4  # the start's chain of k + 1 nodes leaves room for three other fixed points
+    alphabet = nodes + "?;"
+    description = "pointer chasing in a fixed 16-node table to a self-loop (difficulty = hops)"
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        order = rng.sample(self.nodes, len(self.nodes))
+        chain, rest = order[: difficulty + 1], order[difficulty + 1 :]
+        target = {a: b for a, b in zip(chain, chain[1:])}
+        target[chain[-1]] = chain[-1]
+        terminals = rest[: max(3, len(rest) // 4)]
+        for node in terminals:
+            target[node] = node
+        placed = chain + terminals
+        for node in rest[len(terminals) :]:  # hang off anything already placed: no cycle but the self-loops
+            target[node] = rng.choice(placed)
+            placed.append(node)
+        table = "".join(node + target[node] for node in self.nodes)
+        return Problem(self.name, difficulty, f"{table}?{chain[0]}", chain[-1], tuple(chain[1:]))
+
+
 # --- registry, JSONL ------------------------------------------------------------------------------------------------
 
-TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask())}
+TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask(), PointerTask())}
 
 
 def get_task(name: str) -> Task:

@@ -310,3 +310,36 @@ def test_generate_without_a_length_uses_transformers_default(tiny_model):
     plain = tiny_model.generate(ids, num_steps=2, do_sample=False, init_scale=0.0, exit_criterion="kl")
     spec = tiny_model.generate(ids, num_steps=2, do_sample=False, init_scale=0.0, draft_steps=1)
     assert plain.shape[1] > 4 and spec.sequences.shape[1] > 4
+
+
+@pytest.mark.parametrize("criterion, threshold, core_slots", [("kl", 1e-3, None), ("latent-diff", 0.05, None),
+                                                               ("cosine", 1e-3, 2)])
+def test_rows_that_have_exited_are_not_computed(huginn, criterion, threshold, core_slots):
+    """Batched adaptive generation runs each core step on the rows that still have a position running: fewer rows
+    than the batch once some have exited, with the sequences, depths and cache of each row generated alone."""
+    ids = torch.cat([prompt(1, 6, seed=s) for s in range(4)])
+    settings = dict(num_steps=16, max_new_tokens=5, do_sample=False, init_scale=0.0, exit_criterion=criterion,
+                    exit_threshold=threshold, core_slots=core_slots, return_dict_in_generate=True)
+    rows_computed, core_step = [], huginn.core_step
+
+    def counting_core_step(state, *args, **kwargs):
+        rows_computed.append(state.shape[0])
+        return core_step(state, *args, **kwargs)
+
+    huginn.core_step = counting_core_step
+    try:
+        both = huginn.generate(ids, **settings)
+    finally:
+        del huginn.core_step
+    assert min(rows_computed) < 4, "no step ran on fewer rows than the batch"
+    for i in range(4):
+        alone = huginn.generate(ids[i:i + 1], **settings)
+        assert both.sequences[i].tolist() == alone.sequences[0].tolist()
+        assert both.steps_per_token[i].tolist() == alone.steps_per_token[0].tolist()
+        if core_slots is not None:  # a ring slot a row alone never revisits holds an older step than in the batch
+            continue
+        cache_both, cache_alone = getattr(both, CACHE_NAME), getattr(alone, CACHE_NAME)
+        for key, index in cache_alone.slot_of.items():  # the batch ran on after this row had ended: compare its part
+            alone_keys = cache_alone.layers[index].keys[0]
+            both_keys = cache_both.layers[cache_both.slot_of[key]].keys[i, :, : alone_keys.shape[1]]
+            torch.testing.assert_close(both_keys, alone_keys)
