@@ -11,6 +11,7 @@ GOLDEN = {
     "chain": "m=1;n=m+1;o=n-5;z=o+6;z?",
     "permutation": "01234.42103.24031?",
     "parity": "101?",
+    "pointer": "apbicdddecflgphhiijdkelimhnnonpf?k",
 }
 
 
@@ -130,3 +131,24 @@ def test_cli_lists_and_samples(capsys):
     main(["tasks", "sample", "chain", "--difficulty", "3", "--n", "2", "--cot"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0] == "m=1;n=m+1;o=n-5;z=o+6;z?<think> | m=1;n=1+1=2;o=2-5=4;z=4+6=3;</think>3<eos>"
+
+
+def test_pointer_problems_keep_their_length_and_end_at_a_self_loop():
+    """Difficulty changes only the number of hops: every problem has the same length, its answer is the node
+    reached from the start after exactly k hops, and that node points to itself."""
+    task = TASKS["pointer"]
+    lengths = set()
+    for k in range(task.min_difficulty, task.max_difficulty + 1):
+        for problem in task.problems(k, 20, seed=3):
+            table, start = problem.question.split("?")
+            target = dict(zip(table[0::2], table[1::2]))
+            assert sorted(target) == list(task.nodes)  # every node once, in alphabetical order
+            node, path = start, []
+            for _ in range(k):
+                node = target[node]
+                path.append(node)
+            assert node == problem.answer and target[node] == node and list(problem.steps) == path
+            assert all(target[n] != n for n in [start, *path[:-1]])  # no fixed point before the k-th hop
+            assert sum(target[n] == n for n in task.nodes) >= 4  # guessing a fixed point is right <= 1/4
+            lengths.add(len(problem.question))
+    assert len(lengths) == 1

@@ -146,7 +146,7 @@ def test_depth_draws_depend_only_on_seed_and_step():
     assert len(set(draws)) > 3 and all(k == min(3, n + k) for n, k in draws)
 
 
-@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "gpu-100m", "huginn-0125"])
+@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "pointer-latent", "gpu-100m", "huginn-0125"])
 def test_every_config_parses(name, capsys):
     with pytest.raises(SystemExit) as exit:
         train_main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
@@ -249,10 +249,12 @@ def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
 
     from recurrent_lm.config import PRESETS
 
-    for name in ("debug", "demo-latent", "demo-cot", "gpu-100m", "huginn-0125"):
+    for name in ("debug", "demo-latent", "demo-cot", "pointer-latent", "gpu-100m", "huginn-0125"):
         recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
         assert recipe["architecture"]["preset"] in PRESETS, name
-        assert set(recipe["architecture"]) <= {"preset", "vocab_size", "max_position_embeddings"}, name
+        # width and layers come from the preset; a recipe may fit the vocabulary, the length and the training depth
+        assert set(recipe["architecture"]) <= {"preset", "vocab_size", "max_position_embeddings", "mean_recurrence",
+                                               "mean_backprop_depth"}, name
     for name in ("demo-latent", "demo-cot"):
         recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
         with torch.device("meta"):
@@ -260,3 +262,11 @@ def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
         shipped = json.loads((ROOT / "checkpoints" / name / "config.json").read_text())
         fields = set(dict(RecurrentLMModule(**recipe).hparams.architecture)) - {"preset"}
         assert {k: built[k] for k in fields} == {k: shipped[k] for k in fields}, name
+
+
+def test_extrapolation_recipe_trains_a_few_steps(tmp_path):
+    root = tmp_path / "pointer"
+    train_main(["--config", str(ROOT / "configs" / "pointer-latent.yaml"), "--trainer.max_steps", "3",
+                "--trainer.limit_val_batches", "0", "--data.batch_size", "8", "--trainer.default_root_dir", str(root),
+                "--trainer.logger.init_args.save_dir", str(root)])
+    assert (root / "model" / "model.safetensors").is_file() and len(logged(root, "train/loss")) > 0
