@@ -267,6 +267,7 @@ def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
 def test_extrapolation_recipe_trains_a_few_steps(tmp_path):
     root = tmp_path / "pointer"
     train_main(["--config", str(ROOT / "configs" / "pointer-latent.yaml"), "--trainer.max_steps", "3",
-                "--trainer.limit_val_batches", "0", "--data.batch_size", "8", "--trainer.default_root_dir", str(root),
+                "--trainer.limit_val_batches", "0", "--data.batch_size", "8", "--trainer.log_every_n_steps", "1",
+                "--trainer.default_root_dir", str(root),
                 "--trainer.logger.init_args.save_dir", str(root)])
     assert (root / "model" / "model.safetensors").is_file() and len(logged(root, "train/loss")) > 0
