@@ -146,7 +146,8 @@ def test_depth_draws_depend_only_on_seed_and_step():
     assert len(set(draws)) > 3 and all(k == min(3, n + k) for n, k in draws)
 
 
-@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "pointer-latent", "gpu-100m", "huginn-0125"])
+@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "pointer-latent", "pointer-cot", "gpu-100m",
+                                  "huginn-0125"])
 def test_every_config_parses(name, capsys):
     with pytest.raises(SystemExit) as exit:
         train_main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
@@ -249,7 +250,7 @@ def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
 
     from recurrent_lm.config import PRESETS
 
-    for name in ("debug", "demo-latent", "demo-cot", "pointer-latent", "gpu-100m", "huginn-0125"):
+    for name in ("debug", "demo-latent", "demo-cot", "pointer-latent", "pointer-cot", "gpu-100m", "huginn-0125"):
         recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
         assert recipe["architecture"]["preset"] in PRESETS, name
         # width and layers come from the preset; a recipe may fit the vocabulary, the length and the training depth
