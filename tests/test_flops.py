@@ -89,3 +89,26 @@ def test_generation_flops_of_any_causal_lm_match_torch():
                            do_sample=False, pad_token_id=0, init_scale=0.0)
     counted = causal_lm_generation_flops(recurrent, 10, 6, num_steps=3)
     assert abs(counted - counter.get_total_flops()) / counted < 0.05
+
+
+@pytest.mark.parametrize("criterion, threshold", [("latent-diff", 0.2), ("kl", 1e-2)])
+def test_batched_adaptive_generation_costs_what_the_counter_says(criterion, threshold):
+    """torch's count of a batched adaptive generate equals the sum over rows of the counter's value for the depths
+    each row's tokens used (rows that have exited are not computed), logit-lens passes included."""
+    from recurrent_lm.answering import Answer, answer_flops
+
+    torch.manual_seed(0)
+    config = RecurrentConfig.preset("debug")
+    model = RecurrentLM(config).eval()
+    ids = torch.randint(5, config.vocab_size, (3, 8))
+    settings = dict(num_steps=12, max_new_tokens=4, min_new_tokens=4, do_sample=False, init_scale=0.0,
+                    exit_criterion=criterion, exit_threshold=threshold, return_dict_in_generate=True, eos_token_id=None,
+                    pad_token_id=0)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model.generate(ids, **settings)
+    steps = out.steps_per_token
+    assert len(set(steps.flatten().tolist())) > 1, "rows and tokens should exit at different depths"
+    counted = sum(answer_flops(config, Answer(None, "", None, 0.0, 4, 8, steps[i].tolist(),
+                                              int(out.prompt_steps[i].max())), 12, criterion) for i in range(3))
+    measured = counter.get_total_flops()
+    assert abs(counted - measured) / measured < 0.05
