@@ -107,7 +107,8 @@ class TaskStream(IterableDataset):
     """
 
     def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int, curriculum: Curriculum, cot: bool = False,
-                 loss_on: str = "answer", hints: bool = False, seed: int = 0, rank: int = 0, start_batch: int = 0):
+                 loss_on: str = "answer", hints: bool = False, seed: int = 0, rank: int = 0, start_batch: int = 0,
+                 difficulty_per_batch: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tasks = [get_task(name) for name in tasks]
@@ -119,15 +120,23 @@ class TaskStream(IterableDataset):
         self.tokenizer, self.batch_size, self.curriculum = tokenizer, batch_size, curriculum
         self.cot, self.loss_on, self.hints = cot, loss_on, hints
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
+        self.difficulty_per_batch = difficulty_per_batch
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Batch `index`. With difficulty_per_batch, all its problems share one difficulty, drawn from (seed, index)
+        alone (the same on every rank, so a depth tied to it is too) and returned as batch["difficulty"]."""
         rng = random.Random(f"train/{self.seed}/{self.rank}/{index}")
+        shared = self.curriculum.sample(index, random.Random(f"difficulty/{self.seed}/{index}"))
         examples = []
         for _ in range(self.batch_size):
             task = rng.choice(self.tasks)
-            problem = task.generate(self.curriculum.sample(index, rng), rng)
+            difficulty = shared if self.difficulty_per_batch else self.curriculum.sample(index, rng)
+            problem = task.generate(difficulty, rng)
             examples.append(encode_problem(self.tokenizer, task, problem, self.cot, self.loss_on, self.hints))
-        return collate(examples, self.tokenizer.pad_token_id)
+        batch = collate(examples, self.tokenizer.pad_token_id)
+        if self.difficulty_per_batch:
+            batch["difficulty"] = torch.full((self.batch_size,), shared, dtype=torch.long)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()

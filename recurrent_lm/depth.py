@@ -99,6 +99,17 @@ def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch
     return StepCounts(depth - with_grad, with_grad)
 
 
+def difficulty_num_steps(difficulty: int, steps_per_difficulty: int, extra_steps: int, backprop_depth: int,
+                         generator: torch.Generator | None = None) -> StepCounts:
+    """A training depth tied to the problem's size (Fan et al. 2024, looped transformers): difficulty x
+    steps_per_difficulty steps, plus 0..extra_steps more drawn uniformly, so the model learns that steps past the
+    needed ones must leave a solved state alone. Only the last `backprop_depth` steps get gradients."""
+    extra = int(torch.randint(0, extra_steps + 1, (), generator=generator)) if extra_steps else 0
+    depth = max(1, difficulty * steps_per_difficulty + extra)
+    with_grad = min(backprop_depth, depth)
+    return StepCounts(depth - with_grad, with_grad)
+
+
 def check_depths(depths: list[int], option: str = "--steps") -> list[int]:
     """Test-time depths to evaluate, as an option gives them: at least one, each >= 1."""
     if not depths or any(isinstance(d, bool) or not isinstance(d, Integral) or d < 1 for d in depths):

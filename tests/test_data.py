@@ -223,3 +223,19 @@ def test_prompt_ids_follow_the_tokenizers_own_rules():
     assert no_bos.bos_token_id is None
     assert prompt_ids(no_bos, problem) == no_bos(get_task("chain").prompt(problem)).input_ids
     assert None not in prompt_ids(no_bos, problem)
+
+
+def test_one_difficulty_per_batch_is_the_same_on_every_rank():
+    tokenizer = task_tokenizer(["pointer"])
+    curriculum = Curriculum(1, 4)
+    streams = [TaskStream(["pointer"], tokenizer, 8, curriculum, rank=rank, difficulty_per_batch=True) for rank in (0, 1)]
+    seen = set()
+    for index in range(12):
+        batches = [stream.batch(index) for stream in streams]
+        difficulty = batches[0]["difficulty"]
+        assert (difficulty == difficulty[0]).all() and torch.equal(difficulty, batches[1]["difficulty"])
+        assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])  # each rank its own problems
+        seen.add(int(difficulty[0]))
+    assert seen == {1, 2, 3, 4}
+    plain = TaskStream(["pointer"], tokenizer, 8, curriculum).batch(0)
+    assert "difficulty" not in plain

@@ -272,3 +272,19 @@ def test_extrapolation_recipe_trains_a_few_steps(tmp_path):
                 "--trainer.default_root_dir", str(root),
                 "--trainer.logger.init_args.save_dir", str(root)])
     assert (root / "model" / "model.safetensors").is_file() and len(logged(root, "train/loss")) > 0
+
+
+def test_depth_tied_to_difficulty():
+    """steps_per_difficulty: k hops train at k..k + extra_steps steps, the draw a pure function of (seed, step, k)."""
+    from recurrent_lm.depth import difficulty_num_steps
+
+    draws = {difficulty_num_steps(3, 1, 2, 3, torch.Generator().manual_seed(s)) for s in range(50)}
+    assert {n + k for n, k in draws} == {3, 4, 5} and all(k == 3 for _, k in draws)
+    assert difficulty_num_steps(2, 2, 0, 8) == (0, 4)
+    module = RecurrentLMModule({"preset": "debug"}, steps_per_difficulty=1, extra_steps=1)
+    assert module.num_steps_for(5, difficulty=4) == module.num_steps_for(5, difficulty=4)
+    assert {sum(module.num_steps_for(step, difficulty=4)) for step in range(30)} == {4, 5}
+    with pytest.raises(ValueError, match="data.difficulty_per_batch"):
+        module.num_steps_for(0)
+    with pytest.raises(ValueError, match="steps_per_difficulty"):
+        RecurrentLMModule({"preset": "debug"}, steps_per_difficulty=1, fixed_num_steps=1)

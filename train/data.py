@@ -27,6 +27,8 @@ class RecurrentDataModule(L.LightningDataModule):
         max_difficulty: hardest training problems.
         curriculum_batches: the hardest difficulty grows from min to max over this many batches (0: from the
             start).
+        difficulty_per_batch: every batch holds problems of one difficulty (the same on every rank), passed to the
+            model as batch["difficulty"]: what model.steps_per_difficulty ties the training depth to.
         cot: render problems with a chain of thought (the CoT baseline).
         loss_on: "answer" (latent models: the answer only), "completion" (thinking + answer: CoT models) or "all".
         hints: add the tasks' dense intermediate targets (e.g. every variable's value) to the loss.
@@ -41,7 +43,7 @@ class RecurrentDataModule(L.LightningDataModule):
                  batch_size: int = 32, seq_len: int = 256, min_difficulty: int = 1, max_difficulty: int = 4,
                  curriculum_batches: int = 0, cot: bool = False, loss_on: str = "answer", hints: bool = False,
                  seed: int = 0, val_difficulties: list[int] | None = None, val_problems_per_difficulty: int = 32,
-                 val_problems: str | None = None, num_workers: int = 0):
+                 val_problems: str | None = None, num_workers: int = 0, difficulty_per_batch: bool = False):
         super().__init__()
         if bool(tasks) == bool(text_files):
             raise ValueError("give either tasks or text_files to train on")
@@ -75,8 +77,10 @@ class RecurrentDataModule(L.LightningDataModule):
             return DataLoader(stream, batch_size=options.batch_size, num_workers=options.num_workers)
         # A resumed run starts at the batch after the last one it trained on: no batch repeated or skipped.
         done = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
-        stream = TaskStream(options.tasks, self.tokenizer, options.batch_size, self.curriculum, cot=options.cot, loss_on=options.loss_on,
-                            hints=options.hints, seed=options.seed, rank=rank, start_batch=done)
+        stream = TaskStream(options.tasks, self.tokenizer, options.batch_size, self.curriculum, cot=options.cot,
+                            loss_on=options.loss_on,
+                            hints=options.hints, seed=options.seed, rank=rank, start_batch=done,
+                            difficulty_per_batch=options.difficulty_per_batch)
         return DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                           persistent_workers=options.num_workers > 0)
 

@@ -17,7 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.config import PRESETS
 from recurrent_lm.answering import accuracy, answer_problems
-from recurrent_lm.depth import StepCounts, sample_num_steps
+from recurrent_lm.depth import StepCounts, difficulty_num_steps, sample_num_steps
 
 # The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
 # to override in it, built from RecurrentConfig's own fields (one list of options, not two) so that LightningCLI
@@ -73,6 +73,11 @@ class RecurrentLMModule(L.LightningModule):
         decay_fraction: share of the steps spent decaying under "wsd".
         fixed_num_steps: train at this depth every step instead of sampling it (1 gives an ordinary transformer
             of prelude + core + coda layers: the chain-of-thought baseline).
+        steps_per_difficulty: tie the training depth to the batch's difficulty k instead of sampling it: k times
+            this many steps, plus 0..extra_steps more (needs data.difficulty_per_batch). Looped transformers that
+            learn one step of an algorithm per iteration this way extrapolate to larger k (Fan et al. 2024).
+        extra_steps: the most steps drawn on top of the tied depth, so that steps past a solved state learn to
+            leave it alone.
         seed: seeds the per-step depth draws and initial states, identically on every rank, so that DDP/FSDP
             ranks run the same number of steps and a resumed run repeats nothing.
         eval_depths: depths at which validation loss and accuracy are measured.
@@ -82,7 +87,8 @@ class RecurrentLMModule(L.LightningModule):
     def __init__(self, architecture: ArchitectureSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
                  schedule: Literal["cosine", "wsd", "constant"] = "cosine", min_lr_ratio: float = 0.1,
-                 decay_fraction: float = 0.2, fixed_num_steps: int | None = None, seed: int = 0,
+                 decay_fraction: float = 0.2, fixed_num_steps: int | None = None,
+                 steps_per_difficulty: int | None = None, extra_steps: int = 0, seed: int = 0,
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False):
         super().__init__()
         for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
@@ -93,6 +99,11 @@ class RecurrentLMModule(L.LightningModule):
                 raise ValueError(f"model.{name} must be {rule}, got {value}")
         if fixed_num_steps is not None and fixed_num_steps < 1:
             raise ValueError(f"fixed_num_steps must be >= 1, got {fixed_num_steps}")
+        if steps_per_difficulty is not None and (steps_per_difficulty < 1 or fixed_num_steps is not None):
+            raise ValueError(f"model.steps_per_difficulty must be >= 1 and excludes fixed_num_steps, got "
+                             f"{steps_per_difficulty}")
+        if extra_steps < 0:
+            raise ValueError(f"model.extra_steps must be >= 0, got {extra_steps}")
         if any(d < 1 for d in eval_depths):
             raise ValueError(f"eval_depths must be >= 1, got {list(eval_depths)}")
         spec = architecture if isinstance(architecture, ArchitectureSpec) else ArchitectureSpec(**architecture)
@@ -121,18 +132,26 @@ class RecurrentLMModule(L.LightningModule):
         """A random source that depends only on (seed, step, salt): the same on every rank and after a resume."""
         return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + step * 7 + salt)
 
-    def num_steps_for(self, global_step: int) -> StepCounts:
-        """(no-grad, grad) steps of a training step: a pure function of (seed, step), equal on every rank."""
-        fixed = self.hparams.fixed_num_steps
-        if fixed is not None:
-            return StepCounts(0, fixed)
-        config = self.model.config
-        return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, self._generator(global_step, salt=0))
+    def num_steps_for(self, global_step: int, difficulty: int | None = None) -> StepCounts:
+        """(no-grad, grad) steps of a training step: a pure function of (seed, step, and the batch's difficulty when
+        the depth is tied to it), equal on every rank."""
+        hparams, config = self.hparams, self.model.config
+        if hparams.fixed_num_steps is not None:
+            return StepCounts(0, hparams.fixed_num_steps)
+        generator = self._generator(global_step, salt=0)
+        if hparams.steps_per_difficulty is not None:
+            if difficulty is None:
+                raise ValueError("model.steps_per_difficulty ties the depth to each batch's difficulty: set "
+                                 "data.difficulty_per_batch: true")
+            return difficulty_num_steps(difficulty, hparams.steps_per_difficulty, hparams.extra_steps,
+                                        config.mean_backprop_depth, generator)
+        return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, generator)
 
     # --- training ------------------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_index):
-        num_steps = self.num_steps_for(self.global_step)
+        difficulty = int(batch["difficulty"][0]) if "difficulty" in batch else None
+        num_steps = self.num_steps_for(self.global_step, difficulty)
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                          num_steps=num_steps, generator=self._generator(self.global_step, salt=1))
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
