@@ -8,7 +8,7 @@ same model at its training depth stays <= 0.3. Writes a JSON of every cell and a
 difficulty and seed.
 
     python benchmarks/extrapolation.py --config pointer-latent --seeds 0 1 2
-    python benchmarks/extrapolation.py --config pointer-latent --seeds 0 --reuse   # evaluate runs trained before
+    python benchmarks/extrapolation.py --config pointer-latent --reuse   # evaluate (or finish) runs trained before
 """
 
 import argparse
@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
     parser.add_argument("--n", type=int, default=200, help="fresh problems per difficulty")
     parser.add_argument("--runs", type=Path, default=Path("runs/extrapolation"))
-    parser.add_argument("--reuse", action="store_true", help="evaluate models trained before instead of training")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate a seed's model trained before (RUNS/{config}-seed{seed}/model) if there is one")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="extra `rlm train` options")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results-extrapolation-{config}.json")
     args = parser.parse_args()
@@ -78,7 +79,8 @@ def main() -> None:
     out = args.out or BENCHMARKS / f"results-extrapolation-{config.stem}.json"
     for seed in args.seeds:
         run = args.runs / f"{config.stem}-seed{seed}"
-        model_dir, seconds = (run / "model", None) if args.reuse else train(config, seed, run, args.train_args)
+        reuse = args.reuse and (run / "model" / "config.json").is_file()
+        model_dir, seconds = (run / "model", None) if reuse else train(config, seed, run, args.train_args)
         model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         training_depth = model.config.mean_recurrence
         rows = run_methods([LatentDepth(model, tokenizer, args.steps)], problems, desc=f"seed {seed}")
