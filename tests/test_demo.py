@@ -86,3 +86,17 @@ def test_full_demo_on_the_shipped_checkpoints_shows_the_promised_effects(tmp_pat
     for difficulty in (1, 2, 3, 4):  # the CoT model rises with its thinking budget
         assert accuracy("cot-budget", "budget", 0, difficulty)["accuracy"] <= 0.1
         assert accuracy("cot-budget", "budget", 12 * difficulty, difficulty)["accuracy"] >= 0.9
+
+
+def test_shipped_pointer_model_thinks_longer_than_it_was_trained_to():
+    """The extrapolation bar on the shipped model, on fresh problems (not the ones the benchmark reports): trained
+    on 1-4 hops at depths <= 6, it solves 8 hops with more depth, and not at its training depth 4 (16 s here)."""
+    from recurrent_lm.answering import accuracy, answer_problems
+    from recurrent_lm.eval.demo import CHECKPOINTS
+    from recurrent_lm.loading import load_model, load_tokenizer
+    from recurrent_lm.tasks import get_task
+
+    model, tokenizer = load_model(CHECKPOINTS / "pointer-latent"), load_tokenizer(CHECKPOINTS / "pointer-latent")
+    problems = get_task("pointer").problems(8, 200, seed=31337)
+    at = {r: accuracy(answer_problems(model, tokenizer, problems, num_steps=r, init_scale=0.0)) for r in (4, 8, 16)}
+    assert at[4] <= 0.3 and at[8] >= 0.8 and at[16] >= 0.8
