@@ -28,10 +28,14 @@ class ChainRun(NamedTuple):
     flops: int
 
 
+def depth_kwargs(depth: int | None) -> dict[str, Any]:
+    """What a recurrent CoT model is run with at its depth (deterministic start); nothing for other models."""
+    return {"num_steps": depth, "init_scale": 0.0} if depth is not None else {}
+
+
 def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int | None, samples: int = 1,
              temperature: float = 0.0, batch_size: int = 32) -> list[list[ChainRun]]:
     """Budget-forced chains of thought, greedy, or `samples` > 1 sampled per problem; a list of runs per problem."""
-    depth_kwargs = {"num_steps": depth, "init_scale": 0.0} if depth is not None else {}
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if samples > 1 else dict(do_sample=False)
     per_problem = [[] for _ in problems]
     requests = [(index, problem) for index, problem in enumerate(problems) for _ in range(samples)]
@@ -39,7 +43,7 @@ def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int 
         chunk = requests[start : start + batch_size]
         prompts = [get_task(p.task).prompt(p, cot=True) for _, p in chunk]
         results = budget_forced_generate(model, tokenizer, prompts, max_thinking=budget,
-                                         max_answer_tokens=len(chunk[0][1].answer) + 3, **sampling, **depth_kwargs)
+                                         max_answer_tokens=len(chunk[0][1].answer) + 3, **sampling, **depth_kwargs(depth))
         for (index, problem), result in zip(chunk, results):
             answer = get_task(problem.task).parse_answer(result.answer_text.replace(tokenizer.pad_token or "\0", ""))
             flops = causal_lm_generation_flops(model, result.prompt_tokens, result.new_tokens, depth)
@@ -91,7 +95,7 @@ class ParallelSampling(Method):
                  batch_size: int = 32):
         self.model, self.tokenizer, self.budgets, self.budget = model, tokenizer, counts, budget
         self.temperature, self.depth, self.batch_size = temperature, depth, batch_size
-        self.scorer = model_logprob_scorer(model, **({"num_steps": depth, "init_scale": 0.0} if depth else {}))
+        self.scorer = model_logprob_scorer(model, **depth_kwargs(depth))
         self.pools: dict[tuple, tuple[list[list[tuple[ChainRun, float, int]]], float]] = {}
 
     def _samples(self, problems: list[Problem]) -> tuple[list[list[tuple[ChainRun, float, int]]], float]:

@@ -95,8 +95,7 @@ def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch
         mu = math.log(mean_recurrence - 1) - sigma**2 / 2
         rate = torch.exp(mu + sigma * torch.randn((), generator=generator))
         depth = int(torch.poisson(rate, generator=generator)) + 1
-    with_grad = min(backprop_depth, depth)
-    return StepCounts(depth - with_grad, with_grad)
+    return truncated(depth, backprop_depth)
 
 
 def difficulty_num_steps(difficulty: int, steps_per_difficulty: int, extra_steps: int, backprop_depth: int,
@@ -105,15 +104,18 @@ def difficulty_num_steps(difficulty: int, steps_per_difficulty: int, extra_steps
     steps_per_difficulty steps, plus 0..extra_steps more drawn uniformly, so the model learns that steps past the
     needed ones must leave a solved state alone. Only the last `backprop_depth` steps get gradients."""
     extra = int(torch.randint(0, extra_steps + 1, (), generator=generator)) if extra_steps else 0
-    depth = max(1, difficulty * steps_per_difficulty + extra)
+    return truncated(max(1, difficulty * steps_per_difficulty + extra), backprop_depth)
+
+
+def truncated(depth: int, backprop_depth: int) -> StepCounts:
+    """A training depth split for truncated backprop: only its last `backprop_depth` steps get gradients."""
     with_grad = min(backprop_depth, depth)
     return StepCounts(depth - with_grad, with_grad)
 
 
 def check_depths(depths: list[int], option: str = "--steps") -> list[int]:
     """Test-time depths to evaluate, as an option gives them: at least one, each >= 1."""
-    if not depths or any(isinstance(d, bool) or not isinstance(d, Integral) or d < 1 for d in depths):
+    depths = [_step_count(depth, option) for depth in depths]  # integers within MAX_NUM_STEPS
+    if not depths or min(depths) < 1:
         raise ValueError(f"{option} must all be >= 1 (at least one depth), got {depths}")
-    for depth in depths:
-        _step_count(depth, option)
-    return list(depths)
+    return depths

@@ -31,9 +31,10 @@ def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new
                   context_length: int = 0, batch_size: int = 1, logit_tokens: int | None = None,
                   lens_decodes: int = 0) -> FlopCount:
     """FLOPs of one forward call that feeds `new_tokens` tokens (per sequence) with `context_length` tokens already
-    in the cache, running `num_steps` core steps (as forward takes them: an int or a (no-grad, grad) pair), computing logits for
-    `logit_tokens` positions (default: all new tokens), plus `lens_decodes` extra passes of every new token through
-    the coda and the head (the logit lens that the kl, entropy-diff and argmax-stability exits read each step)."""
+    in the cache, running `num_steps` core steps (as forward takes them: an int or a (no-grad, grad) pair),
+    computing logits for `logit_tokens` positions (default: all new tokens), plus `lens_decodes` extra passes of
+    every new token through the coda and the head (the logit lens that the kl, entropy-diff and argmax-stability
+    exits read each step)."""
     steps = resolve_num_steps(num_steps).total
     if new_tokens < 0 or context_length < 0 or batch_size < 1:
         raise ValueError(f"need new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
@@ -85,7 +86,8 @@ def causal_lm_generation_flops(model, prompt_length: int, new_tokens: int, num_s
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     head_params = head.weight.numel() if head is not None else 0
     layers = config.num_hidden_layers
-    width = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = config.num_attention_heads * head_dim
 
     def forward(new: int, context: int, logits: int) -> int:
         return 2 * new * linear + 2 * logits * head_params + layers * 4 * new * (context + new) * width

@@ -7,7 +7,7 @@
 
 r ("num_steps") is chosen per call: at training time it is drawn at random so the model learns to use any depth,
 and at test time it is the knob that trades compute for accuracy. Read top to bottom: norms, rotary positions,
-attention, MLP, the sandwich block, the step-count sampler, then the model.
+attention, MLP, the sandwich block, then the model (recurrent_lm.depth resolves and draws r).
 """
 
 import functools
@@ -31,7 +31,6 @@ from .cache import CACHE_NAME, RecurrentCache, resolve_cache_argument
 from .config import RecurrentConfig
 from .depth import StepCounts, resolve_num_steps
 from .generation import GenerateDepthOutput, check_generation_args, speculative_generate, steps_per_generated_token
-
 
 
 class RMSNorm(nn.Module):
