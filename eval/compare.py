@@ -130,7 +130,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
             "n": n, "trained_max_difficulty": trained_max_difficulty, "findings": findings, "s1_metrics": metrics}
     write_results(out, rows, meta)
     write_results(out, metrics, {}, name="s1_metrics")
-    plots = plot_comparison(out, rows)
+    plots = plot_comparison(out, rows, trained_max_difficulty)
     write_compare_summary(out, latent, cot, rows, metrics, findings, plots)
     return {"rows": rows, "s1_metrics": metrics, "findings": findings, "out": str(out)}
 
@@ -186,8 +186,12 @@ def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9)
     return line
 
 
-def plot_comparison(out: Path, rows: list[dict]) -> list[str]:
+def plot_comparison(out: Path, rows: list[dict], trained_max_difficulty: int | None = None) -> list[str]:
+    """accuracy_vs_flops.png (a panel per difficulty), accuracy_vs_depth.png and accuracy_vs_budget.png (a line per
+    difficulty); difficulties above trained_max_difficulty are labelled as harder than any trained."""
     difficulties = sorted({r["difficulty"] for r in rows})
+    name = {d: f"difficulty {d}" + (" (untrained)" if trained_max_difficulty and d > trained_max_difficulty else "")
+            for d in difficulties}
     panels = {}
     for d in difficulties:
         series = {}
@@ -196,16 +200,16 @@ def plot_comparison(out: Path, rows: list[dict]) -> list[str]:
             series.setdefault(label, ([], []))
             series[label][0].append(r["flops_per_problem"])
             series[label][1].append(r["accuracy"])
-        panels[f"difficulty {d}"] = series
+        panels[name[d]] = series
     plots = [panel_plot(out / "accuracy_vs_flops.png", panels, "FLOPs per problem (log)", "accuracy",
                         "Latent depth vs chain of thought on one compute axis").name]
-    latent = {f"difficulty {d}": ([r["steps"] for r in select(rows, method="latent", difficulty=d)],
-                                  [r["accuracy"] for r in select(rows, method="latent", difficulty=d)])
+    latent = {name[d]: ([r["steps"] for r in select(rows, method="latent", difficulty=d)],
+                        [r["accuracy"] for r in select(rows, method="latent", difficulty=d)])
               for d in difficulties}
     plots.append(line_plot(out / "accuracy_vs_depth.png", latent, "latent depth (core steps)", "accuracy",
                            "Latent model: accuracy against test-time depth", logx=True).name)
-    budget = {f"difficulty {d}": ([max(r["budget"], 0.5) for r in select(rows, method="cot-budget", difficulty=d)],
-                                  [r["accuracy"] for r in select(rows, method="cot-budget", difficulty=d)])
+    budget = {name[d]: ([max(r["budget"], 0.5) for r in select(rows, method="cot-budget", difficulty=d)],
+                        [r["accuracy"] for r in select(rows, method="cot-budget", difficulty=d)])
               for d in difficulties}
     plots.append(line_plot(out / "accuracy_vs_budget.png", budget, "thinking budget (tokens; 0 shown at 0.5)", "accuracy",
                            "CoT model: accuracy against thinking budget (budget forcing)", logx=True).name)

@@ -1,29 +1,38 @@
 """`rlm demo`: the whole mission in one command on a laptop CPU, as a recipe of the public commands.
 
-1. models: the shipped checkpoints (checkpoints/demo-latent, checkpoints/demo-cot, made by `rlm train` with
-   configs/demo-latent.yaml and configs/demo-cot.yaml, each with a manifest), or retrained with the same configs
-   (--from-scratch), or trained for a few dozen steps (--quick, a smoke test of the pipeline);
+Two studies, each a pair of tiny models with the same unique parameters (a recurrent-depth one that answers
+directly, and a chain-of-thought one), trained on difficulties 1..4 of one task:
+- permutation (the S5 word problem): latent depth against every chain-of-thought method on one FLOPs axis;
+- extrapolation (pointer chasing in a fixed table): does more test-time depth solve problems harder than any
+  trained on, and what does chain of thought do on them?
+For each study:
+1. models: the shipped checkpoints (checkpoints/{name}, made by `rlm train` with configs/{name}.yaml, each with a
+   manifest), or retrained with the same configs (--from-scratch), or trained for a few dozen steps (--quick, a
+   smoke test of the pipeline);
 2. `rlm compare` on held-out problems, harder ones included: latent depth (deeper than trained) and adaptive exit
    against the CoT model's budget forcing, majority vote and best-of-n; its findings are the report's;
 3. the latent rows of that comparison written as a depth sweep (sweep/), with the latent dynamics of a few
-   problems traced step by step: every latent cell is answered once;
-4. report.md with the plots and tables, and results.json. Every statement in the report is computed from the
-   measurements, including when the expected effect does not show.
+   problems traced step by step: every latent cell is answered once.
+Then report.md with the plots and tables, and results.json. Every statement in the report is computed from the
+measurements, including when the expected effect does not show.
 """
 
 import csv
 import json
+import math
 import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
-from recurrent_lm.tasks import parse_int_list
+from recurrent_lm.tasks import get_task, parse_int_list
 from recurrent_lm.train.cli import train_main
 
 from .compare import compare
@@ -33,17 +42,45 @@ from .sweep import latent_dynamics, sweep_problems, write_sweep
 
 CHECKPOINTS = checkpoints_dir()
 CONFIGS = recipes_dir()
-TASK = "permutation"
-TRAINED_MAX_DIFFICULTY = 4  # configs/demo-*.yaml train on difficulties 1..4
+TRAINED_MAX_DIFFICULTY = 4  # every demo recipe trains on difficulties 1..4
 SEED = 1234  # the held-out problems' seed (training draws its problems from other seeds)
-
-# A permutation problem of difficulty k takes 12 * k thinking tokens ("42013>21430;" per permutation): the budgets
-# reach full chains at every trained difficulty (48 at k = 4) and at the harder k = 6 (72).
-FULL = dict(difficulties="1,2,3,4,6", n=100, steps="1,2,4,6,8,16,32", budgets="0,12,24,36,48,72", votes="1,2,4,8",
-            vote_budget=72, exit_thresholds=[1e-2, 1e-3, 1e-4])
-QUICK = dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,24", votes="1,2", vote_budget=24,
-             exit_thresholds=[1e-2])
 QUICK_TRAINING = ["--trainer.max_steps", "12", "--trainer.limit_val_batches", "0", "--data.batch_size", "16"]
+
+
+@dataclass(frozen=True)
+class Study:
+    """One task, its two models (recipe and checkpoint names) and the grid `rlm compare` runs on them."""
+
+    name: str  # its folder in the demo's output
+    title: str
+    task: str
+    latent: str
+    cot: str
+    about: str
+    full: dict = field(default_factory=dict)  # rlm compare's options
+    quick: dict = field(default_factory=dict)
+
+
+STUDIES = (
+    # A permutation problem of difficulty k takes 12 * k thinking tokens ("42013>21430;" per permutation): the
+    # budgets reach full chains at every trained difficulty (48 at k = 4) and at the harder k = 5 and 6 (60, 72).
+    Study("permutation", "Latent depth against chain of thought (permutation)", "permutation", "demo-latent",
+          "demo-cot", "The S5 word problem: compose k permutations of 5 elements. The latent model was trained with "
+          "a random depth per step (mean 4) and truncated backprop.",
+          full=dict(difficulties="1,2,3,4,5,6", n=100, steps="1,2,3,4,6,8,16,32", budgets="0,12,24,36,48,60,72",
+                    votes="1,2,4,8", vote_budget=72, exit_criterion="cosine", exit_thresholds=[1e-1, 1e-2, 1e-3]),
+          quick=dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,24", votes="1,2", vote_budget=24,
+                     exit_criterion="cosine", exit_thresholds=[1e-2])),
+    # A pointer problem of difficulty k takes 2 * k thinking tokens ("c;" per hop): 24 at k = 12.
+    Study("extrapolation", "Thinking longer than trained (pointer chasing)", "pointer", "pointer-latent",
+          "pointer-cot", "Follow k pointers through a fixed 16-node table to a node that points to itself; the input "
+          "never grows with k. The latent model was trained with its depth tied to k (k steps plus 0-2 more), "
+          "only on k <= 4, at depths <= 6.",
+          full=dict(difficulties="1,2,4,6,8,10,12", n=100, steps="1,2,4,6,8,12,16,24", budgets="0,4,8,12,16,24,32",
+                    votes="1,2,4,8", vote_budget=32, exit_criterion="cosine", exit_thresholds=[1e-1, 1e-2, 1e-3]),
+          quick=dict(difficulties="2,8", n=6, steps="1,8", budgets="0,16", votes="1,2", vote_budget=16,
+                     exit_criterion="cosine", exit_thresholds=[1e-2])),
+)
 
 
 def machine() -> str:
@@ -85,14 +122,14 @@ def train_model(name: str, out: Path, extra: list[str]) -> Path:
 
 def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = False, seed: int = 0,
          checkpoints: Path = CHECKPOINTS, overwrite: bool = False) -> dict:
-    """Train (or load) a tiny latent model and a tiny CoT model, sweep depth, budget and votes on held-out problems
-    (harder ones too), and write report.md, results.json and the plots.
+    """Train (or load) the two studies' tiny latent and CoT models, compare depth, budget and votes on held-out
+    problems (harder ones too), and write report.md, results.json and the plots.
 
     Args:
-        out: output folder.
-        quick: a smoke run of the same pipeline with tiny budgets (under 2 minutes; the numbers mean nothing).
-        from_scratch: retrain both models with configs/demo-latent.yaml and configs/demo-cot.yaml instead of using
-            the shipped checkpoints (35 minutes in all on 2 CPU cores; see the README).
+        out: output folder: report.md, results.json, the plots, and per study {study}/compare, {study}/sweep.
+        quick: a smoke run of the same pipeline with tiny budgets (a few minutes; the numbers mean nothing).
+        from_scratch: retrain the four models with their configs/*.yaml instead of using the shipped checkpoints
+            (about 100 minutes in all on 2 CPU cores; see the README).
         seed: training seed (weights, data stream, depth draws) of --from-scratch and --quick runs, to check that
             the conclusions hold across seeds; the held-out problems stay the same.
         checkpoints: the folder with the shipped checkpoints.
@@ -100,46 +137,73 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
     """
     out = prepare_output(out, overwrite)
     started = time.perf_counter()
-    settings = QUICK if quick else FULL
-    if quick or from_scratch:
-        seeds = ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed)]
-        extra = (QUICK_TRAINING if quick else []) + seeds
-        latent, cot = (train_model(name, out / "train", extra) for name in ("demo-latent", "demo-cot"))
-    else:
-        latent, cot = checkpoints / "demo-latent", checkpoints / "demo-cot"
-        for path in (latent, cot):
-            if not (path / "manifest.json").is_file():
-                raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
-    print(f"[demo] models: {latent}, {cot}", flush=True)
-
-    compare_result = compare(latent, cot, task=TASK, difficulties=settings["difficulties"], n=settings["n"],
-                             out=out / "compare", steps=settings["steps"], exit_criterion="kl",
-                             exit_thresholds=settings["exit_thresholds"], budgets=settings["budgets"],
-                             votes=settings["votes"], vote_budget=settings["vote_budget"], seed=SEED,
-                             trained_max_difficulty=TRAINED_MAX_DIFFICULTY)
-    sweep_rows = write_latent_sweep(out / "sweep", latent, compare_result["rows"], settings)
-    manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in
-                 (("latent", latent), ("cot", cot))}
-    results = {"task": TASK, "quick": quick, "from_scratch": from_scratch, "seed": seed, "settings": settings,
-               "models": {"latent": str(latent), "cot": str(cot)}, "manifests": manifests,
-               "findings": compare_result["findings"], "compare": compare_result["rows"],
-               "s1_metrics": compare_result["s1_metrics"], "sweep": sweep_rows,
-               "wall_seconds": round(time.perf_counter() - started, 1)}
+    results = {"quick": quick, "from_scratch": from_scratch, "seed": seed, "studies": {}}
+    for study in STUDIES:
+        results["studies"][study.name] = run_study(study, out, quick, from_scratch, seed, checkpoints)
+    results["findings"] = [f"{study.title}: {line}" for study in STUDIES
+                           for line in results["studies"][study.name]["findings"]]
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_report(out, results)
     print(f"[demo] wrote {report} and {out / 'results.json'} in {results['wall_seconds']:.0f} s", flush=True)
-    return {"out": str(out), "report": str(report), "findings": results["findings"], "rows": compare_result["rows"]}
+    return {"out": str(out), "report": str(report), "findings": results["findings"],
+            "rows": {name: study["compare"] for name, study in results["studies"].items()}}
 
 
-def write_latent_sweep(out: Path, latent: Path, rows: list[dict], settings: dict) -> list[dict]:
+def run_study(study: Study, out: Path, quick: bool, from_scratch: bool, seed: int, checkpoints: Path) -> dict:
+    settings = study.quick if quick else study.full
+    if quick or from_scratch:
+        seeds = ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed)]
+        extra = (QUICK_TRAINING if quick else []) + seeds
+        latent, cot = (train_model(name, out / "train", extra) for name in (study.latent, study.cot))
+    else:
+        latent, cot = checkpoints / study.latent, checkpoints / study.cot
+        for path in (latent, cot):
+            if not (path / "manifest.json").is_file():
+                raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
+    print(f"[demo] {study.name}: models {latent}, {cot}", flush=True)
+    options = {k: v for k, v in settings.items() if k != "n"}
+    result = compare(latent, cot, task=study.task, n=settings["n"], out=out / study.name / "compare", seed=SEED,
+                     trained_max_difficulty=TRAINED_MAX_DIFFICULTY, **options)
+    sweep_rows = write_latent_sweep(out / study.name / "sweep", study.task, latent, result["rows"], settings)
+    manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in
+                 (("latent", latent), ("cot", cot))}
+    return {"task": study.task, "settings": settings, "models": {"latent": str(latent), "cot": str(cot)},
+            "manifests": manifests, "findings": result["findings"],
+            "overlap": training_overlap(study.task, parse_int_list(settings["difficulties"], "--difficulties"),
+                                        manifests["latent"]),
+            "compare": result["rows"], "s1_metrics": result["s1_metrics"], "sweep": sweep_rows}
+
+
+def training_overlap(task_name: str, difficulties: list[int], manifest: dict) -> list[str]:
+    """Where a difficulty has so few distinct problems that the training stream drew most of them, held-out
+    problems are training problems: say so, with the expected share seen (uniform draws over the trained
+    difficulties, batch size x steps of the recipe)."""
+    recipe = yaml.safe_load(manifest["config_text"])
+    overrides = dict(zip(manifest["overrides"][::2], manifest["overrides"][1::2]))
+    option = lambda section, key: int(overrides.get(f"--{section}.{key}", recipe[section][key]))  # noqa: E731
+    trained = range(option("data", "min_difficulty"), option("data", "max_difficulty") + 1)
+    draws = option("data", "batch_size") * option("trainer", "max_steps") / len(trained)
+    notes = []
+    for difficulty in difficulties:
+        distinct = get_task(task_name).distinct_problems(difficulty)
+        if difficulty in trained and distinct is not None and draws / distinct > 0.01:
+            seen = 1 - math.exp(-draws / distinct)
+            notes.append(f"k = {difficulty}: only {distinct:,} distinct problems exist and training drew about "
+                         f"{draws:,.0f} at this difficulty, so about {seen:.0%} of the held-out problems are "
+                         "training problems: this number measures recall, not generalisation.")
+    return notes
+
+
+def write_latent_sweep(out: Path, task: str, latent: Path, rows: list[dict], settings: dict) -> list[dict]:
     """sweep/ from the comparison's latent rows (no cell answered twice), plus the traced latent dynamics of three
     problems of the hardest difficulty."""
     latent_rows = [r for r in rows if r["method"] in (LatentDepth.name, AdaptiveDepth.name)]
     difficulties = parse_int_list(settings["difficulties"], "--difficulties")
     depths = parse_int_list(settings["steps"], "--steps")
-    hardest = sweep_problems(TASK, None, [max(difficulties)], 3, SEED)[max(difficulties)]
+    hardest = sweep_problems(task, None, [max(difficulties)], 3, SEED)[max(difficulties)]
     traces = latent_dynamics(load_model(latent), load_tokenizer(latent), hardest, max(depths))
-    meta = {"model": str(latent), "task": TASK, "seed": SEED, "depths": depths, "difficulties": difficulties,
+    meta = {"model": str(latent), "task": task, "seed": SEED, "depths": depths, "difficulties": difficulties,
             "n": settings["n"], "adaptive_max_steps": max(depths)}
     write_sweep(prepare_output(out, overwrite=False), latent, latent_rows, traces, meta)
     return latent_rows
@@ -151,34 +215,44 @@ def reproduce_command(results: dict) -> str:
             + (f" --seed {results['seed']}" if trains and results["seed"] else ""))
 
 
+PLOTS = {"accuracy_vs_flops.png": "accuracy against FLOPs", "accuracy_vs_depth.png": "accuracy against depth",
+         "accuracy_vs_budget.png": "accuracy against budget", "logit_lens.png": "logit lens"}
+
+
 def write_report(out: Path, results: dict) -> Path:
-    for name in ("accuracy_vs_flops.png", "accuracy_vs_depth.png", "accuracy_vs_budget.png"):
-        shutil.copy(out / "compare" / name, out / name)
-    for name in ("latent_change.png", "logit_lens.png"):
-        if (out / "sweep" / name).exists():
-            shutil.copy(out / "sweep" / name, out / name)
-    rows = results["compare"]
-    manifests = "\n".join(
-        f"- {name}: `{m['command']}` on {m['machine']}, {m['wall_seconds']:.0f} s; final metrics "
-        + ", ".join(f"{k} {v:.3g}" for k, v in sorted(m["final_metrics"].items()) if k.startswith("val/acc"))
-        for name, m in results["manifests"].items())
     warning = ("**Quick mode: tiny budgets for a smoke test; these numbers say nothing about the methods.**\n\n"
                if results["quick"] else "")
-    sections = [
-        ("What this is", warning + f"A tiny recurrent-depth model (random depth, truncated backprop) and a tiny "
-         f"chain-of-thought model with the same unique parameters, both trained on the {TASK} task (difficulties "
-         f"1..{TRAINED_MAX_DIFFICULTY}), evaluated on the same held-out problems, harder ones included. FLOPs per "
-         "problem: the prompt and every generated or inserted token at its depth (recurrent_lm.flops)."),
-        ("Findings (computed from the measurements)", "\n".join(f"- {line}" for line in results["findings"])),
-        ("Everything on one compute axis", "![accuracy against FLOPs](accuracy_vs_flops.png)"),
-        ("Latent depth", "![accuracy against depth](accuracy_vs_depth.png)\n\n![logit lens](logit_lens.png)"),
-        ("Thinking budget", "![accuracy against budget](accuracy_vs_budget.png)"),
-        ("Results", markdown_table(rows, RESULT_COLUMNS)),
-        ("s1 metrics (budget forcing)", markdown_table(results["s1_metrics"], ["difficulty", "cot_steps", "control",
-                                                                             "scaling", "performance"])),
-        ("Models", manifests),
-        ("Reproduce", f"`{reproduce_command(results)}`"
-         f" ({results['wall_seconds']:.0f} s here). Details: sweep/summary.md and compare/summary.md."),
-    ]
-    return write_summary(out, "recurrent-lm demo: latent depth against chain of thought", sections, name="report.md")
-
+    sections = [("What this is", warning + "Two studies, each a tiny recurrent-depth model and a tiny "
+                 "chain-of-thought model with the same unique parameters, trained on difficulties "
+                 f"1..{TRAINED_MAX_DIFFICULTY} of one task and evaluated on the same held-out problems (seed {SEED}), "
+                 "harder ones included. FLOPs per problem: the prompt and every generated or inserted token at its "
+                 "depth, exit checks included (recurrent_lm.flops). Intervals: 95% Wilson.")]
+    for study in STUDIES:
+        result = results["studies"][study.name]
+        for name in PLOTS:  # the study's plots beside report.md, named after it
+            source = out / study.name / ("sweep" if name == "logit_lens.png" else "compare") / name
+            if source.exists():
+                shutil.copy(source, out / f"{study.name}-{name}")
+        plots = "\n\n".join(f"![{alt}]({study.name}-{name})" for name, alt in PLOTS.items()
+                             if (out / f"{study.name}-{name}").exists())
+        overlap = "".join(f"\n- {line}" for line in result["overlap"])
+        sections += [
+            (study.title, study.about + "\n\nFindings (computed from the measurements):\n"
+             + "\n".join(f"- {line}" for line in result["findings"])
+             + (f"\n\nTraining and test overlap:{overlap}" if overlap else "")),
+            (f"{study.title}: plots", plots),
+            (f"{study.title}: results", markdown_table(result["compare"], RESULT_COLUMNS)),
+            (f"{study.title}: s1 metrics (budget forcing)",
+             markdown_table(result["s1_metrics"], ["difficulty", "cot_steps", "control", "scaling", "performance"])),
+        ]
+    manifests = "\n".join(
+        f"- {study} {role}: `{m['command']}` on {m['machine']}, "
+        + (f"{m['wall_seconds']:.0f} s" if m.get("wall_seconds") else m.get("wall_note", "time not recorded"))
+        + "; final metrics " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(m["final_metrics"].items())
+                                         if k.startswith("val/acc"))
+        for study, result in results["studies"].items() for role, m in result["manifests"].items())
+    sections += [("Models", manifests),
+                 ("Reproduce", f"`{reproduce_command(results)}` ({results['wall_seconds']:.0f} s here). Details: "
+                  "{study}/compare/summary.md and {study}/sweep/summary.md.")]
+    return write_summary(out, "recurrent-lm demo: thinking deeper in latent space against thinking longer in tokens",
+                         sections, name="report.md")

@@ -49,6 +49,11 @@ class Task(ABC):
     @abstractmethod
     def _generate(self, difficulty: int, rng: random.Random) -> Problem: ...
 
+    def distinct_problems(self, difficulty: int) -> int | None:
+        """How many different problems exist at this difficulty, where that is few enough to matter (a training
+        stream then sees most of them, and held-out problems are training problems); None where it is vast."""
+        return None
+
     def generate(self, difficulty: int, rng: random.Random) -> Problem:
         self.check_difficulty(difficulty)
         return self._generate(difficulty, rng)

@@ -77,6 +77,9 @@ class PermutationTask(Task):
     alphabet = "01234.;?>"
     description = "S5 word problem: compose k permutations of 5 elements (difficulty = k)"
 
+    def distinct_problems(self, difficulty: int) -> int:
+        return 120**difficulty  # any k permutations of 5 elements
+
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
         state = list(range(5))
         words, steps, hints, question = [], [], [], ""
@@ -100,6 +103,9 @@ class ParityTask(Task):
     max_difficulty = 64
     alphabet = "01;?"
     description = "parity of k bits (difficulty = k)"
+
+    def distinct_problems(self, difficulty: int) -> int:
+        return 2**difficulty
 
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
         bits = [rng.randrange(2) for _ in range(difficulty)]

@@ -12,24 +12,47 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["demo", "--quick", "--seed", "3", "--out", str(out)])
     assert "wrote" in capsys.readouterr().out
-    for name in ("report.md", "results.json", "accuracy_vs_flops.png", "accuracy_vs_depth.png",
-                 "accuracy_vs_budget.png", "logit_lens.png", "compare/results.csv", "compare/s1_metrics.csv",
-                 "sweep/results.csv", "train/demo-latent/model/manifest.json", "train/demo-cot/model/manifest.json"):
+    names = ["report.md", "results.json"]
+    for study, (latent, cot) in {"permutation": ("demo-latent", "demo-cot"),
+                                 "extrapolation": ("pointer-latent", "pointer-cot")}.items():
+        names += [f"{study}-{plot}.png" for plot in ("accuracy_vs_flops", "accuracy_vs_depth", "accuracy_vs_budget",
+                                                     "logit_lens")]
+        names += [f"{study}/compare/results.csv", f"{study}/compare/s1_metrics.csv", f"{study}/sweep/results.csv",
+                  f"train/{latent}/model/manifest.json", f"train/{cot}/model/manifest.json"]
+    for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert {"findings", "compare", "sweep", "s1_metrics", "manifests", "wall_seconds"} <= set(results)
-    assert {r["method"] for r in results["compare"]} == {"latent", "latent-exit", "cot-budget", "cot-vote",
-                                                        "cot-best-of-n"}
-    assert {r["difficulty"] for r in results["compare"]} == {1, 2, 6}  # 6: harder than any trained
-    manifest = results["manifests"]["latent"]
+    assert {"findings", "studies", "wall_seconds"} <= set(results)
+    permutation, pointer = results["studies"]["permutation"], results["studies"]["extrapolation"]
+    assert {"findings", "compare", "sweep", "s1_metrics", "manifests", "overlap"} <= set(permutation)
+    assert {r["method"] for r in permutation["compare"]} == {"latent", "latent-exit", "cot-budget", "cot-vote",
+                                                            "cot-best-of-n"}
+    assert {r["difficulty"] for r in permutation["compare"]} == {1, 2, 6}  # 6: harder than any trained
+    assert {r["difficulty"] for r in pointer["compare"]} == {2, 8} and pointer["task"] == "pointer"
+    manifest = permutation["manifests"]["latent"]
     assert {"config", "seed", "command", "machine", "wall_seconds", "final_metrics"} <= set(manifest)
     assert manifest["seed"] == 3 and "--data.seed 3" in manifest["command"]
-    columns = next(csv.DictReader(open(out / "compare" / "results.csv"))).keys()
+    columns = next(csv.DictReader(open(out / "permutation" / "compare" / "results.csv"))).keys()
     assert {"method", "setting", "difficulty", "accuracy", "ci_low", "ci_high", "flops_per_problem"} <= set(columns)
     report = (out / "report.md").read_text()
-    assert "![accuracy against FLOPs](accuracy_vs_flops.png)" in report and "Quick mode" in report
-    assert all(line in report for line in results["findings"])
+    assert "![accuracy against FLOPs](extrapolation-accuracy_vs_flops.png)" in report and "Quick mode" in report
+    assert all(line.split(": ", 1)[1] in report for line in results["findings"])
     assert "`rlm demo --quick --seed 3`" in report
+    # quick training draws 16 x 12 problems: at k = 1 (120 distinct problems) some overlap is expected, at k = 2 not
+    assert [line.split(":")[0] for line in permutation["overlap"]] == ["k = 1"]
+
+
+def test_training_overlap_is_named_where_a_difficulty_has_few_problems():
+    from recurrent_lm.eval.demo import training_overlap
+
+    manifest = {"config_text": "trainer: {max_steps: 3000}\ndata: {batch_size: 64, min_difficulty: 1, max_difficulty: 4}",
+                "overrides": []}
+    notes = training_overlap("permutation", [1, 2, 3, 4, 6], manifest)
+    assert [n.split(":")[0] for n in notes] == ["k = 1", "k = 2", "k = 3"]  # 120, 14,400, 1.7M problems; 48,000 draws
+    assert "about 100% of the held-out problems" in notes[0] and "about 96%" in notes[1] and "about 3%" in notes[2]
+    assert training_overlap("pointer", [1, 2], manifest) == []  # 16-node tables: far too many to repeat
+    manifest["overrides"] = ["--trainer.max_steps", "10"]
+    assert training_overlap("permutation", [1, 2], manifest) == [notes[0].replace("48,000", "160").replace("100%", "74%")]
 
 
 def test_findings_are_computed_from_the_measurements():
@@ -60,7 +83,7 @@ def test_shipped_checkpoints_load_and_carry_their_manifests():
     from recurrent_lm.eval.demo import CHECKPOINTS
     from recurrent_lm.loading import load_model, load_tokenizer
 
-    for name in ("demo-latent", "demo-cot"):
+    for name in ("demo-latent", "demo-cot", "pointer-latent", "pointer-cot"):
         path = CHECKPOINTS / name
         model, tokenizer = load_model(path), load_tokenizer(path)
         assert model.config.vocab_size >= len(tokenizer)
@@ -71,21 +94,26 @@ def test_shipped_checkpoints_load_and_carry_their_manifests():
 
 @pytest.mark.slow
 def test_full_demo_on_the_shipped_checkpoints_shows_the_promised_effects(tmp_path):
-    """`rlm demo` itself (about 4 minutes on 2 cores): the shipped models show what the README says they show."""
+    """`rlm demo` itself (about 12 minutes on 2 cores): the shipped models show what the README says they show."""
     from recurrent_lm.eval.demo import demo
 
     rows = demo(tmp_path / "demo")["rows"]
 
-    def accuracy(method, knob, value, difficulty):
-        (match,) = [r for r in rows if r["method"] == method and r.get(knob) == value and r["difficulty"] == difficulty]
+    def accuracy(study, method, knob, value, difficulty):
+        (match,) = [r for r in rows[study] if r["method"] == method and r.get(knob) == value
+                    and r["difficulty"] == difficulty]
         return match
 
-    for difficulty, depth in ((3, 2), (4, 4)):  # in-distribution: near chance at r=1, high at the training depth
-        assert accuracy("latent", "steps", 1, difficulty)["ci_high"] < accuracy("latent", "steps", depth, difficulty)["ci_low"]
-        assert accuracy("latent", "steps", depth, difficulty)["accuracy"] >= 0.9
+    for difficulty, depth in ((3, 2), (4, 3)):  # in-distribution: near chance at r=1, high at the training depth
+        low, high = (accuracy("permutation", "latent", "steps", r, difficulty) for r in (1, depth))
+        assert low["ci_high"] < high["ci_low"] and high["accuracy"] >= 0.9
+    assert accuracy("permutation", "latent", "steps", 4, 5)["accuracy"] >= 0.4  # one beyond training
     for difficulty in (1, 2, 3, 4):  # the CoT model rises with its thinking budget
-        assert accuracy("cot-budget", "budget", 0, difficulty)["accuracy"] <= 0.1
-        assert accuracy("cot-budget", "budget", 12 * difficulty, difficulty)["accuracy"] >= 0.9
+        assert accuracy("permutation", "cot-budget", "budget", 0, difficulty)["accuracy"] <= 0.1
+        assert accuracy("permutation", "cot-budget", "budget", 12 * difficulty, difficulty)["accuracy"] >= 0.9
+    for difficulty in (8, 10, 12):  # twice the hardest trained and more: solved by depth, not at the training depth
+        assert accuracy("extrapolation", "latent", "steps", 4, difficulty)["accuracy"] <= 0.3
+        assert max(accuracy("extrapolation", "latent", "steps", r, difficulty)["accuracy"] for r in (12, 16, 24)) >= 0.8
 
 
 def test_shipped_pointer_model_thinks_longer_than_it_was_trained_to():
