@@ -58,8 +58,9 @@ def load_any_causal_lm(path: Path):
 
 def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str = "1,2,4", n: int = 100,
             out: Path = Path("compare"), problems: Path | None = None, steps: str = "1,2,4,8,16,32",
-            exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability"] | None = "kl",
-            exit_thresholds: list[float] | None = None, budgets: str = "0,8,16,32,64,128", votes: str = "1,2,4,8",
+            exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate"] | None = "kl",
+            exit_thresholds: list[float] | None = None, exit_prompt_steps: int | None = None,
+            budgets: str = "0,8,16,32,64,128", votes: str = "1,2,4,8",
             vote_budget: int | None = None, temperature: float = 0.7, cot_steps: str | None = None, seed: int = 1234,
             batch_size: int = 32, trained_max_difficulty: int | None = None, latent_tokenizer: Path | None = None,
             cot_tokenizer: Path | None = None, overwrite: bool = False) -> dict:
@@ -79,6 +80,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         exit_criterion: the latent model's adaptive exit criterion (none: skip adaptive exit).
         exit_thresholds: its thresholds (default: the criterion's default times 10, 1, 0.1, 0.01; for
             argmax-stability 2, 3, 5, 8 steps).
+        exit_prompt_steps: under adaptive exit, the prompt runs this fixed depth, with no exit (default: the
+            prompt exits per position too).
         budgets: thinking budgets (max thinking tokens) for budget forcing.
         votes: numbers of samples n for majority vote and best-of-n ("" skips parallel sampling).
         vote_budget: thinking budget of each sampled chain (default: the largest budget).
@@ -113,7 +116,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     methods = [LatentDepth(latent_model, latent_tok, depth_list, batch_size)]
     if exit_criterion:
         methods.append(AdaptiveDepth(latent_model, latent_tok, exit_criterion, exit_thresholds, max(depth_list),
-                                     batch_size))
+                                     batch_size, exit_prompt_steps))
     budget_forcing = [BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
     methods += budget_forcing
     if vote_list:

@@ -57,6 +57,7 @@ class Study:
     latent: str
     cot: str
     about: str
+    exit_gate: str | None = None  # a recipe that adds a learned exit gate to the latent model (then evaluated)
     full: dict = field(default_factory=dict)  # rlm compare's options
     quick: dict = field(default_factory=dict)
 
@@ -64,13 +65,16 @@ class Study:
 STUDIES = (
     # A permutation problem of difficulty k takes 12 * k thinking tokens ("42013>21430;" per permutation): the
     # budgets reach full chains at every trained difficulty (48 at k = 4) and at the harder k = 5 and 6 (60, 72).
+    # Adaptive exit by the learned gate (configs/demo-exit-gate.yaml), the prompt at a fixed depth of 4.
     Study("permutation", "Latent depth against chain of thought (permutation)", "permutation", "demo-latent",
           "demo-cot", "The S5 word problem: compose k permutations of 5 elements. The latent model was trained with "
-          "a random depth per step (mean 4) and truncated backprop.",
+          "a random depth per step (mean 4) and truncated backprop; its adaptive exit is a learned gate "
+          "(configs/demo-exit-gate.yaml), with the prompt at a fixed depth.", exit_gate="demo-exit-gate",
           full=dict(difficulties="1,2,3,4,5,6", n=100, steps="1,2,3,4,6,8,16,32", budgets="0,12,24,36,48,60,72",
-                    votes="1,2,4,8", vote_budget=72, exit_criterion="cosine", exit_thresholds=[1e-1, 1e-2, 1e-3]),
+                    votes="1,2,4,8", vote_budget=72, exit_criterion="gate", exit_thresholds=[0.1, 0.03, 0.01],
+                    exit_prompt_steps=4),
           quick=dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,24", votes="1,2", vote_budget=24,
-                     exit_criterion="cosine", exit_thresholds=[1e-2])),
+                     exit_criterion="gate", exit_thresholds=[0.1], exit_prompt_steps=2)),
     # A pointer problem of difficulty k takes 2 * k thinking tokens ("c;" per hop): 24 at k = 12.
     Study("extrapolation", "Thinking longer than trained (pointer chasing)", "pointer", "pointer-latent",
           "pointer-cot", "Follow k pointers through a fixed 16-node table to a node that points to itself; the input "
@@ -155,20 +159,26 @@ def run_study(study: Study, out: Path, quick: bool, from_scratch: bool, seed: in
     if quick or from_scratch:
         seeds = ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed)]
         extra = (QUICK_TRAINING if quick else []) + seeds
-        latent, cot = (train_model(name, out / "train", extra) for name in (study.latent, study.cot))
+        base, cot = (train_model(name, out / "train", extra) for name in (study.latent, study.cot))
+        # the gate learns on the model just trained: the latent model plus its gate
+        gated = (train_model(study.exit_gate, out / "train",
+                             extra + ["--model.init_from", str(base), "--data.tokenizer", str(base)])
+                 if study.exit_gate else None)
     else:
-        latent, cot = checkpoints / study.latent, checkpoints / study.cot
-        for path in (latent, cot):
-            if not (path / "manifest.json").is_file():
-                raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
+        base, cot = checkpoints / study.latent, checkpoints / study.cot
+        gated = checkpoints / study.exit_gate if study.exit_gate else None
+    models = {"latent": base, "exit gate": gated, "cot": cot}
+    for path in filter(None, models.values()):
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
+    latent = gated or base  # the same language model, with its gate where it has one
     print(f"[demo] {study.name}: models {latent}, {cot}", flush=True)
     options = {k: v for k, v in settings.items() if k != "n"}
     result = compare(latent, cot, task=study.task, n=settings["n"], out=out / study.name / "compare", seed=SEED,
                      trained_max_difficulty=TRAINED_MAX_DIFFICULTY, **options)
     sweep_rows = write_latent_sweep(out / study.name / "sweep", study.task, latent, result["rows"], settings)
-    manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in
-                 (("latent", latent), ("cot", cot))}
-    return {"task": study.task, "settings": settings, "models": {"latent": str(latent), "cot": str(cot)},
+    manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in models.items() if path}
+    return {"task": study.task, "settings": settings, "models": {k: str(v) for k, v in models.items() if v},
             "manifests": manifests, "findings": result["findings"],
             "overlap": training_overlap(study.task, parse_int_list(settings["difficulties"], "--difficulties"),
                                         manifests["latent"]),

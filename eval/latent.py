@@ -15,11 +15,11 @@ from .report import result_row
 
 
 def latent_row(name: str, setting: str, answers: list[Answer], config, max_steps: int, exit_criterion: str | None,
-               seconds: float, **extra: Any) -> dict[str, Any]:
+               seconds: float, prompt_exit: bool = True, **extra: Any) -> dict[str, Any]:
     """A result row of a recurrent model's answers: FLOPs of each answer at the depth each token ran."""
     steps = [s for a in answers for s in a.steps_per_token or []]
     return result_row(name, setting, answers[0].problem.difficulty, [a.score for a in answers],
-                      [answer_flops(config, a, max_steps, exit_criterion) for a in answers],
+                      [answer_flops(config, a, max_steps, exit_criterion, prompt_exit) for a in answers],
                       [a.new_tokens for a in answers], seconds, steps=max_steps,
                       mean_steps_per_token=sum(steps) / len(steps) if steps else math.nan, **extra)
 
@@ -43,22 +43,26 @@ class LatentDepth(Method):
 
 class AdaptiveDepth(Method):
     """The latent model with adaptive per-token exit (recurrent_lm.adaptive) at each threshold of one criterion, up
-    to max_steps; the rows also hold the histogram of the depths the tokens ran."""
+    to max_steps; the rows also hold the histogram of the depths the tokens ran. prompt_steps: the prompt runs this
+    fixed depth instead, with no exit (generate's prompt_num_steps)."""
 
     name = "latent-exit"
 
     def __init__(self, model, tokenizer, criterion: str, thresholds: list[float] | None, max_steps: int,
-                 batch_size: int = 64):
+                 batch_size: int = 64, prompt_steps: int | None = None):
         self.model, self.tokenizer, self.criterion, self.max_steps = model, tokenizer, criterion, max_steps
         self.budgets, self.batch_size = threshold_grid(criterion, thresholds), batch_size
+        self.prompt_steps = prompt_steps
 
     def run(self, problems: list[Problem], threshold: float) -> list[dict[str, Any]]:
         start = time.perf_counter()
         answers = answer_problems(self.model, self.tokenizer, problems, batch_size=self.batch_size,
                                   num_steps=self.max_steps, init_scale=0.0, exit_criterion=self.criterion,
-                                  exit_threshold=threshold)
+                                  exit_threshold=threshold, prompt_num_steps=self.prompt_steps)
         histogram = Counter(s for a in answers for s in a.steps_per_token or [])
-        return [latent_row(self.name, f"{self.criterion}<{threshold:g} (max {self.max_steps})", answers,
+        prompt = f", prompt r={self.prompt_steps}" if self.prompt_steps else ""
+        return [latent_row(self.name, f"{self.criterion}<{threshold:g} (max {self.max_steps}{prompt})", answers,
                            self.model.config, self.max_steps, self.criterion, time.perf_counter() - start,
-                           criterion=self.criterion, threshold=threshold,
+                           prompt_exit=self.prompt_steps is None, criterion=self.criterion, threshold=threshold,
+                           prompt_steps=self.prompt_steps,
                            steps_histogram={int(k): v for k, v in sorted(histogram.items())})]

@@ -61,8 +61,9 @@ def latent_dynamics(model, tokenizer, problems: list[Problem], steps: int) -> li
 
 def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", steps: str = "1,2,4,8,16,32,64",
           n: int = 200, out: Path = Path("sweep"), problems: Path | None = None, exit_criteria: list[str] | None = None,
-          exit_thresholds: list[float] | None = None, adaptive_max_steps: int | None = None, seed: int = 1234,
-          batch_size: int = 64, tokenizer: Path | None = None, dynamics: int = 3, overwrite: bool = False) -> dict:
+          exit_thresholds: list[float] | None = None, adaptive_max_steps: int | None = None,
+          exit_prompt_steps: int | None = None, seed: int = 1234, batch_size: int = 64, tokenizer: Path | None = None,
+          dynamics: int = 3, overwrite: bool = False) -> dict:
     """Evaluate a RecurrentLM on the same fixed problems at every test-time depth, and with adaptive exit.
 
     Args:
@@ -74,10 +75,12 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         out: output folder: results.json, results.csv, plots (PNG), summary.md.
         problems: a JSONL problem file (`rlm tasks export`) instead of generated problems.
         exit_criteria: adaptive-exit criteria to sweep (default: all of kl, entropy-diff, latent-diff, cosine,
-            argmax-stability); an empty list skips adaptive exit.
+            argmax-stability, and gate if the model has an exit gate); an empty list skips adaptive exit.
         exit_thresholds: thresholds for every criterion (default: its default times 10, 1, 0.1, 0.01; for
             argmax-stability 2, 3, 5, 8 steps; recurrent_lm.adaptive.threshold_grid).
         adaptive_max_steps: most steps a token may take under adaptive exit (default: the largest depth).
+        exit_prompt_steps: under adaptive exit, the prompt runs this fixed depth, with no exit (default: the prompt
+            exits per position too).
         seed: problems are a pure function of (task, difficulty, seed).
         batch_size: problems answered per batch.
         tokenizer: tokenizer directory, if the model directory has none.
@@ -85,15 +88,17 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         overwrite: replace an earlier run in `out`.
     """
     depths = check_depths(parse_int_list(steps, "--steps"))
-    criteria = list(CRITERIA) if exit_criteria is None else list(exit_criteria)
-    unknown = sorted(set(criteria) - set(CRITERIA))
+    unknown = sorted(set(exit_criteria or []) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
     by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
     net, tok = load_model(model), load_tokenizer(tokenizer or model)
+    criteria = list(exit_criteria) if exit_criteria is not None else [
+        criterion for criterion in CRITERIA if criterion != "gate" or net.exit_gate is not None]
     max_steps = adaptive_max_steps or max(depths)
     methods = [LatentDepth(net, tok, depths, batch_size)]
-    methods += [AdaptiveDepth(net, tok, criterion, exit_thresholds, max_steps, batch_size) for criterion in criteria]
+    methods += [AdaptiveDepth(net, tok, criterion, exit_thresholds, max_steps, batch_size, exit_prompt_steps)
+                for criterion in criteria]
     out = prepare_output(out, overwrite)
     rows = run_methods(methods, by_difficulty, desc="sweep")
     traces = latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps) if dynamics else []

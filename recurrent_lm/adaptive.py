@@ -6,7 +6,10 @@ Each criterion compares step t with step t-1, for every position of every row, f
 - "latent-diff":      ||s_t - s_{t-1}|| / ||s_t|| < threshold (no decoding needed)
 - "cosine":           1 - cos(s_t, s_{t-1}) < threshold (no decoding needed)
 - "argmax-stability": the top token has not changed for `threshold` consecutive steps (an integer, e.g. 5)
-The logit criteria decode every step through the coda (the logit lens); the compute counter counts that.
+- "gate":             1 - p < threshold, where p is a learned exit gate's probability that the prediction has
+                      settled (RecurrentLM.exit_gate: a small MLP on the state; from step 1 on, no comparison)
+The logit criteria decode every step through the coda (the logit lens); the compute counter counts that, and the
+gate's own (small) cost.
 """
 
 from dataclasses import dataclass
@@ -17,8 +20,9 @@ from torch import Tensor
 
 from .depth import check_count
 
-CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
-DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5}
+CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate")
+DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5,
+                      "gate": 1e-2}
 THRESHOLD_SCALES = (10.0, 1.0, 0.1, 0.01)  # a sweep's thresholds: the criterion's default times these ...
 STABLE_STEPS = (2, 3, 5, 8)  # ... except argmax-stability, which counts steps
 
@@ -46,8 +50,20 @@ class AdaptiveExit:
     def needs_logits(self) -> bool:
         return self.criterion in ("kl", "entropy-diff", "argmax-stability")
 
-    def tracker(self) -> "ExitTracker":
-        return ExitTracker(self)
+    def tracker(self, gate=None) -> "ExitTracker":
+        """The per-call state of this rule; `gate` is the model's exit gate (needed by the "gate" criterion)."""
+        if self.criterion == "gate" and gate is None:
+            raise ValueError("exit criterion 'gate' needs a model with a trained exit gate (config.exit_gate_width "
+                             "> 0): train one with `rlm train --config demo-exit-gate`, or choose another criterion")
+        return ExitTracker(self, gate)
+
+
+def settled_from(agrees: Tensor) -> Tensor:
+    """agrees: (steps, ...) bool, whether each step's prediction is the one that counts (the final one, or the right
+    one). The first step (1-based) from which every later step agrees too; steps + 1 where the last step does not.
+    What a learned exit gate is trained to recognise, and the oracle an exit rule is measured against."""
+    suffix = agrees.flip(0).long().cumprod(0).flip(0)  # 1 where this step and every later one agree
+    return agrees.shape[0] + 1 - suffix.sum(0)
 
 
 def threshold_grid(criterion: str, thresholds: list[float] | None = None) -> list[float]:
@@ -69,14 +85,17 @@ def threshold_grid(criterion: str, thresholds: list[float] | None = None) -> lis
 class ExitTracker:
     """Holds the previous step of one forward call and says, after each step, which positions have converged."""
 
-    def __init__(self, rule: AdaptiveExit):
-        self.rule = rule
+    def __init__(self, rule: AdaptiveExit, gate=None):
+        self.rule, self.gate = rule, gate
         self.previous: Tensor | None = None  # previous state (latent criteria) or log-probs (logit criteria)
         self.stable_steps: Tensor | None = None
 
     def converged(self, step: int, state: Tensor, logits: Tensor | None) -> Tensor:
         """step is 1-based; returns a (batch, seq) bool mask."""
         rule = self.rule
+        if rule.criterion == "gate":
+            settled = torch.sigmoid(self.gate(state).float())
+            return (1 - settled < rule.limit) & (step >= rule.min_steps)
         current = logits.float().log_softmax(-1) if rule.needs_logits else state.float()
         previous, self.previous = self.previous, current
         if previous is None:

@@ -61,16 +61,22 @@ def accuracy(answers: Sequence[Answer]) -> float:
     return sum(a.score for a in answers) / len(answers) if answers else float("nan")
 
 
-def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | None = None) -> int:
+def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | None = None,
+                 prompt_exit: bool = True) -> int:
     """FLOPs a recurrent model spent on one answer, as if run alone: the prompt's forward pass, one forward per
-    further generated token at its own depth, and the logit-lens passes of a logit-based exit criterion (after
-    every step but the last, or up to the step where everything had exited)."""
-    reads_logits = exit_criterion is not None and AdaptiveExit(exit_criterion).needs_logits
+    further generated token at its own depth, and the exit checks that cost compute: the logit-lens passes of a
+    logit-based criterion, or the learned gate's evaluations (after every step but the last, or up to the step
+    where everything had exited). prompt_exit False: the prompt ran a fixed depth, without checks."""
+    rule = AdaptiveExit(exit_criterion) if exit_criterion is not None else None
 
-    def lens(steps_run: int) -> int:
-        return (steps_run if steps_run < max_steps else max_steps - 1) if reads_logits else 0
+    def checks(steps_run: int, costly: bool) -> int:
+        return (steps_run if steps_run < max_steps else max_steps - 1) if costly else 0
 
+    lens, gate = (rule is not None and rule.needs_logits), (rule is not None and rule.criterion == "gate")
     steps = answer.steps_per_token or [max_steps] * answer.new_tokens
+    prompt = answer.prompt_steps or steps[0]
     return generation_flops(config, answer.prompt_tokens, steps, prompt_steps=answer.prompt_steps,
-                            lens_decodes=[lens(s) for s in steps],
-                            prompt_lens_decodes=lens(answer.prompt_steps or steps[0])).flops
+                            lens_decodes=[checks(s, lens) for s in steps],
+                            prompt_lens_decodes=checks(prompt, lens and prompt_exit),
+                            gate_checks=[checks(s, gate) for s in steps],
+                            prompt_gate_checks=checks(prompt, gate and prompt_exit)).flops

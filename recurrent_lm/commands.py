@@ -33,7 +33,7 @@ def generate(
     prompt: str,
     num_steps: int | None = None,
     max_new_tokens: int = 64,
-    exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability"] | None = None,
+    exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate"] | None = None,
     exit_threshold: float | None = None,
     min_steps: int = 1,
     continuous_cot: bool = False,

@@ -42,6 +42,9 @@ class RecurrentConfig(PreTrainedConfig):
             Nguyen & Salazar, used by Huginn), with output projections further scaled by
             1 / sqrt(2 * effective depth at mean_recurrence).
         tie_word_embeddings: share the LM head with the token embedding.
+        exit_gate_width: hidden width of a learned exit gate on the latent state (0: none). The gate estimates,
+            per position and step, whether the prediction has settled; the "gate" exit criterion reads it
+            (recurrent_lm.adaptive). It is trained on a frozen model (`rlm train --config demo-exit-gate`).
     """
 
     model_type: ClassVar[str] = "recurrent_lm"
@@ -65,6 +68,7 @@ class RecurrentConfig(PreTrainedConfig):
     init_scale: float = 1.0
     initializer_range: float | None = None
     tie_word_embeddings: bool = True
+    exit_gate_width: int = 0
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -99,7 +103,7 @@ class RecurrentConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"RecurrentConfig.{name} must be at least 1, got {getattr(self, name)}"
                                  + (" (a recurrent-depth model needs a core)" if name == "num_core_layers" else ""))
-        for name in ("num_prelude_layers", "num_coda_layers"):
+        for name in ("num_prelude_layers", "num_coda_layers", "exit_gate_width"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RecurrentConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:

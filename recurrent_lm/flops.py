@@ -29,12 +29,12 @@ class FlopCount:
 
 def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new_tokens: int = 1,
                   context_length: int = 0, batch_size: int = 1, logit_tokens: int | None = None,
-                  lens_decodes: int = 0) -> FlopCount:
+                  lens_decodes: int = 0, gate_checks: int = 0) -> FlopCount:
     """FLOPs of one forward call that feeds `new_tokens` tokens (per sequence) with `context_length` tokens already
     in the cache, running `num_steps` core steps (as forward takes them: an int or a (no-grad, grad) pair),
     computing logits for `logit_tokens` positions (default: all new tokens), plus `lens_decodes` extra passes of
     every new token through the coda and the head (the logit lens that the kl, entropy-diff and argmax-stability
-    exits read each step)."""
+    exits read each step), plus `gate_checks` evaluations of the learned exit gate on every new token."""
     steps = resolve_num_steps(num_steps).total
     if new_tokens < 0 or context_length < 0 or batch_size < 1:
         raise ValueError(f"need new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
@@ -49,26 +49,30 @@ def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new
     attention = blocks * 4 * new_tokens * (context_length + new_tokens) * d
     coda = config.num_coda_layers
     lens = lens_decodes * (2 * new_tokens * (coda * block + head) + coda * 4 * new_tokens * (context_length + new_tokens) * d)
-    flops = batch_size * (2 * new_tokens * body + 2 * logit_tokens * head + attention + lens)
+    gates = gate_checks * 2 * new_tokens * (d + 1) * config.exit_gate_width  # its two linear layers
+    flops = batch_size * (2 * new_tokens * body + 2 * logit_tokens * head + attention + lens + gates)
     return FlopCount(flops=flops, params=body + head)
 
 
 def generation_flops(config: RecurrentConfig, prompt_length: int, steps_per_token: Sequence[int], batch_size: int = 1,
                      prompt_steps: int | None = None, lens_decodes: Sequence[int] | None = None,
-                     prompt_lens_decodes: int = 0) -> FlopCount:
+                     prompt_lens_decodes: int = 0, gate_checks: Sequence[int] | None = None,
+                     prompt_gate_checks: int = 0) -> FlopCount:
     """FLOPs of generating tokens with a KV cache: one prefill of the prompt that yields the first token, then one
     single-token forward for each further token. `steps_per_token`: the depth each generated token ran (one value
     repeated for a fixed depth, fewer steps where adaptive exit stopped early); the prefill runs `prompt_steps`
     core steps (default: the first token's depth). `lens_decodes` / `prompt_lens_decodes`: logit-lens passes of
-    each decode call and of the prefill. Logits are computed for the last position only, as generate does."""
+    each decode call and of the prefill; `gate_checks` / `prompt_gate_checks`: exit-gate evaluations, likewise. Logits are computed for the last position only, as generate does."""
     steps = list(steps_per_token)
     if not steps:
         return FlopCount(0, 0)
     lens = list(lens_decodes) if lens_decodes is not None else [0] * len(steps)
+    gates = list(gate_checks) if gate_checks is not None else [0] * len(steps)
     total = forward_flops(config, prompt_steps or steps[0], prompt_length, 0, batch_size, logit_tokens=1,
-                          lens_decodes=prompt_lens_decodes)
+                          lens_decodes=prompt_lens_decodes, gate_checks=prompt_gate_checks)
     for i, token_steps in enumerate(steps[1:]):
-        total = total + forward_flops(config, token_steps, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1])
+        total = total + forward_flops(config, token_steps, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1],
+                                      gate_checks=gates[i + 1])
     return total
 
 

@@ -31,7 +31,7 @@ class GenerateDepthOutput(GenerateDecoderOnlyOutput):
 
 
 def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
-                          draft_length, config=None) -> int | None:
+                          draft_length, config=None, prompt_num_steps=None) -> int | None:
     """Clear errors for bad generation settings, before any compute (`rlm generate` calls it before it loads the
     model). Returns the depth per token: num_steps resolved (config's default when None), or None without a
     config to take a default from."""
@@ -44,6 +44,10 @@ def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_thresh
             raise ValueError(f"min_steps ({rule.min_steps}) > max steps (num_steps = {steps})")
     elif exit_threshold is not None:
         raise ValueError("exit_threshold given without exit_criterion")
+    if prompt_num_steps is not None:
+        resolve_num_steps(prompt_num_steps)  # an integer >= 1 within MAX_NUM_STEPS
+        if draft_steps is not None:
+            raise ValueError("prompt_num_steps applies to plain and adaptive decoding, not to speculative decoding")
     if draft_steps is not None:
         check_count(draft_steps, "draft_steps")
         if steps is not None and draft_steps > steps:

@@ -170,6 +170,21 @@ class RecurrentPreTrainedModel(PreTrainedModel):
             init.zeros_(module.qk_bias)
 
 
+class ExitGate(nn.Module):
+    """A learned exit rule (as Ouro's exit gate): from a position's latent state after a step, the logit that its
+    prediction has settled, i.e. that more steps would not change the next-token argmax. A small MLP on the
+    normalised state, far cheaper than a core step; trained on a frozen model (train/module.py, objective
+    "exit_gate") and read by the "gate" exit criterion (recurrent_lm.adaptive)."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, state: Tensor) -> Tensor:
+        return self.out(F.gelu(self.fc(F.layer_norm(state, state.shape[-1:])))).squeeze(-1)
+
+
 class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
     """Recurrent-depth causal LM. See the module docstring for the data flow and `forward` for the arguments."""
 
@@ -185,6 +200,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_coda_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)  # shared: after the core and again after the coda
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.exit_gate = ExitGate(d, config.exit_gate_width) if config.exit_gate_width else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -354,7 +370,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         converged, and the loop ends when every position has; returns (state, per-step states, steps used)."""
         total = depth.total
         steps_used = torch.full(state.shape[:2], total, dtype=torch.long, device=state.device)
-        tracker = exit_rule.tracker() if exit_rule is not None else None
+        tracker = exit_rule.tracker(self.exit_gate) if exit_rule is not None else None
         lens_cache = cache.read_only() if cache is not None else None
         exited, states, injected, rows = None, [], {}, None
         for step in range(total):
@@ -407,7 +423,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
     def generate(self, inputs: Tensor | None = None, generation_config=None, *, num_steps=None,
                  exit_criterion: str | None = None, exit_threshold: float | None = None, min_steps: int = 1,
                  continuous_cot: bool = False, draft_steps: int | None = None, draft_length: int = 4,
-                 core_slots: int | None = None, cache: RecurrentCache | None = None, past_key_values=None, **kwargs):
+                 core_slots: int | None = None, prompt_num_steps: int | None = None,
+                 cache: RecurrentCache | None = None, past_key_values=None, **kwargs):
         """transformers' generate (greedy, sampling, left-padded batches, streamers, stopping criteria) with depth
         control per generated token:
 
@@ -417,6 +434,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         draft_steps / draft_length: self-speculative decoding (greedy only): draft draft_length tokens at
             draft_steps, verify them in one forward at num_steps.
         core_slots: bounded cache memory, a ring of that many slots per core layer (see recurrent_lm.cache).
+        prompt_num_steps: the prompt's forward pass runs exactly this many core steps at every position, without
+            adaptive exit (the Huginn reference's do_not_exit_in_prefill, at a depth of its own); the generated
+            tokens then run num_steps, or exit adaptively up to it. A prompt position that exits early leaves the
+            later steps of every token after it without its state, which the model never saw in training.
         cache (or past_key_values): a RecurrentCache to continue from and fill; a new one by default.
         Other keyword arguments go to transformers' generate or to forward (init_scale, generator, ...).
         With return_dict_in_generate=True the output also has `steps_per_token` (batch, generated tokens).
@@ -428,7 +449,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         if max_new_tokens is None and max_length is not None:
             max_new_tokens = max_length - inputs.shape[1]
         steps = check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps,
-                                      draft_steps, draft_length, self.config)
+                                      draft_steps, draft_length, self.config, prompt_num_steps)
         cache = resolve_cache_argument(cache, past_key_values)
         if cache is not None and core_slots is not None:
             raise ValueError("core_slots shapes a new cache: give core_slots or a cache, not both")
@@ -446,7 +467,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 pad_token_id=kwargs.get("pad_token_id", config.pad_token_id), init_scale=kwargs.get("init_scale"),
                 generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), cache=cache)
         depth_log: list[Tensor] = []  # filled by _update_model_kwargs_for_generation, one entry per forward
-        recurrence = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot, depth_log=depth_log)
+        recurrence = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot, depth_log=depth_log,
+                          prompt_num_steps=prompt_num_steps)
         if exit_criterion is not None:
             recurrence.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
         kwargs["use_cache"] = True  # the cache is what makes recurrent decoding affordable
@@ -458,16 +480,21 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         return out
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, continuous_cot: bool = False,
-                                      depth_log: list | None = None, **kwargs) -> dict[str, Any]:
+                                      depth_log: list | None = None, prompt_num_steps: int | None = None,
+                                      **kwargs) -> dict[str, Any]:
         """transformers' own preparation (the new tokens, attention mask, cache), then exactly the arguments
         forward declares. Releases differ in the bookkeeping they add for their own models (cache_position up to
         5.23, the cache under `cache` from 5.24 on): forward's signature decides what reaches the model, not a
         list of names. A caller's misspelt argument never gets this far: generate rejects any keyword that neither
-        this method nor forward declares. continuous_cot and depth_log are read by _update_model_kwargs_for_generation.
+        this method nor forward declares. continuous_cot and depth_log are read by _update_model_kwargs_for_generation;
+        prompt_num_steps sets the depth of the first call (the prompt, before depth_log has an entry).
         """
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         accepted = declared_arguments(type(self).forward)
-        return {name: value for name, value in inputs.items() if name in accepted}
+        inputs = {name: value for name, value in inputs.items() if name in accepted}
+        if prompt_num_steps is not None and depth_log is not None and not depth_log:
+            inputs.update(num_steps=prompt_num_steps, exit_criterion=None, exit_threshold=None)
+        return inputs
 
     def _update_model_kwargs_for_generation(self, outputs: RecurrentLMOutput, model_kwargs: dict[str, Any],
                                             *args, **kwargs) -> dict[str, Any]:

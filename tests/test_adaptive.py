@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recurrent_lm.adaptive import AdaptiveExit
+from recurrent_lm.adaptive import AdaptiveExit, settled_from
 
 
 def run(rule: AdaptiveExit, states=None, logits=None) -> list[list[bool]]:
@@ -46,3 +46,23 @@ def test_first_step_never_exits(criterion):
     rule = AdaptiveExit(criterion, 1e9)
     assert run(rule, states=[torch.ones(1, 3, 2)], logits=[torch.zeros(1, 3, 5)] if rule.needs_logits else None) == \
         [[False, False, False]]
+
+
+def test_gate_exits_where_it_is_sure_from_the_first_step():
+    """The learned gate's logit of "settled" per position: exit once 1 - sigmoid(logit) < threshold, no comparison
+    with an earlier step needed."""
+    gate = lambda state: state[..., 0]  # noqa: E731  (a stand-in gate: the logit is the first channel)
+    tracker = AdaptiveExit("gate", 0.1).tracker(gate)
+    logits = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [-5.0, 0.0]]])  # sigmoid 0.95, 0.73, 0.007
+    assert tracker.converged(1, logits, None).tolist() == [[True, False, False]]
+    assert AdaptiveExit("gate", 0.5).tracker(gate).converged(1, logits, None).tolist() == [[True, True, False]]
+    assert AdaptiveExit("gate", 0.1, min_steps=2).tracker(gate).converged(1, logits, None).tolist() == [[False] * 3]
+    with pytest.raises(ValueError, match="needs a model with a trained exit gate"):
+        AdaptiveExit("gate").tracker()
+
+
+def test_settled_step_is_where_agreement_holds_to_the_end():
+    agrees = torch.tensor([[False, True, False, True],   # step 1
+                           [True, True, True, False],    # step 2
+                           [True, True, False, True]])   # step 3
+    assert settled_from(agrees).tolist() == [2, 1, 4, 3]  # 4: never settled (steps + 1)

@@ -19,6 +19,7 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
                                                      "logit_lens")]
         names += [f"{study}/compare/results.csv", f"{study}/compare/s1_metrics.csv", f"{study}/sweep/results.csv",
                   f"train/{latent}/model/manifest.json", f"train/{cot}/model/manifest.json"]
+    names.append("train/demo-exit-gate/model/manifest.json")  # the gate learns on the latent model just trained
     for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
@@ -29,6 +30,9 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
                                                             "cot-best-of-n"}
     assert {r["difficulty"] for r in permutation["compare"]} == {1, 2, 6}  # 6: harder than any trained
     assert {r["difficulty"] for r in pointer["compare"]} == {2, 8} and pointer["task"] == "pointer"
+    assert {r["criterion"] for r in permutation["compare"] if r["method"] == "latent-exit"} == {"gate"}
+    gate = permutation["manifests"]["exit gate"]
+    assert "--model.init_from" in gate["command"] and "train/demo-latent/model" in gate["command"]
     manifest = permutation["manifests"]["latent"]
     assert {"config", "seed", "command", "machine", "wall_seconds", "final_metrics"} <= set(manifest)
     assert manifest["seed"] == 3 and "--data.seed 3" in manifest["command"]
@@ -83,7 +87,7 @@ def test_shipped_checkpoints_load_and_carry_their_manifests():
     from recurrent_lm.eval.demo import CHECKPOINTS
     from recurrent_lm.loading import load_model, load_tokenizer
 
-    for name in ("demo-latent", "demo-cot", "pointer-latent", "pointer-cot"):
+    for name in ("demo-latent", "demo-cot", "demo-exit-gate", "pointer-latent", "pointer-cot"):
         path = CHECKPOINTS / name
         model, tokenizer = load_model(path), load_tokenizer(path)
         assert model.config.vocab_size >= len(tokenizer)

@@ -91,24 +91,30 @@ def test_generation_flops_of_any_causal_lm_match_torch():
     assert abs(counted - counter.get_total_flops()) / counted < 0.05
 
 
-@pytest.mark.parametrize("criterion, threshold", [("latent-diff", 0.2), ("kl", 1e-2)])
-def test_batched_adaptive_generation_costs_what_the_counter_says(criterion, threshold):
+@pytest.mark.parametrize("criterion, threshold, prompt_num_steps", [("latent-diff", 0.2, None), ("kl", 1e-2, None),
+                                                                   ("gate", 0.5, None), ("gate", 0.5, 5),
+                                                                   ("kl", 1e-2, 3)])
+def test_batched_adaptive_generation_costs_what_the_counter_says(criterion, threshold, prompt_num_steps):
     """torch's count of a batched adaptive generate equals the sum over rows of the counter's value for the depths
-    each row's tokens used (rows that have exited are not computed), logit-lens passes included."""
+    each row's tokens used (rows that have exited are not computed), logit-lens passes and exit-gate checks
+    included; with prompt_num_steps the prompt runs that depth with no checks."""
     from recurrent_lm.answering import Answer, answer_flops
 
     torch.manual_seed(0)
-    config = RecurrentConfig.preset("debug")
+    config = RecurrentConfig.preset("debug", exit_gate_width=16 if criterion == "gate" else 0)
     model = RecurrentLM(config).eval()
     ids = torch.randint(5, config.vocab_size, (3, 8))
     settings = dict(num_steps=12, max_new_tokens=4, min_new_tokens=4, do_sample=False, init_scale=0.0,
                     exit_criterion=criterion, exit_threshold=threshold, return_dict_in_generate=True, eos_token_id=None,
-                    pad_token_id=0)
+                    pad_token_id=0, prompt_num_steps=prompt_num_steps)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model.generate(ids, **settings)
     steps = out.steps_per_token
     assert len(set(steps.flatten().tolist())) > 1, "rows and tokens should exit at different depths"
     counted = sum(answer_flops(config, Answer(None, "", None, 0.0, 4, 8, steps[i].tolist(),
-                                              int(out.prompt_steps[i].max())), 12, criterion) for i in range(3))
+                                              int(out.prompt_steps[i].max())), 12, criterion,
+                                  prompt_exit=prompt_num_steps is None) for i in range(3))
+    if prompt_num_steps is not None:
+        assert (out.prompt_steps == prompt_num_steps).all() and (steps[:, 0] == prompt_num_steps).all()
     measured = counter.get_total_flops()
     assert abs(counted - measured) / measured < 0.05

@@ -298,6 +298,9 @@ def test_speculative_batch_matches_plain_greedy(huginn):
     (dict(draft_steps=2, do_sample=True), "greedy only"),
     (dict(num_steps=0), "num_steps must be >= 1"),
     (dict(core_slots=0), "core_slots"),
+    (dict(prompt_num_steps=0), "num_steps must be >= 1"),
+    (dict(prompt_num_steps=2, draft_steps=1), "not to speculative decoding"),
+    (dict(exit_criterion="gate"), "needs a model with a trained exit gate"),
 ])
 def test_bad_generation_settings(huginn, settings, message):
     settings = {"num_steps": 4, "max_new_tokens": 3, **settings}

@@ -146,8 +146,8 @@ def test_depth_draws_depend_only_on_seed_and_step():
     assert len(set(draws)) > 3 and all(k == min(3, n + k) for n, k in draws)
 
 
-@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "pointer-latent", "pointer-cot", "gpu-100m",
-                                  "huginn-0125"])
+@pytest.mark.parametrize("name", ["debug", "demo-latent", "demo-cot", "demo-exit-gate", "pointer-latent",
+                                  "pointer-cot", "gpu-100m", "huginn-0125"])
 def test_every_config_parses(name, capsys):
     with pytest.raises(SystemExit) as exit:
         train_main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
@@ -250,12 +250,14 @@ def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
 
     from recurrent_lm.config import PRESETS
 
-    for name in ("debug", "demo-latent", "demo-cot", "pointer-latent", "pointer-cot", "gpu-100m", "huginn-0125"):
+    for name in ("debug", "demo-latent", "demo-cot", "demo-exit-gate", "pointer-latent", "pointer-cot", "gpu-100m",
+                 "huginn-0125"):
         recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
         assert recipe["architecture"]["preset"] in PRESETS, name
-        # width and layers come from the preset; a recipe may fit the vocabulary, the length and the training depth
+        # width and layers come from the preset; a recipe may fit the vocabulary, the length and the training depth,
+        # and add an exit gate
         assert set(recipe["architecture"]) <= {"preset", "vocab_size", "max_position_embeddings", "mean_recurrence",
-                                               "mean_backprop_depth"}, name
+                                               "mean_backprop_depth", "exit_gate_width"}, name
     for name in ("demo-latent", "demo-cot"):
         recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
         with torch.device("meta"):
@@ -272,6 +274,43 @@ def test_extrapolation_recipe_trains_a_few_steps(tmp_path):
                 "--trainer.default_root_dir", str(root),
                 "--trainer.logger.init_args.save_dir", str(root)])
     assert (root / "model" / "model.safetensors").is_file() and len(logged(root, "train/loss")) > 0
+
+
+def test_exit_gate_recipe_trains_the_gate_alone(tmp_path):
+    """objective exit_gate: the shipped demo-latent model is loaded and stays as it was; only its new gate learns,
+    and the exported model exits by it."""
+    from recurrent_lm.answering import answer_problems
+    from recurrent_lm.loading import load_model, load_tokenizer
+    from recurrent_lm.tasks import get_task
+
+    root = tmp_path / "gate"
+    train_main(["--config", str(ROOT / "configs" / "demo-exit-gate.yaml"), "--trainer.max_steps", "3",
+                "--trainer.limit_val_batches", "0", "--data.batch_size", "8", "--trainer.log_every_n_steps", "1",
+                "--model.exit_gate_depth", "6", "--model.learning_rate", "0.05",
+                "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
+    trained, source = load_model(root / "model"), load_model(ROOT / "checkpoints" / "demo-latent")
+    weights = trained.state_dict()
+    assert {k for k in weights if k.startswith("exit_gate.")} == {"exit_gate.fc.weight", "exit_gate.fc.bias",
+                                                                   "exit_gate.out.weight", "exit_gate.out.bias"}
+    for name, value in source.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    assert len(logged(root, "train/exit_gate_agreement")) > 0
+    problems = get_task("permutation").problems(4, 4, seed=5)
+    answers = answer_problems(trained, load_tokenizer(root / "model"), problems, num_steps=8, exit_criterion="gate",
+                              exit_threshold=0.5, prompt_num_steps=4)
+    assert all(a.prompt_steps == 4 and 1 <= min(a.steps_per_token[1:]) <= 8 for a in answers)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.architecture.exit_gate_width", "0"], "set model.architecture.exit_gate_width"),
+    (["--model.architecture.preset", "debug"], "another architecture"),
+    (["--model.init_from", "no/such/model"], "no/such/model"),
+    (["--data.tokenizer", "null"], "reads another tokenizer than the data's"),  # the task's own, grown since
+])
+def test_exit_gate_training_refuses_what_cannot_work(tmp_path, args, message):
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit), match=message):
+        train_main(["--config", str(ROOT / "configs" / "demo-exit-gate.yaml"), "--trainer.max_steps", "1",
+                    "--trainer.default_root_dir", str(tmp_path / "run"), *args])
 
 
 def test_depth_tied_to_difficulty():

@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from transformers import AutoTokenizer
 
 from recurrent_lm import RecurrentLM
+from recurrent_lm.loading import load_tokenizer
 from recurrent_lm.recipes import resolve_recipe
 from recurrent_lm.tasks import task_tokenizer
 
@@ -91,6 +92,10 @@ def train_main(argv: list[str]) -> None:
     if module.model.config.vocab_size < len(data.tokenizer):
         raise ValueError(f"model.vocab_size ({module.model.config.vocab_size}) is smaller than the tokenizer "
                          f"({len(data.tokenizer)} tokens)")
+    init_from = module.hparams.get("init_from")
+    if init_from is not None and load_tokenizer(init_from).get_vocab() != data.tokenizer.get_vocab():
+        raise ValueError(f"model.init_from {init_from} reads another tokenizer than the data's: set "
+                         f"data.tokenizer: {init_from}")
     root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
     if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
         raise FileNotFoundError(f"--ckpt_path last: {root / 'checkpoints'} holds no last.ckpt to resume; "

@@ -1,15 +1,13 @@
 """The LightningDataModule: freshly generated task problems (or packed text) for training, fixed held-out
 problems for validation."""
 
-from pathlib import Path
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems,
                                text_source)
+from recurrent_lm.loading import load_tokenizer
 from recurrent_lm.tasks import get_task, load_jsonl, task_tokenizer
 
 
@@ -20,7 +18,8 @@ class RecurrentDataModule(L.LightningDataModule):
         tasks: task names to train on (see `rlm tasks list`); each batch mixes them.
         text_files: train on packed text instead: local .txt/.jsonl/.parquet files, or one hub dataset named
             hub:NAME (needs the network; needs `tokenizer`).
-        tokenizer: a tokenizer directory; by default the character tokenizer of the tasks.
+        tokenizer: a tokenizer directory (or a shipped checkpoint's name: its tokenizer); by default the
+            character tokenizer of the tasks.
         batch_size: sequences per batch (per device).
         seq_len: sequence length of packed text.
         min_difficulty: easiest training problems.
@@ -65,9 +64,7 @@ class RecurrentDataModule(L.LightningDataModule):
     def _load_tokenizer(self):
         if self.hparams.tokenizer is None:
             return task_tokenizer(self.hparams.tasks)
-        if not (Path(self.hparams.tokenizer) / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {self.hparams.tokenizer}")
-        return AutoTokenizer.from_pretrained(self.hparams.tokenizer)
+        return load_tokenizer(self.hparams.tokenizer)  # a directory, or a shipped checkpoint's name
 
     def train_dataloader(self) -> DataLoader:
         options, trainer = self.hparams, self.trainer

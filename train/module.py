@@ -12,12 +12,15 @@ from typing import Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
-from recurrent_lm.config import PRESETS
+from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
+from recurrent_lm.config import PRESETS
 from recurrent_lm.depth import StepCounts, difficulty_num_steps, sample_num_steps
+from recurrent_lm.loading import load_model
 
 # The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
 # to override in it, built from RecurrentConfig's own fields (one list of options, not two) so that LightningCLI
@@ -82,6 +85,13 @@ class RecurrentLMModule(L.LightningModule):
             ranks run the same number of steps and a resumed run repeats nothing.
         eval_depths: depths at which validation loss and accuracy are measured.
         eval_cot: validation problems are answered with a chain of thought.
+        init_from: a model directory (or a shipped checkpoint's name) whose weights start this model; its
+            architecture must equal this one's, except for an exit gate that this one adds.
+        objective: "lm" trains the language model; "exit_gate" freezes it (start it with init_from) and trains
+            only its exit gate (architecture.exit_gate_width > 0), as Ouro's second stage: at every step of an
+            unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
+            already equals its final one and stays so, at every real position (prompt and answer).
+        exit_gate_depth: the depth of the unrolls the exit gate learns from (at least the depths it will serve).
     """
 
     def __init__(self, architecture: ArchitectureSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
@@ -89,7 +99,8 @@ class RecurrentLMModule(L.LightningModule):
                  schedule: Literal["cosine", "wsd", "constant"] = "cosine", min_lr_ratio: float = 0.1,
                  decay_fraction: float = 0.2, fixed_num_steps: int | None = None,
                  steps_per_difficulty: int | None = None, extra_steps: int = 0, seed: int = 0,
-                 eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False):
+                 eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
+                 objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16):
         super().__init__()
         for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
                                          ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
@@ -116,7 +127,29 @@ class RecurrentLMModule(L.LightningModule):
         self.save_hyperparameters({"architecture": dataclasses.asdict(self.spec)} | {
             k: v for k, v in locals().items() if k not in ("self", "architecture", "spec", "config", "__class__")})
         self.model = RecurrentLM(config)
+        if init_from is not None:
+            self._load_weights(init_from)
+        if objective == "exit_gate":
+            if self.model.exit_gate is None:
+                raise ValueError("model.objective exit_gate trains an exit gate: set model.architecture.exit_gate_width")
+            if exit_gate_depth < 2:
+                raise ValueError(f"model.exit_gate_depth must be >= 2, got {exit_gate_depth}")
+            for name, parameter in self.model.named_parameters():  # the language model stays as it is
+                parameter.requires_grad_(name.startswith("exit_gate."))
         self._step_started = None
+
+    def _load_weights(self, source: str) -> None:
+        """Start from a trained model's weights (a fresh run; a resumed one then restores its own checkpoint)."""
+        loaded = load_model(source)
+        ours, theirs = resolved_spec(self.model.config), resolved_spec(loaded.config)
+        differences = {k: (getattr(theirs, k), v) for k, v in dataclasses.asdict(ours).items()
+                       if k != "exit_gate_width" and getattr(theirs, k) != v}
+        if differences:
+            raise ValueError(f"model.init_from {source}: another architecture, (init_from, config): {differences}")
+        missing, unexpected = self.model.load_state_dict(loaded.state_dict(), strict=False)
+        unmatched = [k for k in missing + unexpected if not k.startswith("exit_gate.")]
+        if unmatched:
+            raise ValueError(f"model.init_from {source}: weights that do not match: {unmatched}")
 
     def on_load_checkpoint(self, checkpoint) -> None:
         """Resuming from a checkpoint of another architecture is a clear error, not a state-dict shape dump."""
@@ -150,6 +183,8 @@ class RecurrentLMModule(L.LightningModule):
     # --- training ------------------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_index):
+        if self.hparams.objective == "exit_gate":
+            return self.exit_gate_step(batch)
         difficulty = int(batch["difficulty"][0]) if "difficulty" in batch else None
         num_steps = self.num_steps_for(self.global_step, difficulty)
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -162,6 +197,24 @@ class RecurrentLMModule(L.LightningModule):
             self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._step_started))
         self._step_started = time.perf_counter()
         return out.loss
+
+    def exit_gate_step(self, batch):
+        """Unroll the frozen model to exit_gate_depth without a graph, then fit the gate on every step's state."""
+        depth = self.hparams.exit_gate_depth
+        with torch.no_grad():
+            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], num_steps=depth,
+                             output_step_logits=True, output_latent_states=True,
+                             generator=self._generator(self.global_step, salt=1))
+            predictions = torch.stack([logits.argmax(-1) for logits in out.step_logits])  # (steps, batch, seq)
+            step = torch.arange(1, depth + 1, device=predictions.device)[:, None, None]
+            settled = (step >= settled_from(predictions == predictions[-1:])).float()
+        logits = self.model.exit_gate(torch.stack(out.latent_states))
+        real = batch["attention_mask"].bool().expand_as(logits)
+        loss = F.binary_cross_entropy_with_logits(logits[real], settled[real])
+        agree = ((logits[real] > 0).float() == settled[real]).float().mean()
+        self.log_dict({"train/loss": loss, "train/exit_gate_agreement": agree, "train/num_steps": float(depth),
+                       "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, prog_bar=True)
+        return loss
 
     def validation_step(self, batch, batch_index):
         """Loss at every eval depth on held-out problems (teacher forcing), and greedy task accuracy."""
