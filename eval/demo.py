@@ -197,11 +197,12 @@ def training_overlap(task_name: str, difficulties: list[int], manifest: dict) ->
     notes = []
     for difficulty in difficulties:
         distinct = get_task(task_name).distinct_problems(difficulty)
-        if difficulty in trained and distinct is not None and draws / distinct > 0.01:
-            seen = 1 - math.exp(-draws / distinct)
-            notes.append(f"k = {difficulty}: only {distinct:,} distinct problems exist and training drew about "
-                         f"{draws:,.0f} at this difficulty, so about {seen:.0%} of the held-out problems are "
-                         "training problems: this number measures recall, not generalisation.")
+        seen = 1 - math.exp(-draws / distinct) if difficulty in trained and distinct is not None else 0.0
+        if seen >= 0.01:
+            notes.append(f"k = {difficulty}: {'only ' * (seen >= 0.5)}{distinct:,} distinct problems exist and training "
+                         f"drew about {draws:,.0f} at this difficulty, so about {seen:.0%} of the held-out problems are "
+                         "training problems" + (": this number measures recall, not generalisation." if seen >= 0.5
+                                                else "."))
     return notes
 
 

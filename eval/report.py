@@ -126,13 +126,16 @@ def log_axis(ax) -> None:
 
 
 def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str,
-               ylabel: str, title: str, logx: bool = True, ylim=(0, 1.02)) -> Path:
-    """One panel per key (e.g. per difficulty), each with several series; shared legend."""
+               ylabel: str, title: str, logx: bool = True, ylim=(0, 1.02), columns: int = 4) -> Path:
+    """One panel per key (e.g. per difficulty), each with several series, `columns` panels per row; shared
+    legend."""
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.9), squeeze=False, sharey=True)
+    cols = min(n, columns)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False, sharey=True)
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per series in every panel
-    for ax, (panel, series) in zip(axes[0], panels.items()):
+    for ax, (panel, series) in zip(axes.flat, panels.items()):
         for label in labels:
             if label in series:
                 ax.plot(*series[label], marker="o", markersize=3.5, label=label, color=colors[label])
@@ -142,11 +145,14 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
+    for ax in list(axes.flat)[n:]:  # the last row's empty places
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     handles = [plt.Line2D([], [], color=colors[label], marker="o", markersize=3.5) for label in labels]
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.6 / (3.4 * rows + 0.6) + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

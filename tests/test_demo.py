@@ -54,9 +54,13 @@ def test_training_overlap_is_named_where_a_difficulty_has_few_problems():
     notes = training_overlap("permutation", [1, 2, 3, 4, 6], manifest)
     assert [n.split(":")[0] for n in notes] == ["k = 1", "k = 2", "k = 3"]  # 120, 14,400, 1.7M problems; 48,000 draws
     assert "about 100% of the held-out problems" in notes[0] and "about 96%" in notes[1] and "about 3%" in notes[2]
+    assert notes[1].endswith("measures recall, not generalisation.") and notes[2].endswith("training problems.")
     assert training_overlap("pointer", [1, 2], manifest) == []  # 16-node tables: far too many to repeat
     manifest["overrides"] = ["--trainer.max_steps", "10"]
-    assert training_overlap("permutation", [1, 2], manifest) == [notes[0].replace("48,000", "160").replace("100%", "74%")]
+    few = training_overlap("permutation", [1, 2], manifest)  # 160 draws per difficulty
+    assert few == [notes[0].replace("48,000", "160").replace("100%", "74%"),
+                   notes[1].replace("48,000", "160").replace("96%", "1%").replace("only ", "").replace(": this number measures recall, "
+                                                                                "not generalisation.", ".")]
 
 
 def test_findings_are_computed_from_the_measurements():
