@@ -68,7 +68,7 @@ STUDIES = (
     # Adaptive exit by the learned gate (configs/demo-exit-gate.yaml), the prompt at a fixed depth of 4.
     Study("permutation", "Latent depth against chain of thought (permutation)", "permutation", "demo-latent",
           "demo-cot", "The S5 word problem: compose k permutations of 5 elements. The latent model was trained with "
-          "a random depth per step (mean 4) and truncated backprop; its adaptive exit is a learned gate "
+          "a random depth per step (mean 6) and truncated backprop; its adaptive exit is a learned gate "
           "(configs/demo-exit-gate.yaml), with the prompt at a fixed depth.", exit_gate="demo-exit-gate",
           full=dict(difficulties="1,2,3,4,5,6", n=100, steps="1,2,3,4,6,8,16,32", budgets="0,12,24,36,48,60,72",
                     votes="1,2,4,8", vote_budget=72, exit_criterion="gate", exit_thresholds=[0.1, 0.03, 0.01],
