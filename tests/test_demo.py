@@ -97,7 +97,7 @@ def test_shipped_checkpoints_load_and_carry_their_manifests():
         assert model.config.vocab_size >= len(tokenizer)
         manifest = json.loads((path / "manifest.json").read_text())
         assert manifest["config"] == f"configs/{name}.yaml" and "rlm train" in manifest["command"]
-        assert manifest["final_metrics"]["val/acc_r1"] > 0
+        assert max(v for k, v in manifest["final_metrics"].items() if k.startswith("val/acc_r")) > 0
 
 
 @pytest.mark.slow
@@ -136,3 +136,22 @@ def test_shipped_pointer_model_thinks_longer_than_it_was_trained_to():
     problems = get_task("pointer").problems(8, 200, seed=31337)
     at = {r: accuracy(answer_problems(model, tokenizer, problems, num_steps=r, init_scale=0.0)) for r in (4, 8, 16)}
     assert at[4] <= 0.3 and at[8] >= 0.8 and at[16] >= 0.8
+
+
+@pytest.mark.slow
+def test_extrapolation_bar_holds_on_fresh_problems_at_every_harder_difficulty():
+    """The issue's bar on the shipped pointer model, on 200 problems per k from a seed neither the demo (1234) nor the
+    benchmark (777001) uses: at 2x, 2.5x and 3x the hardest trained k, >= 0.8 with more depth and <= 0.3 at the
+    training depth (about a minute on 2 cores)."""
+    from recurrent_lm.answering import accuracy, answer_problems
+    from recurrent_lm.eval.demo import CHECKPOINTS
+    from recurrent_lm.loading import load_model, load_tokenizer
+    from recurrent_lm.tasks import get_task
+
+    model, tokenizer = load_model(CHECKPOINTS / "pointer-latent"), load_tokenizer(CHECKPOINTS / "pointer-latent")
+    training_depth = model.config.mean_recurrence
+    for k in (8, 10, 12):
+        problems = get_task("pointer").problems(k, 200, seed=2718)
+        at = {r: accuracy(answer_problems(model, tokenizer, problems, num_steps=r, init_scale=0.0))
+              for r in (training_depth, 16, 24)}
+        assert at[training_depth] <= 0.3 and max(at[16], at[24]) >= 0.8, (k, at)
