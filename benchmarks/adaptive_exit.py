@@ -133,7 +133,8 @@ def main() -> None:
     bar = results["bar"]
     print(f"best fixed accuracy {bar['best_fixed_accuracy']:.3f}, first reached at r={bar['cheapest_best_depth']}; "
           f"oracle exit: {oracle_mean:.2f} mean steps per answer token "
-          f"(at most {results['oracle']['best_possible_step_saving']:.2f}x fewer steps than r={bar['cheapest_best_depth']})")
+          f"(at most {results['oracle']['best_possible_step_saving']:.2f}x fewer steps than "
+          f"r={bar['cheapest_best_depth']})")
     for s in bar["settings"]:
         print(f"{s['setting']:44s} acc {s['accuracy']:.3f} steps {s['mean_steps_per_token']:.2f} "
               f"flops {s['flops']:.3g} within1={s['within_1_point']} half={s['half_the_steps']} "

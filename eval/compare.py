@@ -58,7 +58,8 @@ def load_any_causal_lm(path: Path):
 
 def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str = "1,2,4", n: int = 100,
             out: Path = Path("compare"), problems: Path | None = None, steps: str = "1,2,4,8,16,32",
-            exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate"] | None = "kl",
+            exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate"]
+            | None = "kl",
             exit_thresholds: list[float] | None = None, exit_prompt_steps: int | None = None,
             budgets: str = "0,8,16,32,64,128", votes: str = "1,2,4,8",
             vote_budget: int | None = None, temperature: float = 0.7, cot_steps: str | None = None, seed: int = 1234,

@@ -199,10 +199,11 @@ def training_overlap(task_name: str, difficulties: list[int], manifest: dict) ->
         distinct = get_task(task_name).distinct_problems(difficulty)
         seen = 1 - math.exp(-draws / distinct) if difficulty in trained and distinct is not None else 0.0
         if seen >= 0.01:
-            notes.append(f"k = {difficulty}: {'only ' * (seen >= 0.5)}{distinct:,} distinct problems exist and training "
-                         f"drew about {draws:,.0f} at this difficulty, so about {seen:.0%} of the held-out problems are "
-                         "training problems" + (": this number measures recall, not generalisation." if seen >= 0.5
-                                                else "."))
+            many = "only " if seen >= 0.5 else ""
+            verdict = ": this number measures recall, not generalisation." if seen >= 0.5 else "."
+            notes.append(f"k = {difficulty}: {many}{distinct:,} distinct problems exist and training drew about "
+                         f"{draws:,.0f} at this difficulty, so about {seen:.0%} of the held-out problems are training "
+                         f"problems{verdict}")
     return notes
 
 
