@@ -8,9 +8,11 @@ counter, exit checks included. The issue's bar: an exit setting within 1 point o
 with at most half the mean core steps per generated token of the cheapest fixed depth that reaches that best
 accuracy, and fewer FLOPs per problem than every fixed depth at least as accurate (left of the fixed-depth curve).
 
-The oracle says how far any rule could go: teacher-forced on the worked answer at --max-steps, the fewest steps
-after which each answer token's logit-lens prediction is right and stays right. No exit rule beats it, so
-`cheapest fixed depth / oracle mean steps` bounds the saving on this model.
+The oracle estimates how far a rule could go: teacher-forced on the worked answer at --max-steps, the fewest steps
+after which each answer token's logit-lens prediction is right and stays right, so `cheapest fixed depth / oracle
+mean steps` estimates the saving within reach on this model. It is an estimate, not a bound: a rule only needs the
+prediction right at the step it exits, and runs with other context depths (a fixed-depth prompt, earlier tokens
+that exited).
 
     python benchmarks/adaptive_exit.py                # demo-exit-gate, permutation k=4: about 10 min on 2 cores
     python benchmarks/adaptive_exit.py --model checkpoints/pointer-latent --task pointer --criteria cosine kl
@@ -55,13 +57,13 @@ def check_bar(rows: list[dict]) -> dict:
     fixed = sorted(select(rows, method="latent"), key=lambda r: r["steps"])
     best = max(r["accuracy"] for r in fixed)
     cheapest = min((r for r in fixed if r["accuracy"] == best), key=lambda r: r["flops_per_problem"])
-    near = min((r for r in fixed if r["accuracy"] >= best - 0.01), key=lambda r: r["flops_per_problem"])
+    near = min((r for r in fixed if r["accuracy"] >= best - 0.01 - 1e-9), key=lambda r: r["flops_per_problem"])
     settings = []
     for row in rows:
         if row["method"] == "latent":
             continue
         as_accurate = [r["flops_per_problem"] for r in fixed if r["accuracy"] >= row["accuracy"]]
-        checks = {"within_1_point": row["accuracy"] >= best - 0.01,
+        checks = {"within_1_point": row["accuracy"] >= best - 0.01 - 1e-9,  # one point, whatever the float rounding
                   "half_the_steps": row["mean_steps_per_token"] <= cheapest["steps"] / 2,
                   "left_of_fixed_curve": row["flops_per_problem"] < min(as_accurate, default=float("inf"))}
         settings.append({"method": row["method"], "setting": row["setting"], "accuracy": row["accuracy"],
@@ -116,7 +118,7 @@ def main() -> None:
 
     oracle = oracle_steps(model, tokenizer, task, problems, args.max_steps)
     per_token = [min(s, args.max_steps) for answer in oracle for s in answer]
-    by_position = [sum(a[i] for a in oracle) / len(oracle) for i in range(min(map(len, oracle)))]
+    by_position = [sum(min(a[i], args.max_steps) for a in oracle) / len(oracle) for i in range(min(map(len, oracle)))]
     results = {"model": args.model, "task": args.task, "difficulty": args.difficulty, "n": args.n,
                "eval_seed": EVAL_SEED, "max_steps": args.max_steps,
                "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -125,7 +127,7 @@ def main() -> None:
                           "never_settled_tokens": sum(s > args.max_steps for a in oracle for s in a)}}
     results["bar"] = check_bar(rows)
     oracle_mean = results["oracle"]["mean_steps_per_token"]
-    results["oracle"]["best_possible_step_saving"] = results["bar"]["cheapest_best_depth"] / oracle_mean
+    results["oracle"]["estimated_step_saving"] = results["bar"]["cheapest_best_depth"] / oracle_mean
     results["rows"] = rows
     args.out.write_text(json.dumps(results, indent=1))
 
@@ -133,7 +135,7 @@ def main() -> None:
     bar = results["bar"]
     print(f"best fixed accuracy {bar['best_fixed_accuracy']:.3f}, first reached at r={bar['cheapest_best_depth']}; "
           f"oracle exit: {oracle_mean:.2f} mean steps per answer token "
-          f"(at most {results['oracle']['best_possible_step_saving']:.2f}x fewer steps than "
+          f"(an estimated {results['oracle']['estimated_step_saving']:.2f}x fewer steps than "
           f"r={bar['cheapest_best_depth']})")
     for s in bar["settings"]:
         print(f"{s['setting']:44s} acc {s['accuracy']:.3f} steps {s['mean_steps_per_token']:.2f} "

@@ -265,6 +265,6 @@ def write_report(out: Path, results: dict) -> Path:
         for study, result in results["studies"].items() for role, m in result["manifests"].items())
     sections += [("Models", manifests),
                  ("Reproduce", f"`{reproduce_command(results)}` ({results['wall_seconds']:.0f} s here). Details: "
-                  "{study}/compare/summary.md and {study}/sweep/summary.md.")]
+                  + ", ".join(f"{s.name}/compare/summary.md, {s.name}/sweep/summary.md" for s in STUDIES) + ".")]
     return write_summary(out, "recurrent-lm demo: thinking deeper in latent space against thinking longer in tokens",
                          sections, name="report.md")

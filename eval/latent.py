@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from recurrent_lm.adaptive import threshold_grid
+from recurrent_lm.adaptive import AdaptiveExit, threshold_grid
 from recurrent_lm.answering import Answer, answer_flops, answer_problems
 from recurrent_lm.problem import Problem
 
@@ -53,6 +53,7 @@ class AdaptiveDepth(Method):
         self.model, self.tokenizer, self.criterion, self.max_steps = model, tokenizer, criterion, max_steps
         self.budgets, self.batch_size = threshold_grid(criterion, thresholds), batch_size
         self.prompt_steps = prompt_steps
+        AdaptiveExit(criterion).tracker(getattr(model, "exit_gate", None))  # "gate" on a model without one: now
 
     def run(self, problems: list[Problem], threshold: float) -> list[dict[str, Any]]:
         start = time.perf_counter()

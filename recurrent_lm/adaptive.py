@@ -38,6 +38,8 @@ class AdaptiveExit:
             raise ValueError(f"unknown exit criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"exit threshold must be > 0, got {self.threshold}")
+        if self.criterion == "gate" and self.threshold is not None and not self.threshold < 1:
+            raise ValueError(f"the gate's threshold bounds 1 - p(settled): it must be in (0, 1), got {self.threshold}")
         if self.criterion == "argmax-stability" and self.threshold is not None and self.threshold != int(self.threshold):
             raise ValueError(f"argmax-stability counts steps: its threshold must be an integer, got {self.threshold}")
         check_count(self.min_steps, "min_steps")
@@ -94,8 +96,8 @@ class ExitTracker:
         """step is 1-based; returns a (batch, seq) bool mask."""
         rule = self.rule
         if rule.criterion == "gate":
-            settled = torch.sigmoid(self.gate(state).float())
-            return (1 - settled < rule.limit) & (step >= rule.min_steps)
+            unsettled = torch.sigmoid(-self.gate(state).float())  # 1 - p(settled), exact for small values too
+            return (unsettled < rule.limit) & (step >= rule.min_steps)
         current = logits.float().log_softmax(-1) if rule.needs_logits else state.float()
         previous, self.previous = self.previous, current
         if previous is None:

@@ -62,7 +62,8 @@ def generation_flops(config: RecurrentConfig, prompt_length: int, steps_per_toke
     single-token forward for each further token. `steps_per_token`: the depth each generated token ran (one value
     repeated for a fixed depth, fewer steps where adaptive exit stopped early); the prefill runs `prompt_steps`
     core steps (default: the first token's depth). `lens_decodes` / `prompt_lens_decodes`: logit-lens passes of
-    each decode call and of the prefill; `gate_checks` / `prompt_gate_checks`: exit-gate evaluations, likewise. Logits are computed for the last position only, as generate does."""
+    each decode call and of the prefill; `gate_checks` / `prompt_gate_checks`: exit-gate evaluations, likewise.
+    Logits are computed for the last position only, as generate does."""
     steps = list(steps_per_token)
     if not steps:
         return FlopCount(0, 0)

@@ -59,6 +59,8 @@ def test_gate_exits_where_it_is_sure_from_the_first_step():
     assert AdaptiveExit("gate", 0.1, min_steps=2).tracker(gate).converged(1, logits, None).tolist() == [[False] * 3]
     with pytest.raises(ValueError, match="needs a model with a trained exit gate"):
         AdaptiveExit("gate").tracker()
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        AdaptiveExit("gate", 1.0)
 
 
 def test_settled_step_is_where_agreement_holds_to_the_end():

@@ -201,6 +201,13 @@ def test_a_run_never_takes_another_runs_directory(tmp_path, monkeypatch):
     assert resumed.returncode == 0, resumed.stderr
 
 
+def test_language_model_training_leaves_a_gate_alone():
+    """objective lm: the loss never reaches the exit gate, so it is frozen (no unused parameters under DDP)."""
+    module = RecurrentLMModule({"preset": "debug", "exit_gate_width": 8})
+    trainable = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and not any(name.startswith("exit_gate.") for name in trainable)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer"),
     (["--model.architecture.hidden_size", "63"], "model.architecture: RecurrentConfig.hidden_size (63) is not divisible"),
@@ -258,7 +265,7 @@ def test_recipes_name_their_shape_and_rebuild_the_shipped_models():
                                                "mean_backprop_depth", "exit_gate_width"}, name
     for name in ("demo-latent", "demo-cot", "demo-exit-gate", "pointer-latent", "pointer-cot"):
         recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]
-        recipe.pop("init_from", None)  # the shape alone
+        recipe.pop("init_from", None), recipe.pop("objective", None)  # the shape alone
         with torch.device("meta"):
             built = RecurrentLMModule(**recipe).model.config.to_dict()
         shipped = RecurrentConfig.from_pretrained(ROOT / "checkpoints" / name).to_dict()  # a field added later: default
@@ -305,6 +312,7 @@ def test_exit_gate_recipe_trains_the_gate_alone(tmp_path):
     (["--model.architecture.preset", "debug"], "another architecture"),
     (["--model.init_from", "no/such/model"], "no/such/model"),
     (["--data.tokenizer", "null"], "reads another tokenizer than the data's"),  # the task's own, grown since
+    (["--model.init_from", "null"], "set model.init_from"),
 ])
 def test_exit_gate_training_refuses_what_cannot_work(tmp_path, args, message):
     with pytest.raises((ValueError, FileNotFoundError, SystemExit), match=message):

@@ -92,6 +92,8 @@ class RecurrentLMModule(L.LightningModule):
             unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
             already equals its final one and stays so, at every real position (prompt and answer).
         exit_gate_depth: the depth of the unrolls the exit gate learns from (at least the depths it will serve).
+            The unrolls start from the model's random initial state (init_scale), as training does; the shipped
+            gate agrees with its targets as often from a zero state (0.971 against 0.968 on 64 problems).
     """
 
     def __init__(self, architecture: ArchitectureSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
@@ -130,12 +132,16 @@ class RecurrentLMModule(L.LightningModule):
         if init_from is not None:
             self._load_weights(init_from)
         if objective == "exit_gate":
+            if init_from is None:
+                raise ValueError("model.objective exit_gate trains a gate on a trained model: set model.init_from")
             if self.model.exit_gate is None:
                 raise ValueError("model.objective exit_gate trains an exit gate: set model.architecture.exit_gate_width")
             if exit_gate_depth < 2:
                 raise ValueError(f"model.exit_gate_depth must be >= 2, got {exit_gate_depth}")
             for name, parameter in self.model.named_parameters():  # the language model stays as it is
                 parameter.requires_grad_(name.startswith("exit_gate."))
+        elif self.model.exit_gate is not None:  # the LM loss never reaches a gate: keep it as it is (DDP, export)
+            self.model.exit_gate.requires_grad_(False)
         self._step_started = None
 
     def _load_weights(self, source: str) -> None:
