@@ -1,5 +1,8 @@
 """The data path from tasks and text to batches.
 
+- Step labels for a process reward model: a chain of thought with the step tag after each step, and the good or
+  bad token as the label at each tag (encode_step_labels); the stream corrupts steps of worked solutions at a rate
+  and labels them with the task's exact step checker.
 - Task problems -> (input_ids, labels) with a loss mask: `loss_on="answer"` supervises the answer only (what a
   latent model must produce), "completion" the thinking and the answer (the chain-of-thought model), "all" every
   token; `hints=True` adds the tasks' dense intermediate targets on prompt positions.
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 from .tasks import Problem, Task, get_task
 from .tokenization import THINK_END
 
@@ -59,11 +63,56 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
     return {"input_ids": input_ids, "labels": labels}
 
 
+def single_token(tokenizer, text: str, what: str) -> int:
+    """The id of a text that must be one token of this tokenizer (a step tag, a delimiter)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"the {what} {text!r} is not one token of this tokenizer ({len(ids)} tokens)")
+    return ids[0]
+
+
+def encode_step_labels(tokenizer, prompt: str, steps: Sequence[str], labels: Sequence[bool | float] | None = None,
+                       step_tag: str = STEP_TAG, good: str = GOOD_STEP, bad: str = BAD_STEP) -> dict[str, list[int]]:
+    """A chain of thought as a process reward model reads it: the prompt, then every step followed by the step tag;
+    with `labels`, the good or bad token is the label of each tag position (predicted there, never an input), and
+    nothing else is supervised. Also returns `tag_positions`, where the model's step scores are read."""
+    tag = single_token(tokenizer, step_tag, "step tag")
+    input_ids, positions = list(tokenizer(prompt).input_ids), []
+    for step in steps:
+        input_ids += tokenizer(step, add_special_tokens=False).input_ids
+        positions.append(len(input_ids))
+        input_ids.append(tag)
+    encoded = {"input_ids": input_ids, "tag_positions": positions}
+    if labels is not None:
+        if len(labels) != len(steps):
+            raise ValueError(f"{len(labels)} step labels for {len(steps)} steps")
+        ids = {True: single_token(tokenizer, good, "good-step token"), False: single_token(tokenizer, bad, "bad-step token")}
+        input_ids.append(tokenizer.eos_token_id)  # a position after the last tag, for its label
+        encoded["labels"] = [IGNORE] * len(input_ids)
+        for position, label in zip(positions, labels):
+            encoded["labels"][position + 1] = ids[bool(label)]  # position predicts label position + 1
+    return encoded
+
+
+def labelled_chain(task: Task, problem: Problem, error_rate: float, rng: random.Random) -> tuple[list[str], list[bool]]:
+    """The worked solution's steps, with one step corrupted (at a random place, and the chain cut after it half the
+    time) with probability `error_rate`, and the task's exact label of every step."""
+    steps = task.solution_steps(problem)
+    if rng.random() < error_rate:
+        i = rng.randrange(len(steps))
+        wrong = task.corrupt_step(steps[i], rng)
+        if wrong is not None:
+            steps[i] = wrong
+            if rng.random() < 0.5:
+                steps = steps[: i + 1]
+    return steps, task.step_labels(problem, steps)
+
+
 def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a list of examples into a batch (right padding for training, left for generation prompts)."""
     width = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for e in examples:
+    for e in examples:  # keys other than these (tag_positions) are left out
         n, pad = len(e["input_ids"]), width - len(e["input_ids"])
         rows = (e["input_ids"], [1] * n, e.get("labels", e["input_ids"]))
         fills = (pad_token_id, 0, IGNORE)
@@ -108,7 +157,7 @@ class TaskStream(IterableDataset):
 
     def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int, curriculum: Curriculum, cot: bool = False,
                  loss_on: str = "answer", hints: bool = False, seed: int = 0, rank: int = 0, start_batch: int = 0,
-                 difficulty_per_batch: bool = False):
+                 difficulty_per_batch: bool = False, step_error_rate: float | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tasks = [get_task(name) for name in tasks]
@@ -121,6 +170,18 @@ class TaskStream(IterableDataset):
         self.cot, self.loss_on, self.hints = cot, loss_on, hints
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
         self.difficulty_per_batch = difficulty_per_batch
+        self.step_error_rate = step_error_rate  # not None: step-labelled chains for a process reward model
+        if step_error_rate is not None:
+            if not 0 <= step_error_rate <= 1:
+                raise ValueError(f"step_error_rate must be in [0, 1], got {step_error_rate}")
+            for task in self.tasks:
+                task.require_steps()
+
+    def example(self, task: Task, problem: Problem, rng: random.Random) -> dict[str, list[int]]:
+        if self.step_error_rate is None:
+            return encode_problem(self.tokenizer, task, problem, self.cot, self.loss_on, self.hints)
+        steps, labels = labelled_chain(task, problem, self.step_error_rate, rng)
+        return encode_step_labels(self.tokenizer, task.prompt(problem, cot=True), steps, labels)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         """Batch `index`. With difficulty_per_batch, all its problems share one difficulty, drawn from (seed, index)
@@ -132,7 +193,7 @@ class TaskStream(IterableDataset):
             task = rng.choice(self.tasks)
             difficulty = shared if self.difficulty_per_batch else self.curriculum.sample(index, rng)
             problem = task.generate(difficulty, rng)
-            examples.append(encode_problem(self.tokenizer, task, problem, self.cot, self.loss_on, self.hints))
+            examples.append(self.example(task, problem, rng))
         batch = collate(examples, self.tokenizer.pad_token_id)
         if self.difficulty_per_batch:
             batch["difficulty"] = torch.full((self.batch_size,), shared, dtype=torch.long)

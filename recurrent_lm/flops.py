@@ -77,26 +77,40 @@ def generation_flops(config: RecurrentConfig, prompt_length: int, steps_per_toke
     return total
 
 
-def causal_lm_generation_flops(model, prompt_length: int, new_tokens: int, num_steps: int | None = None) -> int:
-    """FLOPs of generating `new_tokens` tokens after a prompt with a KV cache, for any transformers causal LM:
-    a RecurrentLM through generation_flops (every token at `num_steps`, default mean_recurrence), any other model
-    from its linear layers (2 FLOPs per weight per token) and its attention (4 * layers * queries * keys *
-    attention width), the same rules.
-    Tokens inserted rather than sampled (delimiters, "Wait") cost what generated ones do: each is fed once."""
+def causal_lm_forward_flops(model, new_tokens: int, context_length: int = 0, logit_tokens: int = 1,
+                            num_steps: int | None = None) -> int:
+    """FLOPs of one forward call of any transformers model over `new_tokens` tokens with `context_length` tokens
+    already in its cache, computing logits (or scores) for `logit_tokens` positions: a RecurrentLM through
+    forward_flops at `num_steps` (default mean_recurrence); any other model from its linear layers (2 FLOPs per
+    weight per token; a classification head counts as one of them) and its attention (4 * layers * queries * keys *
+    attention width), the same rules."""
     config = model.config
+    if new_tokens <= 0:
+        return 0
     if isinstance(config, RecurrentConfig):
         steps = resolve_num_steps(num_steps, config).total
-        return generation_flops(config, prompt_length, [steps] * new_tokens).flops
+        return forward_flops(config, steps, new_tokens, context_length, logit_tokens=logit_tokens).flops
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     head_params = head.weight.numel() if head is not None else 0
-    layers = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = config.num_attention_heads * head_dim
+    return (2 * new_tokens * linear + 2 * min(logit_tokens, new_tokens) * head_params
+            + config.num_hidden_layers * 4 * new_tokens * (context_length + new_tokens) * width)
 
-    def forward(new: int, context: int, logits: int) -> int:
-        return 2 * new * linear + 2 * logits * head_params + layers * 4 * new * (context + new) * width
 
+def causal_lm_extend_flops(model, context_length: int, new_tokens: int, num_steps: int | None = None) -> int:
+    """FLOPs of feeding `new_tokens` tokens one at a time after `context_length` cached ones (decoding, each with
+    its logits): what a chain costs to extend a prefix whose keys and values are already cached."""
+    return sum(causal_lm_forward_flops(model, 1, context_length + i, 1, num_steps) for i in range(new_tokens))
+
+
+def causal_lm_generation_flops(model, prompt_length: int, new_tokens: int, num_steps: int | None = None) -> int:
+    """FLOPs of generating `new_tokens` tokens after a prompt with a KV cache, for any transformers causal LM: one
+    prefill of the prompt that yields the first token, then one single-token forward for each further token
+    (a RecurrentLM at `num_steps`, default mean_recurrence, every token at that depth).
+    Tokens inserted rather than sampled (delimiters, "Wait") cost what generated ones do: each is fed once."""
     if new_tokens <= 0:
         return 0
-    return forward(prompt_length, 0, 1) + sum(forward(1, prompt_length + i, 1) for i in range(new_tokens - 1))
+    return (causal_lm_forward_flops(model, prompt_length, 0, 1, num_steps)
+            + causal_lm_extend_flops(model, prompt_length, new_tokens - 1, num_steps))

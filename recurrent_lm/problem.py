@@ -40,6 +40,7 @@ class Task(ABC):
     max_difficulty: int
     alphabet: str  # every character a rendered problem may contain (special tokens aside)
     description: str
+    step_separator: str | None = ";"  # ends every step of a chain of thought (None: no steps to search over)
 
     def check_difficulty(self, difficulty: int) -> None:
         if not self.min_difficulty <= difficulty <= self.max_difficulty:
@@ -86,3 +87,59 @@ class Task(ABC):
     def score(self, answer: str | None, problem: Problem) -> float:
         """1.0 for the right answer, else 0.0."""
         return float(answer is not None and answer.strip() == problem.answer)
+
+    # --- steps: what a process reward model scores and step-level search expands ----------------------------------
+
+    def require_steps(self) -> str:
+        if not self.step_separator:
+            raise ValueError(f"task {self.name!r} has no step separator: step-level search and process rewards "
+                             "need one (use best-of-n or majority vote)")
+        return self.step_separator
+
+    def solution_steps(self, problem: Problem) -> list[str]:
+        """The worked solution as the steps a chain of thought writes after the prompt: each thinking step with its
+        separator, then the answer step (the end-of-thinking delimiter, the answer, eos)."""
+        return split_steps(self.completion(problem, cot=True), self.require_steps())
+
+    def step_labels(self, problem: Problem, steps: list[str]) -> list[bool] | None:
+        """The exact checker's label of each step (split_steps of a generated chain): a thinking step is good while
+        every step up to it equals the worked solution's (the first wrong step and all after it are bad); the answer
+        step is good when its answer is right. None where the task has no step checker."""
+        gold, good, labels = self.solution_steps(problem), True, []
+        for i, step in enumerate(steps):
+            if step.startswith(THINK_END):
+                good = self.score(self.parse_answer(step, cot=True), problem) == 1.0
+            else:
+                good = good and i < len(gold) - 1 and step == gold[i]
+            labels.append(good)
+        return labels
+
+    def corrupt_step(self, step: str, rng: random.Random) -> str | None:
+        """The step with one letter or digit changed to another of the task's alphabet (a plausible slip, for
+        training a process reward model on labelled errors); None if the step has nothing to change."""
+        body = step[len(THINK_END):] if step.startswith(THINK_END) else step
+        offset = len(step) - len(body)
+        kinds = (str.isdigit, str.isalpha)
+        places = [i for i, c in enumerate(body) if c in self.alphabet and any(kind(c) for kind in kinds)]
+        if not places:
+            return None
+        i = rng.choice(places)
+        kind = next(kind for kind in kinds if kind(body[i]))
+        choices = sorted(c for c in set(self.alphabet) if kind(c) and c != body[i])
+        if not choices:
+            return None
+        return step[: offset + i] + rng.choice(choices) + step[offset + i + 1 :]
+
+
+def split_steps(completion: str, separator: str) -> list[str]:
+    """A chain of thought (the text after the prompt) as steps: each thinking step with its separator, then the
+    answer step from the end-of-thinking delimiter on (absent while the chain is unfinished). Joined, the steps give
+    the completion back."""
+    thinking, end, answer = completion.partition(THINK_END)
+    steps = [part + separator for part in thinking.split(separator)[:-1]]
+    rest = thinking[sum(map(len, steps)):]
+    if rest:  # an unfinished step (no separator yet)
+        steps.append(rest)
+    if end:
+        steps.append(end + answer)
+    return steps

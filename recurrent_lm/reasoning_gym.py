@@ -22,6 +22,7 @@ def _require():
 class ReasoningGymTask(Task):
     min_difficulty, max_difficulty = 1, 1
     alphabet = ""  # free text: use a byte-level or BPE tokenizer
+    step_separator = "\n"  # a reasoning step is a line; no exact step checker (Math-Shepherd labels instead)
 
     def __init__(self, dataset: str, **config: Any):
         self.dataset, self.config = dataset, config
@@ -43,6 +44,9 @@ class ReasoningGymTask(Task):
         entries = list(self._dataset(n, seed))
         return [Problem(self.name, difficulty, str(e["question"]) + "\n", str(e["answer"]),
                         metadata={"entry": _jsonable(e)}) for e in entries]
+
+    def step_labels(self, problem: Problem, steps: list[str]) -> None:
+        return None
 
     def score(self, answer: str | None, problem: Problem) -> float:
         if answer is None:

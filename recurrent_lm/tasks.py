@@ -209,9 +209,10 @@ def parse_int_list(text: str, name: str = "list") -> list[int]:
     return values
 
 
-def task_tokenizer(task_names: Iterable[str]) -> RecurrentCharacterTokenizer:
-    """A character tokenizer covering every character the given tasks render."""
+def task_tokenizer(task_names: Iterable[str], extra: str = "") -> RecurrentCharacterTokenizer:
+    """A character tokenizer covering every character the given tasks render, and the `extra` characters (a process
+    reward model's step tag and labels)."""
     alphabet = "".join(get_task(name).alphabet for name in task_names)
     if not alphabet:
         raise ValueError(f"tasks {list(task_names)} have free-text alphabets: train a BPE tokenizer instead")
-    return character_tokenizer(alphabet)
+    return character_tokenizer(alphabet + extra)

@@ -5,9 +5,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, heldout_problems,
-                               text_source)
+import random
+
+from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, encode_step_labels,
+                               heldout_problems, labelled_chain, text_source)
 from recurrent_lm.loading import load_tokenizer
+from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 from recurrent_lm.tasks import get_task, load_jsonl, task_tokenizer
 
 
@@ -31,6 +34,11 @@ class RecurrentDataModule(L.LightningDataModule):
         cot: render problems with a chain of thought (the CoT baseline).
         loss_on: "answer" (latent models: the answer only), "completion" (thinking + answer: CoT models) or "all".
         hints: add the tasks' dense intermediate targets (e.g. every variable's value) to the loss.
+        step_labels: train a process reward model: every problem's worked chain of thought with the step tag after
+            each step, one step corrupted in a share step_error_rate of them, and the good or bad token (the task's
+            exact step checker) as the only labels (recurrent_lm.data.encode_step_labels). The default tokenizer
+            then also holds the tag and the two label tokens.
+        step_error_rate: the share of step-labelled chains with a corrupted step.
         seed: seeds the training stream (each rank gets its own stream).
         val_difficulties: difficulties of the held-out problems (may exceed max_difficulty: extrapolation).
         val_problems_per_difficulty: held-out problems per difficulty.
@@ -42,7 +50,8 @@ class RecurrentDataModule(L.LightningDataModule):
                  batch_size: int = 32, seq_len: int = 256, min_difficulty: int = 1, max_difficulty: int = 4,
                  curriculum_batches: int = 0, cot: bool = False, loss_on: str = "answer", hints: bool = False,
                  seed: int = 0, val_difficulties: list[int] | None = None, val_problems_per_difficulty: int = 32,
-                 val_problems: str | None = None, num_workers: int = 0, difficulty_per_batch: bool = False):
+                 val_problems: str | None = None, num_workers: int = 0, difficulty_per_batch: bool = False,
+                 step_labels: bool = False, step_error_rate: float = 0.5):
         super().__init__()
         if bool(tasks) == bool(text_files):
             raise ValueError("give either tasks or text_files to train on")
@@ -63,7 +72,7 @@ class RecurrentDataModule(L.LightningDataModule):
 
     def _load_tokenizer(self):
         if self.hparams.tokenizer is None:
-            return task_tokenizer(self.hparams.tasks)
+            return task_tokenizer(self.hparams.tasks, STEP_TAG + GOOD_STEP + BAD_STEP if self.hparams.step_labels else "")
         return load_tokenizer(self.hparams.tokenizer)  # a directory, or a shipped checkpoint's name
 
     def train_dataloader(self) -> DataLoader:
@@ -77,7 +86,8 @@ class RecurrentDataModule(L.LightningDataModule):
         stream = TaskStream(options.tasks, self.tokenizer, options.batch_size, self.curriculum, cot=options.cot,
                             loss_on=options.loss_on,
                             hints=options.hints, seed=options.seed, rank=rank, start_batch=done,
-                            difficulty_per_batch=options.difficulty_per_batch)
+                            difficulty_per_batch=options.difficulty_per_batch,
+                            step_error_rate=options.step_error_rate if options.step_labels else None)
         return DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                           persistent_workers=options.num_workers > 0)
 
@@ -92,6 +102,16 @@ class RecurrentDataModule(L.LightningDataModule):
         if not self.hparams.tasks and not self.hparams.val_problems:
             return []
         self.val_set = self.validation_problems()
+
+        if self.hparams.step_labels:  # held-out step-labelled chains, the same ones every validation
+            def labelled(i):
+                problem, task = self.val_set[i], get_task(self.val_set[i].task)
+                steps, labels = labelled_chain(task, problem, self.hparams.step_error_rate, random.Random(f"val/{i}"))
+                return encode_step_labels(self.tokenizer, task.prompt(problem, cot=True), steps, labels)
+
+            return DataLoader(range(len(self.val_set)), batch_size=max(self.hparams.batch_size, 64),
+                              collate_fn=lambda indices: collate([labelled(i) for i in indices],
+                                                                 self.tokenizer.pad_token_id))
 
         def batch(indices):  # problems travel as indices into val_set: tensors only cross devices
             encoded = [encode_problem(self.tokenizer, get_task(self.val_set[i].task), self.val_set[i], self.hparams.cot,

@@ -223,11 +223,16 @@ class RecurrentLMModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_index):
-        """Loss at every eval depth on held-out problems (teacher forcing), and greedy task accuracy."""
+        """Loss and the share of supervised tokens predicted right at every eval depth on held-out problems
+        (teacher forcing), and greedy task accuracy."""
         for depth in self.hparams.eval_depths:
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                              num_steps=depth, init_scale=0.0)
+            targets, supervised = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
+            right = (out.logits[:, :-1].argmax(-1) == targets)[supervised].float()
             self.log(f"val/loss_r{depth}", out.loss, batch_size=batch["input_ids"].shape[0])
+            # every supervised token predicted right (answer tokens; a reward model's step labels)
+            self.log(f"val/label_acc_r{depth}", right.mean(), batch_size=int(supervised.sum()))
         if "problem_index" in batch:
             datamodule = self.trainer.datamodule
             problems = [datamodule.val_set[i] for i in batch["problem_index"].tolist()]
