@@ -58,7 +58,7 @@ def _token_id(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def _generate(model, tokenizer, rows: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+def generate_until(model, tokenizer, rows: list[list[int]], max_new_tokens: int, stop_ids: list[int],
               processors: LogitsProcessorList | None, generate_kwargs: dict) -> list[list[int]]:
     """Continue each row by up to max_new_tokens tokens, stopping at any of stop_ids (kept in the output)."""
     batch = collate([{"input_ids": r} for r in rows], tokenizer.pad_token_id, padding_side="left")
@@ -113,7 +113,7 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
             break
         minimum = [max(0, min_thinking - len(thinking[i])) for i in active]
         processors = LogitsProcessorList([SuppressUntil(stop_ids, max(len(r) for r in rows), minimum)]) if any(minimum) else None
-        continuations = _generate(model, tokenizer, rows, room, stop_ids, processors, generate_kwargs)
+        continuations = generate_until(model, tokenizer, rows, room, stop_ids, processors, generate_kwargs)
         still = []
         for i, new in zip(active, continuations):
             remaining = budget - len(thinking[i])
@@ -129,7 +129,7 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
         active = still
     answers_in = [prefixes[i] + thinking[i] + [end_id] + (answer_prompt_ids if cut[i] else []) for i in range(len(prompts))]
     answer_stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    answers = _generate(model, tokenizer, answers_in, max_answer_tokens, answer_stop, None, generate_kwargs)
+    answers = generate_until(model, tokenizer, answers_in, max_answer_tokens, answer_stop, None, generate_kwargs)
     results = []
     for i in range(len(prompts)):
         appended = 1 + (len(answer_prompt_ids) if cut[i] else 0)
@@ -152,15 +152,20 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
+def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> str | None:
+    """The answer whose samples' weights sum highest (weighted best-of-N); ties go to the one seen first."""
+    totals: dict[str, float] = {}
+    for a, w in zip(answers, weights):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + w
+    return max(totals, key=totals.get) if totals else None
+
+
 def best_of_n(answers: Sequence[str | None], scores: Sequence[float], weighted: bool = False) -> str | None:
     """The answer of the best-scored sample. Scores are log-probabilities (or any log-scale score); weighted: the
     answer whose samples' probabilities exp(score) sum highest (weighted best-of-N)."""
     if weighted:
-        totals: dict[str, float] = {}
-        for a, s in zip(answers, scores):
-            if a is not None:
-                totals[a] = totals.get(a, 0.0) + math.exp(s)
-        return max(totals, key=totals.get) if totals else None
+        return weighted_vote(answers, [math.exp(s) for s in scores])
     ranked = [(s, i) for i, (a, s) in enumerate(zip(answers, scores)) if a is not None]
     return answers[max(ranked)[1]] if ranked else None
 

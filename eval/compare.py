@@ -6,12 +6,19 @@ Methods (recurrent_lm.eval.methods), each evaluated on the same fixed problems p
 - cot-budget:           the chain-of-thought model with s1 budget forcing at thinking budgets B (at each of its
                         depths, when it is itself a recurrent model: the depth x budget grid) (eval/cot.py);
 - cot-vote:             majority vote over the first n of N sampled chains of thought;
-- cot-best-of-n:        the sample the CoT model itself scores highest (mean log-probability of its answer).
-FLOPs come from the one compute counter: the prompt, every generated or inserted token at its depth, and the
-best-of-n scorer's extra forward pass. The findings (what rose with depth or budget, and which method reaches 90%
+- cot-best-of-n:        the sample the CoT model itself scores highest (mean log-probability of its answer);
+- prm-best-of-n / prm-weighted-best-of-n: the same samples chosen by a reward model (eval/reward_models.py);
+- beam / dvts / rebase: step-level search with the reward model (eval/search.py), at each of the CoT model's depths
+                        when it is recurrent (the depth x N grid);
+- oracle-best-of-n:     right when any of the n samples is: the task's checker as verifier, an upper bound shown
+                        apart, never a method.
+`--methods` picks any subset (latent, budget, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase, oracle).
+FLOPs come from the one compute counter: the prompt, every generated or inserted token at its depth (pruned search
+branches too), the best-of-n scorer's extra forward pass and every reward-model pass (also apart, reward_flops). The findings (what rose with depth or budget, and which method reaches 90%
 of the best accuracy with the fewest FLOPs) are computed from the rows and written into summary.md.
 """
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +34,8 @@ from recurrent_lm.tasks import Problem, get_task, parse_int_list
 from .cot import BudgetForcing, ParallelSampling
 from .latent import AdaptiveDepth, LatentDepth
 from .methods import run_methods
+from .reward_models import AGGREGATIONS, load_reward_model
+from .search import STRATEGIES
 from .report import (RESULT_COLUMNS, line_plot, markdown_table, panel_plot, prepare_output, select, write_results,
                      write_summary)
 from .sweep import sweep_problems
@@ -49,6 +58,21 @@ def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str) -> None:
                 raise ValueError(f"the {which} model's tokenizer lacks the thinking delimiter {delimiter!r} as a token")
 
 
+METHODS = ("latent", "budget", "majority", "best-of-n", "weighted-best-of-n", "beam", "dvts", "rebase", "oracle")
+NEEDS_REWARD_MODEL = ("weighted-best-of-n", "beam", "dvts", "rebase")
+
+
+def parse_methods(text: str, reward_model: Path | None) -> list[str]:
+    methods = [m for m in (part.strip() for part in text.split(",")) if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown or text!r}; choose from {', '.join(METHODS)}")
+    needing = [m for m in methods if m in NEEDS_REWARD_MODEL]
+    if needing and reward_model is None:
+        raise ValueError(f"--methods {','.join(needing)} need a reward model: pass --reward_model DIR")
+    return methods
+
+
 def load_any_causal_lm(path: Path):
     """A RecurrentLM, or any transformers causal LM directory (the CoT baseline may be an ordinary transformer)."""
     if model_type(path) == "recurrent_lm":
@@ -64,7 +88,11 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
             budgets: str = "0,8,16,32,64,128", votes: str = "1,2,4,8",
             vote_budget: int | None = None, temperature: float = 0.7, cot_steps: str | None = None, seed: int = 1234,
             batch_size: int = 32, trained_max_difficulty: int | None = None, latent_tokenizer: Path | None = None,
-            cot_tokenizer: Path | None = None, overwrite: bool = False) -> dict:
+            cot_tokenizer: Path | None = None, methods: str = "latent,budget,majority,best-of-n",
+            reward_model: Path | None = None,
+            reward_convention: Literal["auto", "step-tag", "token-classification", "sequence-classification"] = "auto",
+            step_tag: str | None = None, aggregation: Literal["last", "min", "prod"] = "last", beam_width: int = 2,
+            rebase_temperature: float = 0.1, search_max_steps: int = 32, overwrite: bool = False) -> dict:
     """Compare thinking deeper in latent space with thinking longer in tokens, on the same problems and one
     FLOPs axis.
 
@@ -84,19 +112,31 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         exit_prompt_steps: under adaptive exit, the prompt runs this fixed depth, with no exit (default: the
             prompt exits per position too).
         budgets: thinking budgets (max thinking tokens) for budget forcing.
-        votes: numbers of samples n for majority vote and best-of-n ("" skips parallel sampling).
-        vote_budget: thinking budget of each sampled chain (default: the largest budget).
-        temperature: sampling temperature of the chains for voting.
+        votes: the sample or leaf counts N of majority vote, best-of-n and every search ("" skips them); beam
+            search and DVTS run at the counts that beam_width divides.
+        vote_budget: thinking budget of each sampled chain and of every search chain (default: the largest budget).
+        temperature: sampling temperature of the chains for voting and of every search step.
         cot_steps: depths of the CoT model, if it is a recurrent model: several give the depth x budget grid
-            (default: its mean_recurrence).
+            (and the depth x N grid of search; default: its mean_recurrence).
         seed: problems and samples are a pure function of the seed.
         batch_size: problems (or samples) per batch.
         trained_max_difficulty: the hardest difficulty the models were trained on, if known: the findings then
             say which difficulties are harder than any trained.
         latent_tokenizer: tokenizer directory of the latent model, if its directory has none.
         cot_tokenizer: tokenizer directory of the CoT model, if its directory has none.
+        methods: the methods to run, comma-separated, from: latent (with adaptive exit unless exit_criterion is
+            none), budget, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase, oracle.
+        reward_model: a reward model directory (this project's PRM, or a Hugging Face PRM / ORM): needed by
+            weighted-best-of-n, beam, dvts and rebase.
+        reward_convention: how the reward model is read (auto: from its architecture; see eval/reward_models.py).
+        step_tag: the reward model's step tag or step separator token (default "#", this project's).
+        aggregation: a solution's score from its step scores: the last step's, the lowest, or their product.
+        beam_width: M, the expansions per kept node of beam search and the subtree width of DVTS.
+        rebase_temperature: T of REBASE's softmax(score / T) split of the expansions.
+        search_max_steps: the most steps a search chain takes before it must answer.
         overwrite: replace an earlier run in `out`.
     """
+    chosen = parse_methods(methods, reward_model)
     budget_list = parse_int_list(budgets, "--budgets")
     depth_list = check_depths(parse_int_list(steps, "--steps"), "--steps")
     vote_list = parse_int_list(votes, "--votes")
@@ -114,28 +154,52 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     cot_depths = (check_depths(parse_int_list(cot_steps, "--cot_steps"), "--cot_steps") if cot_steps
                   else [cot_model.config.mean_recurrence] if recurrent_cot else [None])
 
-    methods = [LatentDepth(latent_model, latent_tok, depth_list, batch_size)]
-    if exit_criterion:
-        methods.append(AdaptiveDepth(latent_model, latent_tok, exit_criterion, exit_thresholds, max(depth_list),
-                                     batch_size, exit_prompt_steps))
-    budget_forcing = [BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
-    methods += budget_forcing
-    if vote_list:
-        methods.append(ParallelSampling(cot_model, cot_tok, vote_list,
-                                        vote_budget if vote_budget is not None else max(budget_list), temperature,
-                                        cot_depths[-1], batch_size))
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"--aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    scorer = None
+    if reward_model is not None:
+        scorer = load_reward_model(reward_model, reward_convention, step_tag, batch_size=batch_size)
+        task_of = get_task(sample.task)
+        scorer.check_text(task_of.prompt(sample, cot=True) + task_of.completion(sample, cot=True), "CoT model")
+    search_budget = vote_budget if vote_budget is not None else max(budget_list)
+    runs = []
+    if "latent" in chosen:
+        runs.append(LatentDepth(latent_model, latent_tok, depth_list, batch_size))
+        if exit_criterion:
+            runs.append(AdaptiveDepth(latent_model, latent_tok, exit_criterion, exit_thresholds, max(depth_list),
+                                      batch_size, exit_prompt_steps))
+    budget_forcing = ([BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
+                      if "budget" in chosen else [])
+    runs += budget_forcing
+    sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen]
+    if vote_list and sampled:
+        runs.append(ParallelSampling(cot_model, cot_tok, vote_list, search_budget, temperature, cot_depths[-1],
+                                     batch_size, scorer, aggregation, tuple(sampled)))
+    for name in ("beam", "dvts", "rebase"):
+        if name not in chosen or not vote_list:
+            continue
+        counts = vote_list if name == "rebase" else [v for v in vote_list if v % beam_width == 0]
+        if not counts:
+            raise ValueError(f"--methods {name}: no N in --votes {votes!r} is a multiple of --beam_width {beam_width}")
+        options = {"temperature_rebase": rebase_temperature} if name == "rebase" else {"beam_width": beam_width}
+        runs += [STRATEGIES[name](cot_model, cot_tok, scorer, sample.task, counts, depth, temperature,
+                                  search_max_steps, search_budget, aggregation, seed, batch_size, **options)
+                 for depth in cot_depths]
     out = prepare_output(out, overwrite)
     torch.manual_seed(seed)
-    rows = run_methods(methods, by_difficulty, desc="compare")
+    rows = run_methods(runs, by_difficulty, desc="compare")
 
     metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in budget_forcing]
     findings = measured_findings(rows, trained_max_difficulty)
+    optimal = compute_optimal(rows)
     meta = {"latent": str(latent), "cot": str(cot), "task": task, "seed": seed, "difficulties": list(by_difficulty),
-            "n": n, "trained_max_difficulty": trained_max_difficulty, "findings": findings, "s1_metrics": metrics}
+            "n": n, "methods": chosen, "reward_model": str(reward_model) if reward_model else None,
+            "trained_max_difficulty": trained_max_difficulty, "findings": findings, "s1_metrics": metrics,
+            "compute_optimal": optimal}
     write_results(out, rows, meta)
     write_results(out, metrics, {}, name="s1_metrics")
     plots = plot_comparison(out, rows, trained_max_difficulty)
-    write_compare_summary(out, latent, cot, rows, metrics, findings, plots)
+    write_compare_summary(out, latent, cot, rows, metrics, findings, plots, optimal)
     return {"rows": rows, "s1_metrics": metrics, "findings": findings, "out": str(out)}
 
 
@@ -167,7 +231,7 @@ def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9)
     """Which method buys accuracy with fewer FLOPs: the least FLOPs per problem at which each method reaches
     `fraction` of the best accuracy any method reached at this difficulty. (Accuracy divided by FLOPs would favour
     the cheapest near-chance setting.)"""
-    at = select(rows, difficulty=difficulty)
+    at = [r for r in select(rows, difficulty=difficulty) if not r.get("oracle")]  # a bound, never a method
     best = max(r["accuracy"] for r in at)
     if best < 0.2:
         return f"Difficulty {difficulty}: no method reaches 0.2 accuracy (best {best:.2f}): no compute comparison."
@@ -182,12 +246,34 @@ def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9)
     line = (f"Difficulty {difficulty}: FLOPs per problem to reach {target:.2f} accuracy ({fraction:.0%} of the best, "
             f"{best:.2f}): {reached}" + (f"; never reached by {', '.join(missed)}" if missed else "") + ".")
     latent = [r for r in ranked if r["method"].startswith("latent")]
-    cot = [r for r in ranked if r["method"].startswith("cot")]
+    cot = [r for r in ranked if not r["method"].startswith("latent")]  # every token-level method
     if latent and cot:
         ratio = cot[0]["flops_per_problem"] / latent[0]["flops_per_problem"]
         line += (f" Latent depth is {ratio:.1f}x cheaper than chain of thought here." if ratio >= 1
                  else f" Chain of thought is {1 / ratio:.1f}x cheaper than latent depth here.")
     return line
+
+
+def compute_optimal(rows: list[dict]) -> list[dict]:
+    """search-and-learn's compute-optimal view: for each difficulty and each decade of FLOPs per problem, the method
+    with the best accuracy among the settings that cost at most that decade's upper end (oracle rows left out)."""
+    table = []
+    methods = [r for r in rows if not r.get("oracle")]
+    if not methods:
+        return table
+    low = math.floor(math.log10(min(r["flops_per_problem"] for r in methods)))
+    high = math.ceil(math.log10(max(r["flops_per_problem"] for r in methods)))
+    for difficulty in sorted({r["difficulty"] for r in methods}):
+        at = select(methods, difficulty=difficulty)
+        for decade in range(low + 1, high + 1):
+            affordable = [r for r in at if r["flops_per_problem"] <= 10.0 ** decade]
+            if not affordable:
+                continue
+            best = max(affordable, key=lambda r: (r["accuracy"], -r["flops_per_problem"]))
+            table.append({"difficulty": difficulty, "flops_up_to": 10.0 ** decade, "best_method": best["method"],
+                          "setting": best["setting"], "accuracy": best["accuracy"],
+                          "flops_per_problem": best["flops_per_problem"]})
+    return table
 
 
 def plot_comparison(out: Path, rows: list[dict], trained_max_difficulty: int | None = None) -> list[str]:
@@ -200,7 +286,8 @@ def plot_comparison(out: Path, rows: list[dict], trained_max_difficulty: int | N
     for d in difficulties:
         series = {}
         for r in sorted(select(rows, difficulty=d), key=lambda r: r["flops_per_problem"]):
-            label = r["method"] + (f" (r={r['steps']})" if r["method"] == "cot-budget" and r.get("steps") else "")
+            label = r["method"] + (f" (r={r['steps']})" if not r["method"].startswith("latent") and r.get("steps")
+                                   else "") + (" (oracle bound)" if r.get("oracle") else "")
             series.setdefault(label, ([], []))
             series[label][0].append(r["flops_per_problem"])
             series[label][1].append(r["accuracy"])
@@ -221,7 +308,7 @@ def plot_comparison(out: Path, rows: list[dict], trained_max_difficulty: int | N
 
 
 def write_compare_summary(out: Path, latent: Path, cot: Path, rows: list[dict], metrics: list[dict],
-                          findings: list[str], plots: list[str]) -> None:
+                          findings: list[str], plots: list[str], optimal: list[dict]) -> None:
     write_summary(out, "Latent depth against chain of thought", [
         ("Setup", f"Latent model `{latent}`, CoT model `{cot}`, the same problems for every method. FLOPs per "
                   "problem: prompt plus every generated or inserted token at its depth (recurrent_lm.flops). "
@@ -229,5 +316,7 @@ def write_compare_summary(out: Path, latent: Path, cot: Path, rows: list[dict], 
         ("Findings (computed from the measurements)", "\n".join(f"- {line}" for line in findings)),
         ("Results", markdown_table(rows, RESULT_COLUMNS)),
         ("s1 metrics of budget forcing", markdown_table(metrics, ["difficulty", "cot_steps", "control", "scaling", "performance"])),
+        ("Compute-optimal methods (the best accuracy within each FLOPs range; oracle rows left out)",
+         markdown_table(optimal, ["difficulty", "flops_up_to", "best_method", "setting", "accuracy", "flops_per_problem"])),
         ("Plots", "\n\n".join(f"![{p}]({p})" for p in plots)),
     ])

@@ -2,22 +2,29 @@
 in a chain of thought between the task's thinking delimiters (a RecurrentLM too, at a chosen depth):
 - BudgetForcing:    s1 budget forcing at each thinking budget B (recurrent_lm.eval.budget_forcing);
 - ParallelSampling: N sampled chains per problem, reported as majority vote ("cot-vote") and as best-of-n scored
-                    by the model's own mean answer log-probability ("cot-best-of-n") over the first n of them.
-FLOPs: the prompt and every generated or inserted token at the model's depth, plus best-of-n's scoring passes.
+                    by the model's own mean answer log-probability ("cot-best-of-n") over the first n of them; with
+                    a reward model (eval/reward_models.py) also as best-of-n and weighted best-of-n by its aggregated
+                    step scores ("prm-best-of-n", "prm-weighted-best-of-n"), and as the "oracle-best-of-n" row: right
+                    when any of the n is (the task's checker as verifier, an upper bound and never a method).
+FLOPs: the prompt and every generated or inserted token at the model's depth, plus best-of-n's scoring passes
+(the reward model's apart, as reward_flops).
 """
 
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from recurrent_lm.data import prompt_ids
 from recurrent_lm.flops import causal_lm_generation_flops
-from recurrent_lm.problem import Problem
+from recurrent_lm.problem import Problem, split_steps
 from recurrent_lm.special_tokens import THINK_END
 from recurrent_lm.tasks import get_task
 
-from .budget_forcing import BudgetResult, budget_forced_generate, majority_vote, model_logprob_scorer, s1_metrics
+from .budget_forcing import (BudgetResult, budget_forced_generate, majority_vote, model_logprob_scorer, s1_metrics,
+                             weighted_vote)
 from .methods import Method
 from .report import result_row, select
+from .reward_models import RewardModel, aggregate
 
 
 class ChainRun(NamedTuple):
@@ -87,19 +94,23 @@ class BudgetForcing(Method):
 
 class ParallelSampling(Method):
     """max(counts) chains sampled per problem at thinking budget `budget`, once per difficulty; each count n
-    reports majority vote and best-of-n over the first n samples (the same samples for every n)."""
+    reports majority vote and best-of-n over the first n samples (the same samples for every n), and, with a
+    reward model, its best-of-n, weighted best-of-n and the oracle row."""
 
     name = "cot-samples"
 
     def __init__(self, model, tokenizer, counts: list[int], budget: int, temperature: float, depth: int | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, reward_model: RewardModel | None = None, aggregation: str = "last",
+                 methods: tuple[str, ...] = ("majority", "best-of-n", "weighted-best-of-n", "oracle")):
         self.model, self.tokenizer, self.budgets, self.budget = model, tokenizer, counts, budget
         self.temperature, self.depth, self.batch_size = temperature, depth, batch_size
+        self.reward_model, self.aggregation, self.methods = reward_model, aggregation, methods
+        aggregate([], aggregation)
         self.scorer = model_logprob_scorer(model, **depth_kwargs(depth))
-        self.pools: dict[tuple, tuple[list[list[tuple[ChainRun, float, int]]], float]] = {}
+        self.pools: dict[tuple, tuple[list[list["Sample"]], float]] = {}
 
-    def _samples(self, problems: list[Problem]) -> tuple[list[list[tuple[ChainRun, float, int]]], float]:
-        """Per problem, (run, its best-of-n score, its scored length) for every sample; and the sampling seconds."""
+    def _samples(self, problems: list[Problem]) -> tuple[list[list["Sample"]], float]:
+        """Per problem, every sample with its scores; and the sampling and scoring seconds."""
         key = tuple((p.task, p.difficulty, p.question) for p in problems)
         if key not in self.pools:
             start = time.perf_counter()
@@ -108,31 +119,64 @@ class ParallelSampling(Method):
             end = self.tokenizer(THINK_END, add_special_tokens=False).input_ids
             pool = []
             for problem, samples in zip(problems, runs):
-                scored = []
+                task, scored = get_task(problem.task), []
                 for run in samples:  # the answer's log-probability given prompt + thinking + end delimiter
                     context = prompt_ids(self.tokenizer, problem, cot=True) + run.result.thinking_ids + end
-                    scored.append((run, self.scorer(context, run.result.answer_ids),
-                                   len(context) + len(run.result.answer_ids)))
+                    scored.append(Sample(run, self.scorer(context, run.result.answer_ids),
+                                         len(context) + len(run.result.answer_ids)))
+                if self.reward_model is not None:
+                    prompt = task.prompt(problem, cot=True)
+                    chains = [split_steps(self.tokenizer.decode(s.run.result.thinking_ids + end + s.run.result.answer_ids),
+                                          task.require_steps()) for s in scored]
+                    for sample, chain, steps in zip(scored, chains, self.reward_model.score([prompt] * len(chains), chains)):
+                        sample.reward, sample.reward_flops = aggregate(steps, self.aggregation), self.reward_model.flops(prompt, chain)
                 pool.append(scored)
             self.pools[key] = (pool, time.perf_counter() - start)
         return self.pools[key]
 
     def run(self, problems: list[Problem], count: int) -> list[dict[str, Any]]:
         pool, seconds = self._samples(problems)
-        vote_scores, best_scores, vote_flops, best_flops, tokens = [], [], [], [], []
+        results: dict[str, list[float]] = {name: [] for name in ("cot-vote", "cot-best-of-n", "prm-best-of-n",
+                                                                 "prm-weighted-best-of-n", "oracle-best-of-n")}
+        sample_flops, self_flops, reward_flops, tokens = [], [], [], []
         for problem, scored in zip(problems, pool):
-            first = scored[:count]
-            task = get_task(problem.task)
-            vote_scores.append(task.score(majority_vote([run.answer for run, _, _ in first]), problem))
-            best = max(first, key=lambda sample: sample[1])[0]
-            best_scores.append(task.score(best.answer, problem))
-            sample_flops = sum(run.flops for run, _, _ in first)
-            vote_flops.append(sample_flops)
-            best_flops.append(sample_flops + sum(causal_lm_generation_flops(self.model, length, 1, self.depth)
-                                                 for _, _, length in first))
-            tokens.append(sum(run.result.new_tokens for run, _, _ in first))
+            first, task = scored[:count], get_task(problem.task)
+            answers = [sample.run.answer for sample in first]
+            results["cot-vote"].append(task.score(majority_vote(answers), problem))
+            results["cot-best-of-n"].append(task.score(max(first, key=lambda s: s.logprob).run.answer, problem))
+            sample_flops.append(sum(sample.run.flops for sample in first))
+            self_flops.append(sum(causal_lm_generation_flops(self.model, s.length, 1, self.depth) for s in first))
+            tokens.append(sum(sample.run.result.new_tokens for sample in first))
+            if self.reward_model is not None:
+                results["prm-best-of-n"].append(task.score(max(first, key=lambda s: s.reward).run.answer, problem))
+                results["prm-weighted-best-of-n"].append(task.score(weighted_vote(answers, [s.reward for s in first]),
+                                                                    problem))
+                reward_flops.append(sum(sample.reward_flops for sample in first))
+            results["oracle-best-of-n"].append(max(task.score(a, problem) for a in answers))
         setting = f"n={count}, B={self.budget}" + depth_label(self.depth)
         extra = dict(samples=count, budget=self.budget, steps=self.depth, temperature=self.temperature)
         difficulty = problems[0].difficulty
-        return [result_row("cot-vote", setting, difficulty, vote_scores, vote_flops, tokens, seconds, **extra),
-                result_row("cot-best-of-n", setting, difficulty, best_scores, best_flops, tokens, seconds, **extra)]
+        added = [a + b for a, b in zip(sample_flops, reward_flops)]
+        rows = {"cot-vote": (sample_flops, {}), "oracle-best-of-n": (sample_flops, {"oracle": True}),
+                "cot-best-of-n": ([a + b for a, b in zip(sample_flops, self_flops)], {})}
+        if self.reward_model is not None:
+            reward = {"policy_flops": sum(sample_flops) / len(problems), "reward_flops": sum(reward_flops) / len(problems),
+                      "aggregation": self.aggregation}
+            rows |= {"prm-best-of-n": (added, reward), "prm-weighted-best-of-n": (added, reward)}
+        wanted = {"majority": "cot-vote", "best-of-n": "cot-best-of-n", "oracle": "oracle-best-of-n"}
+        wanted = {wanted[m] for m in self.methods if m in wanted} | (
+            {"prm-best-of-n", "prm-weighted-best-of-n"} & set(rows) if "weighted-best-of-n" in self.methods else set())
+        return [result_row(name, setting, difficulty, results[name], flops, tokens, seconds, **extra, **more)
+                for name, (flops, more) in rows.items() if name in wanted]
+
+
+@dataclass
+class Sample:
+    """One sampled chain of thought with its scores: the model's own answer log-probability (and the length of
+    that scoring pass) and, with a reward model, its aggregated score and the FLOPs of reading it."""
+
+    run: ChainRun
+    logprob: float
+    length: int
+    reward: float = 0.0
+    reward_flops: int = 0

@@ -66,9 +66,10 @@ class RewardModel(ABC):
         return encode_step_labels(self.tokenizer, prompt, steps, step_tag=self.step_tag)
 
     def flops(self, prompt: str, steps: Sequence[str]) -> int:
-        """FLOPs of scoring one chain: one forward over every token it reads (scores at its tags)."""
-        encoded = self.encode(prompt, steps)
-        return causal_lm_forward_flops(self.model, len(encoded["input_ids"]), 0, max(1, len(encoded["tag_positions"])))
+        """FLOPs of scoring one chain: one forward over every token it reads, with the head (LM or classification)
+        on every position, as the forward computes it."""
+        length = len(self.encode(prompt, steps)["input_ids"])
+        return causal_lm_forward_flops(self.model, length, 0, length, self.forward_kwargs.get("num_steps"))
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], chains: Sequence[Sequence[str]]) -> list[list[float]]:
