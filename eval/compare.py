@@ -12,7 +12,9 @@ Methods (recurrent_lm.eval.methods), each evaluated on the same fixed problems p
                         when it is recurrent (the depth x N grid);
 - oracle-best-of-n:     right when any of the n samples is: the task's checker as verifier, an upper bound shown
                         apart, never a method.
-`--methods` picks any subset (latent, budget, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase, oracle).
+- cot-rejection:        s1's rejection sampling to a length budget (chains drawn until one fits it);
+`--methods` picks any subset (latent, budget, rejection, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase,
+oracle).
 FLOPs come from the one compute counter: the prompt, every generated or inserted token at its depth (pruned search
 branches too), the best-of-n scorer's extra forward pass and every reward-model pass (also apart, reward_flops). The findings (what rose with depth or budget, and which method reaches 90%
 of the best accuracy with the fewest FLOPs) are computed from the rows and written into summary.md.
@@ -23,15 +25,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from recurrent_lm import RecurrentConfig
 from recurrent_lm.depth import check_depths
-from recurrent_lm.loading import load_model, load_tokenizer, model_type
+from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.special_tokens import THINK_END, THINK_START
 from recurrent_lm.tasks import Problem, get_task, parse_int_list
 
-from .cot import BudgetForcing, ParallelSampling
+from .cot import BudgetForcing, ParallelSampling, RejectionSampling
 from .latent import AdaptiveDepth, LatentDepth
 from .methods import run_methods
 from .reward_models import AGGREGATIONS, load_reward_model
@@ -58,7 +58,8 @@ def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str) -> None:
                 raise ValueError(f"the {which} model's tokenizer lacks the thinking delimiter {delimiter!r} as a token")
 
 
-METHODS = ("latent", "budget", "majority", "best-of-n", "weighted-best-of-n", "beam", "dvts", "rebase", "oracle")
+METHODS = ("latent", "budget", "rejection", "majority", "best-of-n", "weighted-best-of-n", "beam", "dvts", "rebase",
+           "oracle")
 NEEDS_REWARD_MODEL = ("weighted-best-of-n", "beam", "dvts", "rebase")
 
 
@@ -73,13 +74,6 @@ def parse_methods(text: str, reward_model: Path | None) -> list[str]:
     return methods
 
 
-def load_any_causal_lm(path: Path):
-    """A RecurrentLM, or any transformers causal LM directory (the CoT baseline may be an ordinary transformer)."""
-    if model_type(path) == "recurrent_lm":
-        return load_model(path)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
 def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str = "1,2,4", n: int = 100,
             out: Path = Path("compare"), problems: Path | None = None, steps: str = "1,2,4,8,16,32",
             exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate"]
@@ -92,7 +86,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
             reward_model: Path | None = None,
             reward_convention: Literal["auto", "step-tag", "token-classification", "sequence-classification"] = "auto",
             step_tag: str | None = None, aggregation: Literal["last", "min", "prod"] = "last", beam_width: int = 2,
-            rebase_temperature: float = 0.1, search_max_steps: int = 32, overwrite: bool = False) -> dict:
+            rebase_temperature: float = 0.1, search_max_steps: int = 32, rejection_tries: int = 8,
+            overwrite: bool = False) -> dict:
     """Compare thinking deeper in latent space with thinking longer in tokens, on the same problems and one
     FLOPs axis.
 
@@ -125,7 +120,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         latent_tokenizer: tokenizer directory of the latent model, if its directory has none.
         cot_tokenizer: tokenizer directory of the CoT model, if its directory has none.
         methods: the methods to run, comma-separated, from: latent (with adaptive exit unless exit_criterion is
-            none), budget, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase, oracle.
+            none), budget, rejection, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase, oracle.
         reward_model: a reward model directory (this project's PRM, or a Hugging Face PRM / ORM): needed by
             weighted-best-of-n, beam, dvts and rebase.
         reward_convention: how the reward model is read (auto: from its architecture; see eval/reward_models.py).
@@ -134,6 +129,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         beam_width: M, the expansions per kept node of beam search and the subtree width of DVTS.
         rebase_temperature: T of REBASE's softmax(score / T) split of the expansions.
         search_max_steps: the most steps a search chain takes before it must answer.
+        rejection_tries: rejection sampling (s1's control by rejection) draws at most this many chains per problem
+            (at `temperature`, thinking up to the largest budget) until one fits each budget.
         overwrite: replace an earlier run in `out`.
     """
     chosen = parse_methods(methods, reward_model)
@@ -168,9 +165,12 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         if exit_criterion:
             runs.append(AdaptiveDepth(latent_model, latent_tok, exit_criterion, exit_thresholds, max(depth_list),
                                       batch_size, exit_prompt_steps))
-    budget_forcing = ([BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
+    length_control = ([BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
                       if "budget" in chosen else [])
-    runs += budget_forcing
+    if "rejection" in chosen:
+        length_control.append(RejectionSampling(cot_model, cot_tok, budget_list, temperature, max(budget_list),
+                                                rejection_tries, cot_depths[-1], batch_size))
+    runs += length_control
     sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen]
     if vote_list and sampled:
         runs.append(ParallelSampling(cot_model, cot_tok, vote_list, search_budget, temperature, cot_depths[-1],
@@ -189,7 +189,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     torch.manual_seed(seed)
     rows = run_methods(runs, by_difficulty, desc="compare")
 
-    metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in budget_forcing]
+    metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in length_control]
     findings = measured_findings(rows, trained_max_difficulty)
     optimal = compute_optimal(rows)
     meta = {"latent": str(latent), "cot": str(cot), "task": task, "seed": seed, "difficulties": list(by_difficulty),
@@ -315,7 +315,8 @@ def write_compare_summary(out: Path, latent: Path, cot: Path, rows: list[dict], 
                   "Accuracy intervals are 95% Wilson intervals."),
         ("Findings (computed from the measurements)", "\n".join(f"- {line}" for line in findings)),
         ("Results", markdown_table(rows, RESULT_COLUMNS)),
-        ("s1 metrics of budget forcing", markdown_table(metrics, ["difficulty", "cot_steps", "control", "scaling", "performance"])),
+        ("s1 metrics of length control (budget forcing, rejection sampling)",
+         markdown_table(metrics, ["method", "difficulty", "cot_steps", "control", "scaling", "performance"])),
         ("Compute-optimal methods (the best accuracy within each FLOPs range; oracle rows left out)",
          markdown_table(optimal, ["difficulty", "flops_up_to", "best_method", "setting", "accuracy", "flops_per_problem"])),
         ("Plots", "\n\n".join(f"![{p}]({p})" for p in plots)),

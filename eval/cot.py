@@ -58,38 +58,94 @@ def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int 
     return per_problem
 
 
+def chain_steps(tokenizer, result: BudgetResult, task) -> list[str]:
+    """A generated chain of thought as the task's steps (what a reward model scores): thinking, end, answer."""
+    end = tokenizer(THINK_END, add_special_tokens=False).input_ids
+    return split_steps(tokenizer.decode(result.thinking_ids + end + result.answer_ids), task.require_steps())
+
+
 def depth_label(depth: int | None) -> str:
     return f", r={depth}" if depth is not None else ""
 
 
-class BudgetForcing(Method):
-    """s1 budget forcing at every thinking budget, greedy; `depth` is the CoT model's own depth if it is recurrent."""
+class LengthControl(Method):
+    """A method that controls the thinking length to a budget B (s1's Table 3): its rows hold the thinking length of
+    every run, from which control, scaling and performance are computed."""
 
-    name = "cot-budget"
+    depth: int | None
 
-    def __init__(self, model, tokenizer, budgets: list[int], depth: int | None = None, batch_size: int = 32):
-        self.model, self.tokenizer, self.budgets, self.depth, self.batch_size = model, tokenizer, budgets, depth, batch_size
+    def __init__(self):
         self.thinking_lengths: dict[tuple[int, int], list[int]] = {}  # (difficulty, budget) -> one per problem
 
-    def run(self, problems: list[Problem], budget: int) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        runs = [chains[0] for chains in cot_runs(self.model, self.tokenizer, problems, budget, self.depth,
-                                                 batch_size=self.batch_size)]
+    def length_row(self, problems: list[Problem], budget: int, runs: list[ChainRun], flops: list[int],
+                   seconds: float, **extra: Any) -> dict[str, Any]:
         lengths = [len(run.result.thinking_ids) for run in runs]
         self.thinking_lengths[(problems[0].difficulty, budget)] = lengths
         scores = [get_task(p.task).score(run.answer, p) for p, run in zip(problems, runs)]
-        return [result_row(self.name, f"B={budget}" + depth_label(self.depth), problems[0].difficulty, scores,
-                           [run.flops for run in runs], [run.result.new_tokens for run in runs],
-                           time.perf_counter() - start, budget=budget, steps=self.depth,
-                           mean_thinking_tokens=sum(lengths) / len(lengths),
-                           control=sum(length <= budget for length in lengths) / len(lengths))]
+        return result_row(self.name, f"B={budget}" + depth_label(self.depth), problems[0].difficulty, scores, flops,
+                          [run.result.new_tokens for run in runs], seconds, budget=budget, steps=self.depth,
+                          mean_thinking_tokens=sum(lengths) / len(lengths),
+                          control=sum(length <= budget for length in lengths) / len(lengths), **extra)
 
     def s1_metrics(self, rows: list[dict[str, Any]], difficulty: int) -> dict[str, Any]:
         """Control, scaling and performance (s1) of this method's rows at one difficulty."""
         mine = select(rows, method=self.name, difficulty=difficulty, steps=self.depth)
         accuracy = {row["budget"]: row["accuracy"] for row in mine}
         lengths = {budget: self.thinking_lengths[(difficulty, budget)] for budget in accuracy}
-        return {"difficulty": difficulty, "cot_steps": self.depth, **s1_metrics(accuracy, lengths)}
+        return {"method": self.name, "difficulty": difficulty, "cot_steps": self.depth,
+                **s1_metrics(accuracy, lengths)}
+
+
+class BudgetForcing(LengthControl):
+    """s1 budget forcing at every thinking budget, greedy; `depth` is the CoT model's own depth if it is recurrent."""
+
+    name = "cot-budget"
+
+    def __init__(self, model, tokenizer, budgets: list[int], depth: int | None = None, batch_size: int = 32):
+        super().__init__()
+        self.model, self.tokenizer, self.budgets, self.depth, self.batch_size = model, tokenizer, budgets, depth, batch_size
+
+    def run(self, problems: list[Problem], budget: int) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        runs = [chains[0] for chains in cot_runs(self.model, self.tokenizer, problems, budget, self.depth,
+                                                 batch_size=self.batch_size)]
+        return [self.length_row(problems, budget, runs, [run.flops for run in runs], time.perf_counter() - start)]
+
+
+class RejectionSampling(LengthControl):
+    """s1's rejection sampling to a length budget: chains are sampled (at `temperature`, thinking up to `cap`
+    tokens) until one thinks for at most B tokens, at most `tries` of them; the first that fits answers, and every
+    chain drawn until then is paid for. Where none fits, the shortest answers (a run outside the budget: control
+    falls). The same draws serve every budget."""
+
+    name = "cot-rejection"
+
+    def __init__(self, model, tokenizer, budgets: list[int], temperature: float, cap: int, tries: int = 8,
+                 depth: int | None = None, batch_size: int = 32):
+        super().__init__()
+        if tries < 1:
+            raise ValueError(f"rejection sampling needs tries >= 1, got {tries}")
+        self.model, self.tokenizer, self.budgets, self.temperature = model, tokenizer, budgets, temperature
+        self.cap, self.tries, self.depth, self.batch_size = cap, tries, depth, batch_size
+        self.draws: dict[tuple, tuple[list[list[ChainRun]], float]] = {}
+
+    def run(self, problems: list[Problem], budget: int) -> list[dict[str, Any]]:
+        key = tuple((p.task, p.difficulty, p.question) for p in problems)
+        if key not in self.draws:
+            start = time.perf_counter()
+            self.draws[key] = (cot_runs(self.model, self.tokenizer, problems, self.cap, self.depth, samples=self.tries,
+                                        temperature=self.temperature, batch_size=self.batch_size),
+                               time.perf_counter() - start)
+        draws, seconds = self.draws[key]
+        chosen, flops, tries = [], [], []
+        for chains in draws:
+            fits = next((i for i, run in enumerate(chains) if len(run.result.thinking_ids) <= budget), None)
+            used = chains[: fits + 1] if fits is not None else chains
+            chosen.append(used[-1] if fits is not None else min(chains, key=lambda r: len(r.result.thinking_ids)))
+            flops.append(sum(run.flops for run in used))
+            tries.append(len(used))
+        return [self.length_row(problems, budget, chosen, flops, seconds, temperature=self.temperature,
+                                mean_tries=sum(tries) / len(tries))]
 
 
 class ParallelSampling(Method):
@@ -126,8 +182,7 @@ class ParallelSampling(Method):
                                          len(context) + len(run.result.answer_ids)))
                 if self.reward_model is not None:
                     prompt = task.prompt(problem, cot=True)
-                    chains = [split_steps(self.tokenizer.decode(s.run.result.thinking_ids + end + s.run.result.answer_ids),
-                                          task.require_steps()) for s in scored]
+                    chains = [chain_steps(self.tokenizer, s.run.result, task) for s in scored]
                     for sample, chain, steps in zip(scored, chains, self.reward_model.score([prompt] * len(chains), chains)):
                         sample.reward, sample.reward_flops = aggregate(steps, self.aggregation), self.reward_model.flops(prompt, chain)
                 pool.append(scored)

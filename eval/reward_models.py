@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification)
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import collate, encode_step_labels, single_token
 from recurrent_lm.flops import causal_lm_forward_flops
-from recurrent_lm.loading import load_model, load_tokenizer, model_type
+from recurrent_lm.loading import load_any_causal_lm, load_tokenizer
 from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 
 CONVENTIONS = ("step-tag", "token-classification", "sequence-classification")
@@ -144,8 +143,7 @@ def load_reward_model(path: str | Path, convention: Literal["auto", "step-tag", 
         raise ValueError(f"reward model convention must be one of {CONVENTIONS} or auto, got {convention!r}")
     tokenizer, tag = load_tokenizer(path), step_tag or STEP_TAG
     if convention == "step-tag":
-        model = load_model(path) if model_type(path) == "recurrent_lm" else AutoModelForCausalLM.from_pretrained(path)
-        return StepTagRewardModel(model, tokenizer, tag, good, bad, batch_size)
+        return StepTagRewardModel(load_any_causal_lm(path), tokenizer, tag, good, bad, batch_size)
     if convention == "token-classification":
         single_token(tokenizer, tag, "step separator")
         return TokenClassificationRewardModel(AutoModelForTokenClassification.from_pretrained(path), tokenizer, tag,
@@ -153,3 +151,18 @@ def load_reward_model(path: str | Path, convention: Literal["auto", "step-tag", 
     return SequenceClassificationRewardModel(AutoModelForSequenceClassification.from_pretrained(path), tokenizer, tag,
                                              batch_size)
 
+
+
+def step_label_accuracy(scorer: RewardModel, prompts: Sequence[str], chains: Sequence[Sequence[str]],
+                        labels: Sequence[Sequence[bool]], threshold: float = 0.5) -> dict[str, float]:
+    """How often a PRM's step scores, cut at `threshold`, agree with step labels; beside the rate a constant guess
+    of the majority label reaches, and the agreement on good and on bad steps apart (an error detector that calls
+    everything good scores high on chains that are mostly right)."""
+    pairs = [(score >= threshold, label) for scores, chain_labels in zip(scorer.score(prompts, chains), labels)
+             for score, label in zip(scores, chain_labels)]
+    good = [said for said, label in pairs if label]
+    bad = [not said for said, label in pairs if not label]
+    return {"steps": len(pairs), "accuracy": sum(said == label for said, label in pairs) / len(pairs),
+            "majority_rate": max(len(good), len(bad)) / len(pairs),
+            "good_steps": len(good), "accuracy_on_good": sum(good) / len(good) if good else math.nan,
+            "bad_steps": len(bad), "accuracy_on_bad": sum(bad) / len(bad) if bad else math.nan}

@@ -13,6 +13,7 @@ from .commands import (convert_huginn, generate, tasks_export, tasks_list, tasks
 from .eval.compare import compare
 from .eval.demo import demo
 from .eval.lm_eval import lm_eval_sweep
+from .eval.step_labels import label_steps
 from .eval.sweep import sweep
 from .train.cli import export, train_main
 
@@ -24,6 +25,7 @@ COMMANDS: dict = {
     "sweep": (sweep, False),
     "lm-eval": (lm_eval_sweep, False),
     "compare": (compare, False),
+    "label-steps": (label_steps, False),
     "demo": (demo, False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},

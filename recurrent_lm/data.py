@@ -2,7 +2,8 @@
 
 - Step labels for a process reward model: a chain of thought with the step tag after each step, and the good or
   bad token as the label at each tag (encode_step_labels); the stream corrupts steps of worked solutions at a rate
-  and labels them with the task's exact step checker.
+  and labels them with the task's exact step checker, and mixes in labelled chains sampled from a policy
+  (`rlm label-steps` files, load_step_chains).
 - Task problems -> (input_ids, labels) with a loss mask: `loss_on="answer"` supervises the answer only (what a
   latent model must produce), "completion" the thinking and the answer (the chain-of-thought model), "all" every
   token; `hints=True` adds the tasks' dense intermediate targets on prompt positions.
@@ -13,6 +14,7 @@
   dataset (streaming), tokenised and packed into fixed-length sequences without losing or repeating tokens.
 """
 
+import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -108,6 +110,26 @@ def labelled_chain(task: Task, problem: Problem, error_rate: float, rng: random.
     return steps, task.step_labels(problem, steps)
 
 
+def load_step_chains(path: str | Path) -> list[tuple[Problem, list[str], list[bool]]]:
+    """Labelled chains from a JSONL file written by `rlm label-steps`; a malformed line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"step-chain file {path} does not exist")
+    chains = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem, steps, labels = Problem.from_dict(record["problem"]), list(record["steps"]), list(record["labels"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{number}: not a labelled chain: {error}") from None
+        if len(steps) != len(labels):
+            raise ValueError(f"{path}:{number}: {len(steps)} steps but {len(labels)} labels")
+        chains.append((problem, steps, [bool(label) for label in labels]))
+    return chains
+
+
 def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a list of examples into a batch (right padding for training, left for generation prompts)."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -157,7 +179,8 @@ class TaskStream(IterableDataset):
 
     def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int, curriculum: Curriculum, cot: bool = False,
                  loss_on: str = "answer", hints: bool = False, seed: int = 0, rank: int = 0, start_batch: int = 0,
-                 difficulty_per_batch: bool = False, step_error_rate: float | None = None):
+                 difficulty_per_batch: bool = False, step_error_rate: float | None = None,
+                 step_chains: Sequence[tuple[Problem, list[str], list[bool]]] = (), step_chains_share: float = 0.5):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tasks = [get_task(name) for name in tasks]
@@ -171,9 +194,12 @@ class TaskStream(IterableDataset):
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
         self.difficulty_per_batch = difficulty_per_batch
         self.step_error_rate = step_error_rate  # not None: step-labelled chains for a process reward model
+        self.step_chains, self.step_chains_share = list(step_chains), step_chains_share if step_chains else 0.0
         if step_error_rate is not None:
             if not 0 <= step_error_rate <= 1:
                 raise ValueError(f"step_error_rate must be in [0, 1], got {step_error_rate}")
+            if not 0 <= self.step_chains_share <= 1:
+                raise ValueError(f"step_chains_share must be in [0, 1], got {step_chains_share}")
             for task in self.tasks:
                 task.require_steps()
 
@@ -190,6 +216,11 @@ class TaskStream(IterableDataset):
         shared = self.curriculum.sample(index, random.Random(f"difficulty/{self.seed}/{index}"))
         examples = []
         for _ in range(self.batch_size):
+            if self.step_error_rate is not None and rng.random() < self.step_chains_share:  # a labelled policy chain
+                problem, steps, labels = rng.choice(self.step_chains)
+                prompt = get_task(problem.task).prompt(problem, cot=True)
+                examples.append(encode_step_labels(self.tokenizer, prompt, steps, labels))
+                continue
             task = rng.choice(self.tasks)
             difficulty = shared if self.difficulty_per_batch else self.curriculum.sample(index, rng)
             problem = task.generate(difficulty, rng)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .model import RecurrentLM
 from .recipes import checkpoint_names, resolve_model_dir
@@ -40,6 +40,13 @@ def load_model(path: str | Path):
         except Exception as error:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {error}") from None
     return RecurrentLM.from_pretrained(directory).eval()
+
+
+def load_any_causal_lm(path: str | Path):
+    """A RecurrentLM, or any transformers causal LM directory (the CoT baseline may be an ordinary transformer)."""
+    if model_type(path) == "recurrent_lm":
+        return load_model(path)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(path)).eval()
 
 
 def load_tokenizer(path: str | Path):

@@ -179,3 +179,58 @@ def test_compare_runs_argmax_stability_at_whole_steps(models, tmp_path):
     exits = [r for r in result["rows"] if r["method"] == "latent-exit"]
     assert [r["threshold"] for r in exits] == [2, 3, 5, 8]
     assert all(r["criterion"] == "argmax-stability" and r["steps"] == 4 for r in exits)
+
+
+def test_rejection_sampling_pays_for_every_draw_until_one_fits(tokenizer):
+    from recurrent_lm.eval.cot import RejectionSampling
+
+    problems = get_task("chain").problems(2, 4, seed=3)
+    method = RejectionSampling(llama(len(tokenizer)), tokenizer, [0, 3, 10_000], temperature=1.0, cap=12, tries=4)
+    torch.manual_seed(0)
+    rows = {row["budget"]: row for budget in method.budgets for row in method.run(problems, budget)}
+    (draws, _), = method.draws.values()
+    for budget, row in rows.items():
+        expected_flops, fits = [], []
+        for chains in draws:
+            first = next((i for i, r in enumerate(chains) if len(r.result.thinking_ids) <= budget), None)
+            fits.append(first is not None)
+            expected_flops.append(sum(r.flops for r in chains[: first + 1 if first is not None else len(chains)]))
+        assert row["flops_per_problem"] == pytest.approx(sum(expected_flops) / len(problems))
+        assert row["control"] == sum(fits) / len(fits)
+    assert rows[10_000]["mean_tries"] == 1 and rows[10_000]["control"] == 1.0  # the first draw always fits
+    assert rows[0]["flops_per_problem"] >= rows[3]["flops_per_problem"] >= rows[10_000]["flops_per_problem"]
+    metrics = method.s1_metrics(list(rows.values()), difficulty=2)
+    assert metrics["method"] == "cot-rejection" and 0 <= metrics["control"] <= 1
+
+
+def test_compare_runs_search_methods_and_names_the_compute_optimal_one(models, tmp_path):
+    """Every search family on the same problems, with a reward model saved locally (this project's step-tag kind):
+    rows for each, the reward model's FLOPs apart, the oracle row marked, a compute-optimal table."""
+    prm = tmp_path / "prm"
+    prm_tokenizer = task_tokenizer(["chain"], "#")  # "+" and "-" are chain characters already
+    torch.manual_seed(1)
+    RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(prm_tokenizer), mean_recurrence=1)).save_pretrained(prm)
+    prm_tokenizer.save_pretrained(prm)
+    result = compare(models / "latent", models / "cot", task="chain", difficulties="2", n=3, out=tmp_path / "out",
+                     steps="2", exit_criterion=None, budgets="4,8", votes="2,4", temperature=1.0,
+                     methods="latent,rejection,majority,weighted-best-of-n,beam,dvts,rebase,oracle",
+                     reward_model=prm, search_max_steps=3)
+    methods = {r["method"] for r in result["rows"]}
+    assert methods == {"latent", "cot-rejection", "cot-vote", "prm-best-of-n", "prm-weighted-best-of-n", "beam",
+                       "dvts", "rebase", "oracle-best-of-n"}
+    for row in result["rows"]:
+        if row["method"] in ("beam", "dvts", "rebase", "prm-best-of-n", "prm-weighted-best-of-n"):
+            assert row["reward_flops"] > 0
+            assert row["flops_per_problem"] == pytest.approx(row["policy_flops"] + row["reward_flops"])
+    assert all(r.get("oracle") for r in result["rows"] if r["method"] == "oracle-best-of-n")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "Compute-optimal methods" in summary and "cot-rejection" in summary
+    assert all(row["best_method"] != "oracle-best-of-n" for row in
+               __import__("json").loads((tmp_path / "out" / "results.json").read_text())["compute_optimal"])
+
+
+def test_compare_methods_bad_input(models, tmp_path):
+    with pytest.raises(ValueError, match="unknown \\['beams'\\]"):
+        compare(models / "latent", models / "cot", task="chain", methods="latent,beams", out=tmp_path / "a")
+    with pytest.raises(ValueError, match="beam,rebase need a reward model"):
+        compare(models / "latent", models / "cot", task="chain", methods="beam,rebase", out=tmp_path / "b")

@@ -59,11 +59,11 @@ def test_shipped_recipes_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
 
 def test_shipped_checkpoints_load_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert checkpoint_names() == ["demo-cot", "demo-exit-gate", "demo-latent", "pointer-cot", "pointer-latent"]
+    assert checkpoint_names() == ["demo-cot", "demo-exit-gate", "demo-latent", "demo-prm", "pointer-cot", "pointer-latent"]
     assert (resolve_model_dir("demo-latent") / "model.safetensors").is_file()
     assert load_model("demo-latent").config.model_type == "recurrent_lm"
     assert len(load_tokenizer("demo-cot")) > 0
-    with pytest.raises(FileNotFoundError, match="shipped checkpoints, usable by name: demo-cot, demo-exit-gate, demo-latent, pointer"):
+    with pytest.raises(FileNotFoundError, match="shipped checkpoints, usable by name: demo-cot, demo-exit-gate, demo-latent, demo-prm, pointer"):
         load_model("no-such-model")
 
 

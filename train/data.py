@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 import random
 
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, encode_step_labels,
-                               heldout_problems, labelled_chain, text_source)
+                               heldout_problems, labelled_chain, load_step_chains, text_source)
 from recurrent_lm.loading import load_tokenizer
 from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 from recurrent_lm.tasks import get_task, load_jsonl, task_tokenizer
@@ -39,6 +39,10 @@ class RecurrentDataModule(L.LightningDataModule):
             exact step checker) as the only labels (recurrent_lm.data.encode_step_labels). The default tokenizer
             then also holds the tag and the two label tokens.
         step_error_rate: the share of step-labelled chains with a corrupted step.
+        step_chains: JSONL files of labelled chains sampled from a policy (`rlm label-steps`: exact or
+            Math-Shepherd labels) to mix into step-label training.
+        step_chains_share: the share of each batch drawn from step_chains (1: those chains only, as for a task
+            without worked solutions).
         seed: seeds the training stream (each rank gets its own stream).
         val_difficulties: difficulties of the held-out problems (may exceed max_difficulty: extrapolation).
         val_problems_per_difficulty: held-out problems per difficulty.
@@ -51,7 +55,8 @@ class RecurrentDataModule(L.LightningDataModule):
                  curriculum_batches: int = 0, cot: bool = False, loss_on: str = "answer", hints: bool = False,
                  seed: int = 0, val_difficulties: list[int] | None = None, val_problems_per_difficulty: int = 32,
                  val_problems: str | None = None, num_workers: int = 0, difficulty_per_batch: bool = False,
-                 step_labels: bool = False, step_error_rate: float = 0.5):
+                 step_labels: bool = False, step_error_rate: float = 0.5, step_chains: list[str] | None = None,
+                 step_chains_share: float = 0.5):
         super().__init__()
         if bool(tasks) == bool(text_files):
             raise ValueError("give either tasks or text_files to train on")
@@ -66,6 +71,9 @@ class RecurrentDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.curriculum = Curriculum(min_difficulty, max_difficulty, curriculum_batches)
         self.tokenizer = self._load_tokenizer()
+        self.step_chains = [chain for path in step_chains or [] for chain in load_step_chains(path)]
+        if step_chains and not step_labels:
+            raise ValueError("data.step_chains are labelled chains for a reward model: set data.step_labels: true")
         if tasks:
             for name in tasks:
                 get_task(name).check_difficulty(max_difficulty)
@@ -87,7 +95,8 @@ class RecurrentDataModule(L.LightningDataModule):
                             loss_on=options.loss_on,
                             hints=options.hints, seed=options.seed, rank=rank, start_batch=done,
                             difficulty_per_batch=options.difficulty_per_batch,
-                            step_error_rate=options.step_error_rate if options.step_labels else None)
+                            step_error_rate=options.step_error_rate if options.step_labels else None,
+                            step_chains=self.step_chains, step_chains_share=options.step_chains_share)
         return DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                           persistent_workers=options.num_workers > 0)
 
