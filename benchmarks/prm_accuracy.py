@@ -13,14 +13,12 @@ label reaches, and the accuracy on good and bad steps apart.
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import torch
 
-from recurrent_lm.data import labelled_chain
-from recurrent_lm.eval.cot import chain_steps, cot_runs
-from recurrent_lm.eval.reward_models import load_reward_model, step_label_accuracy
+from recurrent_lm.eval.reward_models import load_reward_model
+from recurrent_lm.eval.step_labels import judge_reward_model
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.recipes import resolve_model_dir
 from recurrent_lm.tasks import get_task
@@ -47,18 +45,8 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for k in args.difficulties:
-        problems = task.problems(k, args.n, seed=EVAL_SEED)
-        prompts = [task.prompt(p, cot=True) for p in problems]
-        corrupted = [labelled_chain(task, p, 0.5, random.Random(f"prm-accuracy/{k}/{i}")) for i, p in enumerate(problems)]
-        rows.append({"difficulty": k, "chains": "corrupted", **step_label_accuracy(
-            scorer, prompts, [c for c, _ in corrupted], [labels for _, labels in corrupted])})
-        runs = cot_runs(policy, tokenizer, problems, args.budget, None, samples=args.samples,
-                        temperature=args.temperature)
-        sampled = [(prompt, chain_steps(tokenizer, run.result, task), problem)
-                   for prompt, problem, chains in zip(prompts, problems, runs) for run in chains]
-        rows.append({"difficulty": k, "chains": f"policy (T={args.temperature:g})", **step_label_accuracy(
-            scorer, [p for p, _, _ in sampled], [c for _, c, _ in sampled],
-            [task.step_labels(problem, c) for _, c, problem in sampled])})
+        rows += judge_reward_model(scorer, policy, tokenizer, task.problems(k, args.n, seed=EVAL_SEED), args.samples,
+                                   args.temperature, args.budget)
         for row in rows[-2:]:
             print(f"k={k} {row['chains']:>16}: accuracy {row['accuracy']:.3f} (majority {row['majority_rate']:.3f}) "
                   f"on {row['steps']} steps; good {row['accuracy_on_good']:.3f} of {row['good_steps']}, "

@@ -224,7 +224,35 @@ def measured_findings(rows: list[dict], trained_max_difficulty: int | None = Non
                          f"{min(curve)}, best {best['accuracy']:.2f} at {setting} {best[setting]}: "
                          + (f"rises with {axis}." if rose else f"no significant rise with {axis}."))
         lines.append(cheapest_to_target(rows, difficulty))
+        lines += search_findings(rows, difficulty)
     return lines
+
+
+SEARCHED = ("prm-best-of-n", "prm-weighted-best-of-n", "beam", "dvts", "rebase")
+
+
+def search_findings(rows: list[dict], difficulty: int) -> list[str]:
+    """What a reward model bought at the largest N: the best searched answer against majority vote, beside the
+    oracle bound (whether any sample was right at all, the most a verifier could find)."""
+    at = select(rows, difficulty=difficulty)
+    searched = [r for r in at if r["method"] in SEARCHED]
+    if not searched:
+        return []
+    n = max(r["samples"] for r in searched)
+    best = max((r for r in searched if r["samples"] == n), key=lambda r: r["accuracy"])
+    line = (f"Difficulty {difficulty}, search with the reward model at N = {n}: best {best['method']} "
+            f"{best['accuracy']:.2f} ({best['flops_per_problem']:.3g} FLOPs, {best['reward_flops']:.3g} of them the "
+            "reward model's)")
+    vote = [r for r in select(at, method="cot-vote") if r["samples"] == n]
+    if vote:
+        gain = best["ci_low"] > vote[0]["ci_high"]
+        line += (f", majority vote {vote[0]['accuracy']:.2f}: " + ("search is better." if gain else
+                                                                    "no significant gain over voting."))
+    oracle = [r for r in select(at, method="oracle-best-of-n") if r["samples"] == n]
+    if oracle:
+        line += (f" Oracle bound (any of {n} samples right): {oracle[0]['accuracy']:.2f}"
+                 + (", so no verifier can find a right answer here." if oracle[0]["accuracy"] == 0 else "."))
+    return [line]
 
 
 def cheapest_to_target(rows: list[dict], difficulty: int, fraction: float = 0.9) -> str:

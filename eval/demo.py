@@ -12,7 +12,10 @@ For each study:
 2. `rlm compare` on held-out problems, harder ones included: latent depth (deeper than trained) and adaptive exit
    against the CoT model's budget forcing, majority vote and best-of-n; its findings are the report's;
 3. the latent rows of that comparison written as a depth sweep (sweep/), with the latent dynamics of a few
-   problems traced step by step: every latent cell is answered once.
+   problems traced step by step: every latent cell is answered once;
+4. where the study has a process reward model (permutation: configs/demo-prm.yaml), a second `rlm compare` of
+   search with it (weighted best-of-N, beam search, DVTS, REBASE, and the oracle bound) at the hardest trained
+   difficulty and the first untrained one (search/), and the reward model's step-label accuracy there.
 Then report.md with the plots and tables, and results.json. Every statement in the report is computed from the
 measurements, including when the expected effect does not show.
 """
@@ -30,14 +33,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from recurrent_lm.loading import load_model, load_tokenizer
+from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
 from recurrent_lm.tasks import get_task, parse_int_list
 from recurrent_lm.train.cli import train_main
 
-from .compare import compare
+from .compare import compare, compute_optimal
 from .latent import AdaptiveDepth, LatentDepth
 from .report import RESULT_COLUMNS, markdown_table, prepare_output, write_summary
+from .reward_models import load_reward_model
+from .step_labels import judge_reward_model
 from .sweep import latent_dynamics, sweep_problems, write_sweep
 
 CHECKPOINTS = checkpoints_dir()
@@ -60,6 +65,9 @@ class Study:
     exit_gate: str | None = None  # a recipe that adds a learned exit gate to the latent model (then evaluated)
     full: dict = field(default_factory=dict)  # rlm compare's options
     quick: dict = field(default_factory=dict)
+    reward_model: str | None = None  # a process reward model's recipe: search with it, in a second comparison
+    search: dict = field(default_factory=dict)  # that comparison's options (full, and quick)
+    search_quick: dict = field(default_factory=dict)
 
 
 STUDIES = (
@@ -74,7 +82,15 @@ STUDIES = (
                     votes="1,2,4,8", vote_budget=72, exit_criterion="gate", exit_thresholds=[0.1, 0.03, 0.01],
                     exit_prompt_steps=4),
           quick=dict(difficulties="1,2,6", n=6, steps="1,2,8", budgets="0,24", votes="1,2", vote_budget=24,
-                     exit_criterion="gate", exit_thresholds=[0.1], exit_prompt_steps=2)),
+                     exit_criterion="gate", exit_thresholds=[0.1], exit_prompt_steps=2),
+          # Search with the demo's PRM (configs/demo-prm.yaml) at the hardest trained k and the first untrained one,
+          # where the CoT policy is perfect and where it fails: whether a verifier changes either.
+          reward_model="demo-prm",
+          search=dict(difficulties="4,5", n=50, steps="4", exit_criterion=None, budgets="72", votes="1,2,4,8",
+                      vote_budget=72, methods="latent,majority,weighted-best-of-n,beam,dvts,rebase,oracle"),
+          search_quick=dict(difficulties="4,5", n=3, steps="4", exit_criterion=None, budgets="24", votes="2",
+                            vote_budget=24, methods="latent,majority,weighted-best-of-n,beam,dvts,rebase,oracle",
+                            search_max_steps=3)),
     # A pointer problem of difficulty k takes 2 * k thinking tokens ("c;" per hop): 24 at k = 12.
     Study("extrapolation", "Thinking longer than trained (pointer chasing)", "pointer", "pointer-latent",
           "pointer-cot", "Follow k pointers through a fixed 16-node table to a node that points to itself; the input "
@@ -132,8 +148,8 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
     Args:
         out: output folder: report.md, results.json, the plots, and per study {study}/compare, {study}/sweep.
         quick: a smoke run of the same pipeline with tiny budgets (a few minutes; the numbers mean nothing).
-        from_scratch: retrain the four models with their configs/*.yaml instead of using the shipped checkpoints
-            (about 100 minutes in all on 2 CPU cores; see the README).
+        from_scratch: retrain the six models with their configs/*.yaml instead of using the shipped checkpoints
+            (about 100-120 minutes in all on 2 CPU cores; see the README).
         seed: training seed (weights, data stream, depth draws) of --from-scratch and --quick runs, to check that
             the conclusions hold across seeds; the held-out problems stay the same.
         checkpoints: the folder with the shipped checkpoints.
@@ -145,13 +161,16 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
     for study in STUDIES:
         results["studies"][study.name] = run_study(study, out, quick, from_scratch, seed, checkpoints)
     results["findings"] = [f"{study.title}: {line}" for study in STUDIES
-                           for line in results["studies"][study.name]["findings"]]
+                           for line in results["studies"][study.name]["findings"]
+                           + results["studies"][study.name].get("search", {}).get("findings", [])]
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_report(out, results)
     print(f"[demo] wrote {report} and {out / 'results.json'} in {results['wall_seconds']:.0f} s", flush=True)
     return {"out": str(out), "report": str(report), "findings": results["findings"],
-            "rows": {name: study["compare"] for name, study in results["studies"].items()}}
+            "rows": {**{name: study["compare"] for name, study in results["studies"].items()},
+                     **{f"{name}-search": study["search"]["compare"] for name, study in results["studies"].items()
+                        if "search" in study}}}
 
 
 def run_study(study: Study, out: Path, quick: bool, from_scratch: bool, seed: int, checkpoints: Path) -> dict:
@@ -164,10 +183,12 @@ def run_study(study: Study, out: Path, quick: bool, from_scratch: bool, seed: in
         gated = (train_model(study.exit_gate, out / "train",
                              extra + ["--model.init_from", str(base), "--data.tokenizer", str(base)])
                  if study.exit_gate else None)
+        reward = train_model(study.reward_model, out / "train", extra) if study.reward_model else None
     else:
         base, cot = checkpoints / study.latent, checkpoints / study.cot
         gated = checkpoints / study.exit_gate if study.exit_gate else None
-    models = {"latent": base, "exit gate": gated, "cot": cot}
+        reward = checkpoints / study.reward_model if study.reward_model else None
+    models = {"latent": base, "exit gate": gated, "cot": cot, "reward model": reward}
     for path in filter(None, models.values()):
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"no shipped checkpoint at {path}: run `rlm demo --from-scratch` to train it")
@@ -178,11 +199,34 @@ def run_study(study: Study, out: Path, quick: bool, from_scratch: bool, seed: in
                      trained_max_difficulty=TRAINED_MAX_DIFFICULTY, **options)
     sweep_rows = write_latent_sweep(out / study.name / "sweep", study.task, latent, result["rows"], settings)
     manifests = {name: json.loads((path / "manifest.json").read_text()) for name, path in models.items() if path}
-    return {"task": study.task, "settings": settings, "models": {k: str(v) for k, v in models.items() if v},
-            "manifests": manifests, "findings": result["findings"],
-            "overlap": training_overlap(study.task, parse_int_list(settings["difficulties"], "--difficulties"),
-                                        manifests["latent"]),
-            "compare": result["rows"], "s1_metrics": result["s1_metrics"], "sweep": sweep_rows}
+    summary = {"task": study.task, "settings": settings, "models": {k: str(v) for k, v in models.items() if v},
+               "manifests": manifests, "findings": result["findings"],
+               "overlap": training_overlap(study.task, parse_int_list(settings["difficulties"], "--difficulties"),
+                                           manifests["latent"]),
+               "compare": result["rows"], "s1_metrics": result["s1_metrics"], "sweep": sweep_rows}
+    if reward is not None:
+        summary["search"] = run_search(study, latent, cot, reward, out, quick)
+    return summary
+
+
+def run_search(study: Study, latent: Path, cot: Path, reward: Path, out: Path, quick: bool) -> dict:
+    """The second comparison: search with the reward model (and the oracle bound) beside voting and latent depth,
+    and the reward model's step-label accuracy on the same problems' corrupted and policy-sampled chains."""
+    settings = study.search_quick if quick else study.search
+    options = {k: v for k, v in settings.items() if k != "n"}
+    print(f"[demo] {study.name}: search with {reward}", flush=True)
+    result = compare(latent, cot, task=study.task, n=settings["n"], out=out / study.name / "search", seed=SEED,
+                     trained_max_difficulty=TRAINED_MAX_DIFFICULTY, reward_model=reward, **options)
+    scorer = load_reward_model(reward)
+    policy, tokenizer = load_any_causal_lm(cot), load_tokenizer(cot)
+    torch.manual_seed(SEED)
+    judged = [row for difficulty in parse_int_list(settings["difficulties"], "--difficulties")
+              for row in judge_reward_model(scorer, policy, tokenizer,
+                                            get_task(study.task).problems(difficulty, settings["n"], seed=SEED),
+                                            samples=2 if quick else 4, budget=settings["vote_budget"])]
+    findings = [line for line in result["findings"] if ", search with the reward model" in line]
+    return {"settings": settings, "findings": findings, "compare": result["rows"],
+            "compute_optimal": compute_optimal(result["rows"]), "reward_model_accuracy": judged}
 
 
 def training_overlap(task_name: str, difficulties: list[int], manifest: dict) -> list[str]:
@@ -257,11 +301,35 @@ def write_report(out: Path, results: dict) -> Path:
             (f"{study.title}: s1 metrics (budget forcing)",
              markdown_table(result["s1_metrics"], ["difficulty", "cot_steps", "control", "scaling", "performance"])),
         ]
+        if "search" in result:
+            search = result["search"]
+            source = out / study.name / "search" / "accuracy_vs_flops.png"
+            if source.exists():
+                shutil.copy(source, out / f"{study.name}-search-accuracy_vs_flops.png")
+            sections += [
+                (f"{study.title}: search with a process reward model",
+                 "Weighted best-of-N, beam search, DVTS and REBASE with the reward model "
+                 f"(`{result['models']['reward model']}`) over the CoT model's steps, beside majority vote, latent "
+                 "depth and the oracle bound (any of the n samples right), on "
+                 f"{search['settings']['n']} problems per difficulty. Findings (computed from the measurements):\n"
+                 + "\n".join(f"- {line}" for line in search["findings"])
+                 + f"\n\n![search: accuracy against FLOPs]({study.name}-search-accuracy_vs_flops.png)"),
+                (f"{study.title}: the reward model's step labels",
+                 "Agreement with the exact step checker, on worked solutions with one corrupted step (its training "
+                 "distribution) and on chains sampled from the CoT model:\n\n"
+                 + markdown_table(search["reward_model_accuracy"], ["difficulty", "chains", "steps", "accuracy",
+                                                                    "majority_rate", "accuracy_on_good",
+                                                                    "accuracy_on_bad"])),
+                (f"{study.title}: search results", markdown_table(search["compare"], RESULT_COLUMNS + ["reward_flops"])),
+                (f"{study.title}: compute-optimal method per FLOPs range",
+                 markdown_table(search["compute_optimal"], ["difficulty", "flops_up_to", "best_method", "setting",
+                                                            "accuracy"])),
+            ]
     manifests = "\n".join(
         f"- {study} {role}: `{m['command']}` on {m['machine']}, "
         + (f"{m['wall_seconds']:.0f} s" if m.get("wall_seconds") else m.get("wall_note", "time not recorded"))
         + "; final metrics " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(m["final_metrics"].items())
-                                         if k.startswith("val/acc"))
+                                         if k.startswith(("val/acc", "val/label_acc")))
         for study, result in results["studies"].items() for role, m in result["manifests"].items())
     sections += [("Models", manifests),
                  ("Reproduce", f"`{reproduce_command(results)}` ({results['wall_seconds']:.0f} s here). Details: "

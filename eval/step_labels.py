@@ -14,7 +14,9 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from recurrent_lm.data import prompt_ids
+import random
+
+from recurrent_lm.data import labelled_chain, prompt_ids
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer
 from recurrent_lm.problem import Problem
 from recurrent_lm.special_tokens import THINK_END
@@ -23,6 +25,7 @@ from recurrent_lm.tasks import get_task, parse_int_list
 from .budget_forcing import generate_until
 from .cot import chain_steps, cot_runs, depth_kwargs
 from .report import prepare_output
+from .reward_models import RewardModel, step_label_accuracy
 
 LABEL_SEED = 900_000
 
@@ -58,6 +61,25 @@ def rollout_labels(model, tokenizer, problem: Problem, steps: list[str], rollout
             labels.append(right == 1.0)
             success.append(right)
     return labels, success
+
+
+def judge_reward_model(scorer: RewardModel, policy, tokenizer, problems: list[Problem], samples: int = 4,
+                       temperature: float = 1.0, budget: int = 128, depth: int | None = None) -> list[dict]:
+    """A PRM's step-label accuracy (step_label_accuracy) on the problems of one difficulty, against the exact
+    checker's labels, on two kinds of chains: worked solutions with one step corrupted in half of them (its
+    training distribution) and chains sampled from the policy (the errors search meets)."""
+    task, difficulty = get_task(problems[0].task), problems[0].difficulty
+    prompts = [task.prompt(p, cot=True) for p in problems]
+    corrupted = [labelled_chain(task, p, 0.5, random.Random(f"judge/{difficulty}/{i}")) for i, p in enumerate(problems)]
+    rows = [{"difficulty": difficulty, "chains": "corrupted", **step_label_accuracy(
+        scorer, prompts, [c for c, _ in corrupted], [labels for _, labels in corrupted])}]
+    runs = cot_runs(policy, tokenizer, problems, budget, depth, samples=samples, temperature=temperature)
+    sampled = [(prompt, chain_steps(tokenizer, run.result, task), problem)
+               for prompt, problem, chains in zip(prompts, problems, runs) for run in chains]
+    rows.append({"difficulty": difficulty, "chains": f"policy (T={temperature:g})", **step_label_accuracy(
+        scorer, [p for p, _, _ in sampled], [c for _, c, _ in sampled],
+        [task.step_labels(problem, c) for _, c, problem in sampled])})
+    return rows
 
 
 def label_steps(policy: Path, task: str, difficulties: str = "1-4", n: int = 64, samples: int = 4,

@@ -20,6 +20,8 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
         names += [f"{study}/compare/results.csv", f"{study}/compare/s1_metrics.csv", f"{study}/sweep/results.csv",
                   f"train/{latent}/model/manifest.json", f"train/{cot}/model/manifest.json"]
     names.append("train/demo-exit-gate/model/manifest.json")  # the gate learns on the latent model just trained
+    names += ["train/demo-prm/model/manifest.json", "permutation/search/results.csv",
+              "permutation-search-accuracy_vs_flops.png"]
     for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
@@ -31,6 +33,11 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     assert {r["difficulty"] for r in permutation["compare"]} == {1, 2, 6}  # 6: harder than any trained
     assert {r["difficulty"] for r in pointer["compare"]} == {2, 8} and pointer["task"] == "pointer"
     assert {r["criterion"] for r in permutation["compare"] if r["method"] == "latent-exit"} == {"gate"}
+    search = permutation["search"]
+    assert {r["method"] for r in search["compare"]} >= {"beam", "dvts", "rebase", "prm-weighted-best-of-n",
+                                                         "oracle-best-of-n", "cot-vote", "latent"}
+    assert {r["chains"] for r in search["reward_model_accuracy"]} == {"corrupted", "policy (T=1)"}
+    assert len(search["findings"]) == 2 and all(line in report_text(out) for line in search["findings"])
     gate = permutation["manifests"]["exit gate"]
     assert "--model.init_from" in gate["command"] and "train/demo-latent/model" in gate["command"]
     manifest = permutation["manifests"]["latent"]
@@ -44,6 +51,10 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     assert "`rlm demo --quick --seed 3`" in report
     # quick training draws 16 x 12 problems: at k = 1 (120 distinct problems) some overlap is expected, at k = 2 not
     assert [line.split(":")[0] for line in permutation["overlap"]] == ["k = 1"]
+
+
+def report_text(out) -> str:
+    return (out / "report.md").read_text()
 
 
 def test_training_overlap_is_named_where_a_difficulty_has_few_problems():
@@ -119,6 +130,9 @@ def test_full_demo_on_the_shipped_checkpoints_shows_the_promised_effects(tmp_pat
     for difficulty in (1, 2, 3, 4):  # the CoT model rises with its thinking budget
         assert accuracy("permutation", "cot-budget", "budget", 0, difficulty)["accuracy"] <= 0.1
         assert accuracy("permutation", "cot-budget", "budget", 12 * difficulty, difficulty)["accuracy"] >= 0.9
+    search = [r for r in rows["permutation-search"]]
+    assert {r["difficulty"] for r in search} == {4, 5} and all(r["reward_flops"] > 0 for r in search
+                                                             if r["method"] in ("beam", "dvts", "rebase"))
     for difficulty in (8, 10, 12):  # twice the hardest trained and more: solved by depth, not at the training depth
         assert accuracy("extrapolation", "latent", "steps", 4, difficulty)["accuracy"] <= 0.3
         assert max(accuracy("extrapolation", "latent", "steps", r, difficulty)["accuracy"] for r in (12, 16, 24)) >= 0.8

@@ -285,3 +285,47 @@ def test_search_bad_input(tokenizer):
         scripted(DVTS, tokenizer, [4], beam_width=0)
     with pytest.raises(ValueError, match="N must be >= 1"):
         scripted(REBASE, tokenizer, [0])
+
+
+# --- Math-Shepherd labels -----------------------------------------------------------------------------------------
+
+
+def test_rollout_labels_call_a_step_good_when_a_rollout_from_it_reaches_the_answer(monkeypatch, tokenizer):
+    """A scripted policy: from a chain whose steps are all right it completes with the right answer in one of two
+    rollouts; from a wrong step on, with a wrong one. Math-Shepherd's hard labels and success shares follow."""
+    from recurrent_lm.eval import step_labels
+
+    task = get_task("pointer")
+    problem = task.problems(3, 1, seed=4)[0]
+    gold = task.solution_steps(problem)
+    steps = gold[:1] + [task.corrupt_step(gold[1], random.Random(0))] + gold[2:]
+    prompt = len(tokenizer(task.prompt(problem, cot=True)).input_ids)
+
+    def scripted(model, tok, rows, max_new, stops, processors, kwargs):
+        out = []
+        for index, row in enumerate(rows):
+            written = tok.decode(row[prompt:])
+            right = written in ("".join(gold[: i + 1]) for i in range(len(gold))) and index % 2 == 0
+            answer = problem.answer if right else "a" if problem.answer != "a" else "b"
+            out.append(tok(f"{THINK_END}{answer}<eos>", add_special_tokens=False).input_ids)
+        return out
+
+    monkeypatch.setattr(step_labels, "generate_until", scripted)
+    labels, shares = step_labels.rollout_labels(None, tokenizer, problem, steps, rollouts=2)
+    assert labels == [True, False, False, True]  # the answer step keeps its own (right) answer
+    assert shares == [0.5, 0.0, 0.0, 1.0]
+    assert task.step_labels(problem, steps) == [True, False, False, True]
+
+
+def test_label_steps_writes_chains_that_training_reads(tmp_path):
+    from recurrent_lm.data import load_step_chains
+    from recurrent_lm.eval.step_labels import label_steps
+
+    summary = label_steps("demo-cot", "permutation", difficulties="1-2", n=2, samples=2, out=tmp_path / "labels")
+    chains = load_step_chains(tmp_path / "labels" / "chains.jsonl")
+    assert len(chains) == summary["chains"] == 8
+    for problem, steps, labels in chains:
+        assert labels == get_task("permutation").step_labels(problem, steps)
+    (tmp_path / "bad.jsonl").write_text('{"problem": {"task": "pointer"}, "steps": [], "labels": []}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a labelled chain"):
+        load_step_chains(tmp_path / "bad.jsonl")

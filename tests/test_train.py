@@ -334,3 +334,40 @@ def test_depth_tied_to_difficulty():
         module.num_steps_for(0)
     with pytest.raises(ValueError, match="steps_per_difficulty"):
         RecurrentLMModule({"preset": "debug"}, steps_per_difficulty=1, fixed_num_steps=1)
+
+
+def test_reward_model_recipe_trains_on_step_labels(tmp_path):
+    """configs/demo-prm.yaml: step-tagged chains with labels at the tags only; the loss falls within a few steps and
+    validation reports the share of step labels predicted right."""
+    root = tmp_path / "prm"
+    train_main(["--config", str(ROOT / "configs" / "demo-prm.yaml"), "--model.architecture.preset", "debug",
+                "--trainer.max_steps", "12", "--trainer.val_check_interval", "12", "--data.batch_size", "16",
+                "--model.warmup_steps", "2", "--data.val_problems_per_difficulty", "4",
+                "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(root),
+                "--trainer.logger.init_args.save_dir", str(root)])
+    losses = [loss for _, loss in logged(root, "train/loss")]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert logged(root, "val/label_acc_r1")
+
+
+@pytest.mark.slow
+def test_a_reward_model_learns_step_labels_well_above_the_majority_rate(tmp_path):
+    """A 0.2M-parameter PRM on parity chains (1-3 bits, a corrupted step in every chain): held-out step-label
+    accuracy well above the constant guess of the majority label (0.53 there). 0.92 measured at 150 steps."""
+    import random
+
+    from recurrent_lm.data import heldout_problems, labelled_chain
+    from recurrent_lm.tasks import get_task
+
+    root = tmp_path / "prm"
+    train_main(["--config", str(ROOT / "configs" / "demo-prm.yaml"), "--model.architecture.preset", "debug",
+                "--data.tasks", "[parity]", "--data.max_difficulty", "3", "--data.val_difficulties", "[1,2,3]",
+                "--data.step_error_rate", "1.0", "--data.batch_size", "32", "--trainer.max_steps", "150",
+                "--model.warmup_steps", "10", "--model.learning_rate", "3e-3", "--trainer.val_check_interval", "150",
+                "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
+    problems = heldout_problems(["parity"], [1, 2, 3], 32)
+    labels = [label for i, p in enumerate(problems)
+              for label in labelled_chain(get_task("parity"), p, 1.0, random.Random(f"val/{i}"))[1]]
+    majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
+    (_, accuracy), = logged(root, "val/label_acc_r1")
+    assert accuracy > majority + 0.2, (accuracy, majority)
