@@ -13,8 +13,10 @@ Methods (recurrent_lm.eval.methods), each evaluated on the same fixed problems p
 - oracle-best-of-n:     right when any of the n samples is: the task's checker as verifier, an upper bound shown
                         apart, never a method.
 - cot-rejection:        s1's rejection sampling to a length budget (chains drawn until one fits it);
-`--methods` picks any subset (latent, budget, rejection, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase,
-oracle).
+- cot-token-conditional: s1's token-conditional control: the prompt asks for at most B thinking tokens, for a CoT
+                        model trained with its thinking length stated (--token_conditional_cot);
+`--methods` picks any subset (latent, budget, rejection, token-conditional, majority, best-of-n, weighted-best-of-n,
+beam, dvts, rebase, oracle).
 FLOPs come from the one compute counter: the prompt, every generated or inserted token at its depth (pruned search
 branches too), the best-of-n scorer's extra forward pass and every reward-model pass (also apart, reward_flops). The findings (what rose with depth or budget, and which method reaches 90%
 of the best accuracy with the fewest FLOPs) are computed from the rows and written into summary.md.
@@ -31,7 +33,7 @@ from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.special_tokens import THINK_END, THINK_START
 from recurrent_lm.tasks import Problem, get_task, parse_int_list
 
-from .cot import BudgetForcing, ParallelSampling, RejectionSampling
+from .cot import BudgetForcing, ParallelSampling, RejectionSampling, TokenConditional
 from .latent import AdaptiveDepth, LatentDepth
 from .methods import run_methods
 from .reward_models import AGGREGATIONS, load_reward_model
@@ -41,10 +43,11 @@ from .report import (RESULT_COLUMNS, line_plot, markdown_table, panel_plot, prep
 from .sweep import sweep_problems
 
 
-def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str) -> None:
-    """The model's tokenizer must represent the task's text exactly (and, for CoT, have the delimiters)."""
+def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str, thinking_budget: int | None = None) -> None:
+    """The model's tokenizer must represent the task's text exactly (and, for CoT, have the delimiters; with a
+    thinking budget, the prompt that states it)."""
     task = get_task(problem.task)
-    text = task.render(problem, cot)
+    text = task.prompt(problem, cot, thinking_budget) + task.completion(problem, cot)
     try:
         ids = tokenizer(text, add_special_tokens=False).input_ids
     except ValueError as error:
@@ -58,8 +61,8 @@ def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str) -> None:
                 raise ValueError(f"the {which} model's tokenizer lacks the thinking delimiter {delimiter!r} as a token")
 
 
-METHODS = ("latent", "budget", "rejection", "majority", "best-of-n", "weighted-best-of-n", "beam", "dvts", "rebase",
-           "oracle")
+METHODS = ("latent", "budget", "rejection", "token-conditional", "majority", "best-of-n", "weighted-best-of-n", "beam",
+           "dvts", "rebase", "oracle")
 NEEDS_REWARD_MODEL = ("weighted-best-of-n", "beam", "dvts", "rebase")
 
 
@@ -87,7 +90,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
             reward_convention: Literal["auto", "step-tag", "token-classification", "sequence-classification"] = "auto",
             step_tag: str | None = None, aggregation: Literal["last", "min", "prod"] = "last", beam_width: int = 2,
             rebase_temperature: float = 0.1, search_max_steps: int = 32, rejection_tries: int = 8,
-            overwrite: bool = False) -> dict:
+            token_conditional_cot: Path | None = None, overwrite: bool = False) -> dict:
     """Compare thinking deeper in latent space with thinking longer in tokens, on the same problems and one
     FLOPs axis.
 
@@ -120,7 +123,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         latent_tokenizer: tokenizer directory of the latent model, if its directory has none.
         cot_tokenizer: tokenizer directory of the CoT model, if its directory has none.
         methods: the methods to run, comma-separated, from: latent (with adaptive exit unless exit_criterion is
-            none), budget, rejection, majority, best-of-n, weighted-best-of-n, beam, dvts, rebase, oracle.
+            none), budget, rejection, token-conditional, majority, best-of-n, weighted-best-of-n, beam, dvts,
+            rebase, oracle.
         reward_model: a reward model directory (this project's PRM, or a Hugging Face PRM / ORM): needed by
             weighted-best-of-n, beam, dvts and rebase.
         reward_convention: how the reward model is read (auto: from its architecture; see eval/reward_models.py).
@@ -131,6 +135,9 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         search_max_steps: the most steps a search chain takes before it must answer.
         rejection_tries: rejection sampling (s1's control by rejection) draws at most this many chains per problem
             (at `temperature`, thinking up to the largest budget) until one fits each budget.
+        token_conditional_cot: the CoT model that token-conditional control asks for a length (one trained with
+            data.state_thinking_length, e.g. `rlm train --config demo-cot-stated`; default: --cot); it thinks up to
+            twice the largest budget, nothing enforcing the one asked for.
         overwrite: replace an earlier run in `out`.
     """
     chosen = parse_methods(methods, reward_model)
@@ -170,6 +177,12 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     if "rejection" in chosen:
         length_control.append(RejectionSampling(cot_model, cot_tok, budget_list, temperature, max(budget_list),
                                                 rejection_tries, cot_depths[-1], batch_size))
+    if "token-conditional" in chosen:
+        stated = load_any_causal_lm(token_conditional_cot) if token_conditional_cot else cot_model
+        stated_tok = load_tokenizer(token_conditional_cot) if token_conditional_cot else cot_tok
+        check_tokenizer(stated_tok, sample, cot=True, which="token-conditional CoT", thinking_budget=max(budget_list))
+        length_control.append(TokenConditional(stated, stated_tok, budget_list, 2 * max(budget_list),
+                                               cot_depths[-1] if stated is cot_model else None, batch_size))
     runs += length_control
     sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen]
     if vote_list and sampled:

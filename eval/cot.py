@@ -41,14 +41,15 @@ def depth_kwargs(depth: int | None) -> dict[str, Any]:
 
 
 def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int | None, samples: int = 1,
-             temperature: float = 0.0, batch_size: int = 32) -> list[list[ChainRun]]:
-    """Budget-forced chains of thought, greedy, or `samples` > 1 sampled per problem; a list of runs per problem."""
+             temperature: float = 0.0, batch_size: int = 32, stated_budget: int | None = None) -> list[list[ChainRun]]:
+    """Budget-forced chains of thought, greedy, or `samples` > 1 sampled per problem; a list of runs per problem.
+    stated_budget: the prompt states it as the thinking length asked for (token-conditional control)."""
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if samples > 1 else dict(do_sample=False)
     per_problem = [[] for _ in problems]
     requests = [(index, problem) for index, problem in enumerate(problems) for _ in range(samples)]
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
-        prompts = [get_task(p.task).prompt(p, cot=True) for _, p in chunk]
+        prompts = [get_task(p.task).prompt(p, cot=True, thinking_budget=stated_budget) for _, p in chunk]
         results = budget_forced_generate(model, tokenizer, prompts, max_thinking=budget,
                                          max_answer_tokens=len(chunk[0][1].answer) + 3, **sampling, **depth_kwargs(depth))
         for (index, problem), result in zip(chunk, results):
@@ -146,6 +147,26 @@ class RejectionSampling(LengthControl):
             tries.append(len(used))
         return [self.length_row(problems, budget, chosen, flops, seconds, temperature=self.temperature,
                                 mean_tries=sum(tries) / len(tries))]
+
+
+class TokenConditional(LengthControl):
+    """s1's token-conditional control: the prompt asks for at most B thinking tokens ("[B]" before <think>), for a
+    model trained with its thinking length stated (data.state_thinking_length); generation is greedy and nothing
+    enforces B (thinking stops at `cap` tokens at most), so control says whether the model keeps to what it was
+    asked for."""
+
+    name = "cot-token-conditional"
+
+    def __init__(self, model, tokenizer, budgets: list[int], cap: int, depth: int | None = None, batch_size: int = 32):
+        super().__init__()
+        self.model, self.tokenizer, self.budgets, self.cap = model, tokenizer, budgets, cap
+        self.depth, self.batch_size = depth, batch_size
+
+    def run(self, problems: list[Problem], budget: int) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        runs = [chains[0] for chains in cot_runs(self.model, self.tokenizer, problems, self.cap, self.depth,
+                                                 batch_size=self.batch_size, stated_budget=budget)]
+        return [self.length_row(problems, budget, runs, [run.flops for run in runs], time.perf_counter() - start)]
 
 
 class ParallelSampling(Method):

@@ -31,26 +31,29 @@ IGNORE = -100
 LOSS_ON = ("answer", "completion", "all")
 
 
-def prompt_ids(tokenizer, problem: Problem, cot: bool = False) -> list[int]:
+def prompt_ids(tokenizer, problem: Problem, cot: bool = False, thinking_budget: int | None = None) -> list[int]:
     """The problem's prompt as every model sees it at generation time: encoded with the tokenizer's own special
     tokens (bos first for this project's tokenizers; nothing for a tokenizer that adds none, such as GPT-2's)."""
-    return tokenizer(get_task(problem.task).prompt(problem, cot)).input_ids
+    return tokenizer(get_task(problem.task).prompt(problem, cot, thinking_budget)).input_ids
 
 
 def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, loss_on: str = "answer",
-                   hints: bool = False) -> dict[str, list[int]]:
+                   hints: bool = False, state_thinking_length: bool = False) -> dict[str, list[int]]:
     """Token ids and labels (transformers convention, -100 = no loss) of one rendered problem.
 
-    The prompt, the thinking and the answer are tokenised separately so their boundaries are exact."""
+    The prompt, the thinking and the answer are tokenised separately so their boundaries are exact.
+    state_thinking_length: the chain-of-thought prompt states the thinking's own length in tokens ("[48]", what
+    token-conditional control then asks for at test time)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-    prompt = task.prompt(problem, cot)
     completion = task.completion(problem, cot)
     thinking, answer = completion.split(THINK_END, 1) if cot else ("", completion)
-    thinking += THINK_END if cot else ""
+    thinking_ids = tokenizer(thinking, add_special_tokens=False)["input_ids"] if thinking else []
+    thinking_ids += tokenizer(THINK_END, add_special_tokens=False)["input_ids"] if cot else []
+    stated = len(thinking_ids) - 1 if cot and state_thinking_length else None  # the delimiter is not thinking
+    prompt = task.prompt(problem, cot, stated)
     encoded_prompt = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
     prompt_ids = encoded_prompt["input_ids"]  # with the tokenizer's own special tokens, as prompt_ids gives
-    thinking_ids = tokenizer(thinking, add_special_tokens=False)["input_ids"] if thinking else []
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     input_ids = prompt_ids + thinking_ids + answer_ids
     supervised = {"answer": len(answer_ids), "completion": len(thinking_ids) + len(answer_ids), "all": len(input_ids) - 1}
@@ -180,7 +183,8 @@ class TaskStream(IterableDataset):
     def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int, curriculum: Curriculum, cot: bool = False,
                  loss_on: str = "answer", hints: bool = False, seed: int = 0, rank: int = 0, start_batch: int = 0,
                  difficulty_per_batch: bool = False, step_error_rate: float | None = None,
-                 step_chains: Sequence[tuple[Problem, list[str], list[bool]]] = (), step_chains_share: float = 0.5):
+                 step_chains: Sequence[tuple[Problem, list[str], list[bool]]] = (), step_chains_share: float = 0.5,
+                 state_thinking_length: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tasks = [get_task(name) for name in tasks]
@@ -193,6 +197,7 @@ class TaskStream(IterableDataset):
         self.cot, self.loss_on, self.hints = cot, loss_on, hints
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
         self.difficulty_per_batch = difficulty_per_batch
+        self.state_thinking_length = state_thinking_length
         self.step_error_rate = step_error_rate  # not None: step-labelled chains for a process reward model
         self.step_chains, self.step_chains_share = list(step_chains), step_chains_share if step_chains else 0.0
         if step_error_rate is not None:
@@ -205,7 +210,8 @@ class TaskStream(IterableDataset):
 
     def example(self, task: Task, problem: Problem, rng: random.Random) -> dict[str, list[int]]:
         if self.step_error_rate is None:
-            return encode_problem(self.tokenizer, task, problem, self.cot, self.loss_on, self.hints)
+            return encode_problem(self.tokenizer, task, problem, self.cot, self.loss_on, self.hints,
+                                  self.state_thinking_length)
         steps, labels = labelled_chain(task, problem, self.step_error_rate, rng)
         return encode_step_labels(self.tokenizer, task.prompt(problem, cot=True), steps, labels)
 

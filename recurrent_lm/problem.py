@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .special_tokens import EOS, THINK_END, THINK_START
+from .special_tokens import BUDGET_CLOSE, BUDGET_OPEN, EOS, THINK_END, THINK_START
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,11 @@ class Task(ABC):
         rng = random.Random(f"{self.name}/{difficulty}/{seed}")
         return [self.generate(difficulty, rng) for _ in range(n)]
 
-    def prompt(self, problem: Problem, cot: bool = False) -> str:
-        return problem.question + (THINK_START if cot else "")
+    def prompt(self, problem: Problem, cot: bool = False, thinking_budget: int | None = None) -> str:
+        """The question, then (for a chain of thought) the thinking delimiter; `thinking_budget` states the
+        thinking length before it, "[48]" (s1's token-conditional control: "think for up to 48 tokens")."""
+        stated = f"{BUDGET_OPEN}{thinking_budget}{BUDGET_CLOSE}" if cot and thinking_budget is not None else ""
+        return problem.question + (stated + THINK_START if cot else "")
 
     def completion(self, problem: Problem, cot: bool = False) -> str:
         thinking = "".join(step + ";" for step in problem.steps) + THINK_END if cot else ""

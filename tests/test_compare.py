@@ -1,6 +1,7 @@
 """Token-level baselines (budget forcing, majority vote, best-of-n), their metrics, and `rlm compare`."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -203,14 +204,20 @@ def test_rejection_sampling_pays_for_every_draw_until_one_fits(tokenizer):
     assert metrics["method"] == "cot-rejection" and 0 <= metrics["control"] <= 1
 
 
-def test_compare_runs_search_methods_and_names_the_compute_optimal_one(models, tmp_path):
-    """Every search family on the same problems, with a reward model saved locally (this project's step-tag kind):
-    rows for each, the reward model's FLOPs apart, the oracle row marked, a compute-optimal table."""
-    prm = tmp_path / "prm"
+@pytest.fixture(scope="module")
+def prm(tmp_path_factory):
+    """A reward model of this project's step-tag kind, random, saved locally."""
+    path = tmp_path_factory.mktemp("prm")
     prm_tokenizer = task_tokenizer(["chain"], "#")  # "+" and "-" are chain characters already
     torch.manual_seed(1)
-    RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(prm_tokenizer), mean_recurrence=1)).save_pretrained(prm)
-    prm_tokenizer.save_pretrained(prm)
+    RecurrentLM(RecurrentConfig.preset("debug", vocab_size=len(prm_tokenizer), mean_recurrence=1)).save_pretrained(path)
+    prm_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_compare_runs_search_methods_and_names_the_compute_optimal_one(models, prm, tmp_path):
+    """Every search family on the same problems, with a reward model saved locally (this project's step-tag kind):
+    rows for each, the reward model's FLOPs apart, the oracle row marked, a compute-optimal table."""
     result = compare(models / "latent", models / "cot", task="chain", difficulties="2", n=3, out=tmp_path / "out",
                      steps="2", exit_criterion=None, budgets="4,8", votes="2,4", temperature=1.0,
                      methods="latent,rejection,majority,weighted-best-of-n,beam,dvts,rebase,oracle",
@@ -225,8 +232,8 @@ def test_compare_runs_search_methods_and_names_the_compute_optimal_one(models, t
     assert all(r.get("oracle") for r in result["rows"] if r["method"] == "oracle-best-of-n")
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "Compute-optimal methods" in summary and "cot-rejection" in summary
-    assert all(row["best_method"] != "oracle-best-of-n" for row in
-               __import__("json").loads((tmp_path / "out" / "results.json").read_text())["compute_optimal"])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(row["best_method"] != "oracle-best-of-n" for row in saved["compute_optimal"])
 
 
 def test_compare_methods_bad_input(models, tmp_path):
@@ -234,3 +241,38 @@ def test_compare_methods_bad_input(models, tmp_path):
         compare(models / "latent", models / "cot", task="chain", methods="latent,beams", out=tmp_path / "a")
     with pytest.raises(ValueError, match="beam,rebase need a reward model"):
         compare(models / "latent", models / "cot", task="chain", methods="beam,rebase", out=tmp_path / "b")
+
+
+def test_token_conditional_control_asks_for_the_budget_in_the_prompt_and_enforces_nothing():
+    from recurrent_lm.data import prompt_ids
+    from recurrent_lm.eval.cot import TokenConditional
+
+    tokenizer = character_tokenizer(ALPHABET + "[]")
+    problems = get_task("chain").problems(2, 3, seed=3)
+    method = TokenConditional(llama(len(tokenizer)), tokenizer, [2, 6], cap=9)
+    for budget in (2, 6):
+        (row,) = method.run(problems, budget)
+        lengths = method.thinking_lengths[(2, budget)]
+        assert all(length <= 9 for length in lengths)  # the cap, not the budget asked for, bounds the thinking
+        assert row["control"] == sum(length <= budget for length in lengths) / len(lengths)
+    ((run, *_),) = cot_runs(method.model, tokenizer, problems[:1], 9, None, stated_budget=6)
+    assert run.result.prompt_tokens == len(prompt_ids(tokenizer, problems[0], cot=True, thinking_budget=6))
+    assert tokenizer.decode(prompt_ids(tokenizer, problems[0], cot=True, thinking_budget=6)).endswith("?[6]<think>")
+
+
+def test_token_conditional_needs_a_tokenizer_that_states_the_budget(models, tmp_path):
+    with pytest.raises(ValueError, match="token-conditional CoT model's tokenizer is incompatible"):
+        compare(models / "latent", models / "cot", task="parity", methods="token-conditional", n=2,
+                out=tmp_path / "a", latent_tokenizer=models / "latent")
+
+
+def test_search_over_a_recurrent_cot_model_runs_the_depth_by_n_grid(models, prm, tmp_path):
+    """The hybrid: step-level search over a recurrent-depth CoT model, its depth per step a second knob."""
+    result = compare(models / "latent", models / "latent", task="chain", difficulties="2", n=2, out=tmp_path / "out",
+                     steps="1", exit_criterion=None, budgets="6", votes="2,4", cot_steps="1,3",
+                     methods="beam,rebase", reward_model=prm, search_max_steps=2)
+    grid = {(r["method"], r["steps"], r["samples"]): r for r in result["rows"]}
+    assert set(grid) == {(m, d, n) for m in ("beam", "rebase") for d in (1, 3) for n in (2, 4)}
+    for method in ("beam", "rebase"):  # deeper steps cost more per policy token
+        deep, shallow = grid[(method, 3, 4)], grid[(method, 1, 4)]
+        assert deep["policy_flops"] / deep["generated_tokens"] > shallow["policy_flops"] / shallow["generated_tokens"]

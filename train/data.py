@@ -10,7 +10,7 @@ import random
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, encode_step_labels,
                                heldout_problems, labelled_chain, load_step_chains, text_source)
 from recurrent_lm.loading import load_tokenizer
-from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
+from recurrent_lm.special_tokens import BAD_STEP, BUDGET_ALPHABET, GOOD_STEP, STEP_TAG
 from recurrent_lm.tasks import get_task, load_jsonl, task_tokenizer
 
 
@@ -43,6 +43,9 @@ class RecurrentDataModule(L.LightningDataModule):
             Math-Shepherd labels) to mix into step-label training.
         step_chains_share: the share of each batch drawn from step_chains (1: those chains only, as for a task
             without worked solutions).
+        state_thinking_length: chain-of-thought prompts state their thinking's length in tokens ("[48]" before
+            <think>), so that the model can be asked for a length at test time (s1's token-conditional control,
+            `rlm compare --methods token-conditional`). The default tokenizer then also holds "[", "]" and digits.
         seed: seeds the training stream (each rank gets its own stream).
         val_difficulties: difficulties of the held-out problems (may exceed max_difficulty: extrapolation).
         val_problems_per_difficulty: held-out problems per difficulty.
@@ -56,7 +59,7 @@ class RecurrentDataModule(L.LightningDataModule):
                  seed: int = 0, val_difficulties: list[int] | None = None, val_problems_per_difficulty: int = 32,
                  val_problems: str | None = None, num_workers: int = 0, difficulty_per_batch: bool = False,
                  step_labels: bool = False, step_error_rate: float = 0.5, step_chains: list[str] | None = None,
-                 step_chains_share: float = 0.5):
+                 step_chains_share: float = 0.5, state_thinking_length: bool = False):
         super().__init__()
         if bool(tasks) == bool(text_files):
             raise ValueError("give either tasks or text_files to train on")
@@ -80,7 +83,9 @@ class RecurrentDataModule(L.LightningDataModule):
 
     def _load_tokenizer(self):
         if self.hparams.tokenizer is None:
-            return task_tokenizer(self.hparams.tasks, STEP_TAG + GOOD_STEP + BAD_STEP if self.hparams.step_labels else "")
+            extra = (STEP_TAG + GOOD_STEP + BAD_STEP if self.hparams.step_labels else "") + (
+                BUDGET_ALPHABET if self.hparams.state_thinking_length else "")
+            return task_tokenizer(self.hparams.tasks, extra)
         return load_tokenizer(self.hparams.tokenizer)  # a directory, or a shipped checkpoint's name
 
     def train_dataloader(self) -> DataLoader:
@@ -96,7 +101,8 @@ class RecurrentDataModule(L.LightningDataModule):
                             hints=options.hints, seed=options.seed, rank=rank, start_batch=done,
                             difficulty_per_batch=options.difficulty_per_batch,
                             step_error_rate=options.step_error_rate if options.step_labels else None,
-                            step_chains=self.step_chains, step_chains_share=options.step_chains_share)
+                            step_chains=self.step_chains, step_chains_share=options.step_chains_share,
+                            state_thinking_length=options.state_thinking_length)
         return DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                           persistent_workers=options.num_workers > 0)
 
@@ -124,7 +130,8 @@ class RecurrentDataModule(L.LightningDataModule):
 
         def batch(indices):  # problems travel as indices into val_set: tensors only cross devices
             encoded = [encode_problem(self.tokenizer, get_task(self.val_set[i].task), self.val_set[i], self.hparams.cot,
-                                      self.hparams.loss_on) for i in indices]
+                                      self.hparams.loss_on, state_thinking_length=self.hparams.state_thinking_length)
+                       for i in indices]
             return {**collate(encoded, self.tokenizer.pad_token_id), "problem_index": torch.tensor(indices)}
 
         return DataLoader(range(len(self.val_set)), batch_size=max(self.hparams.batch_size, 64), collate_fn=batch)
