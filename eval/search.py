@@ -23,6 +23,7 @@ as search-and-learn re-scores), reported apart (policy_flops, reward_flops) and 
 import math
 import time
 import zlib
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,14 +170,12 @@ class TreeSearch(Method):
         self.aggregation, self.seed = aggregation, seed
         self.name = self.strategy
 
-    def first(self, root: Node, n: int) -> list[tuple[Node, int]]:
-        return [(root, n)]
-
     def label_children(self, children: list[Node], n: int) -> None:
         """Where a strategy tags the first children (DVTS: their subtree)."""
 
+    @abstractmethod
     def select(self, live: list[Node], leaves: list[Node], n: int) -> list[tuple[Node, int]]:
-        raise NotImplementedError
+        """The expansions of the next round: (node, count) pairs among one problem's live nodes."""
 
     def search(self, problems: list[Problem], n: int) -> tuple[list[list[Node]], list[int], list[int]]:
         """The leaves of every problem's search at budget N, and each problem's policy and reward-model FLOPs."""
@@ -185,7 +184,7 @@ class TreeSearch(Method):
         policy_flops = [self.policy.prompt_flops(len(ids)) for ids in prompts]
         reward_flops = [0] * len(problems)
         leaves: list[list[Node]] = [[] for _ in problems]
-        frontier = [pair for i in range(len(problems)) for pair in self.first(Node(i), n)]
+        frontier = [(Node(i), n) for i in range(len(problems))]  # every strategy starts with N first steps
         first = True
         while frontier:
             children, flops = self.policy.expand(problems, prompts, frontier)
@@ -211,7 +210,7 @@ class TreeSearch(Method):
         for problem, mine in zip(problems, leaves):
             answer = weighted_vote([leaf.answer for leaf in mine], [leaf.value(self.aggregation) for leaf in mine])
             scores.append(get_task(problem.task).score(answer, problem))
-            tokens.append(self.tokens_generated(mine))
+            tokens.append(sum(len(leaf.ids) for leaf in mine))  # the leaves' chains (pruned ones: in the FLOPs)
         total = [a + b for a, b in zip(policy_flops, reward_flops)]
         return [result_row(self.name, self.setting(n) + depth_label(self.depth), difficulty, scores, total, tokens,
                            time.perf_counter() - start, samples=n, steps=self.depth,
@@ -219,22 +218,30 @@ class TreeSearch(Method):
                            reward_flops=sum(reward_flops) / len(problems), aggregation=self.aggregation,
                            leaves=sum(map(len, leaves)) / len(problems))]
 
-    def tokens_generated(self, leaves: list[Node]) -> int:
-        return sum(len(leaf.ids) for leaf in leaves)  # the leaves' chains (pruned branches are in the FLOPs)
-
     def setting(self, n: int) -> str:
         return f"n={n}"
 
 
-class BeamSearch(TreeSearch):
-    """Beam search over steps: N beams, each live round the best ceil(N' / M) nodes get M expansions."""
-
-    strategy = "beam"
+class WidthSearch(TreeSearch):
+    """A strategy with a width M that every N must be a multiple of (beam search, DVTS)."""
 
     def __init__(self, *args, beam_width: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
-        check_width(self.strategy, self.budgets, beam_width)
+        if beam_width < 1:
+            raise ValueError(f"{self.strategy}: the beam width M must be >= 1, got {beam_width}")
+        bad = [n for n in self.budgets if n % beam_width]
+        if bad:
+            raise ValueError(f"{self.strategy}: N must be a multiple of the beam width M = {beam_width}; {bad} are not")
         self.beam_width = beam_width
+
+    def setting(self, n):
+        return f"n={n}, M={self.beam_width}"
+
+
+class BeamSearch(WidthSearch):
+    """Beam search over steps: N beams, each live round the best ceil(N' / M) nodes get M expansions."""
+
+    strategy = "beam"
 
     def select(self, live, leaves, n):
         remaining = n - len(leaves)
@@ -244,19 +251,11 @@ class BeamSearch(TreeSearch):
         counts = [min(self.beam_width, remaining - i * self.beam_width) for i in range(len(kept))]
         return [(node, count) for node, count in zip(kept, counts) if count > 0]
 
-    def setting(self, n):
-        return f"n={n}, M={self.beam_width}"
 
-
-class DVTS(TreeSearch):
+class DVTS(WidthSearch):
     """Diverse verifier tree search: N / M independent subtrees, each greedy on the reward model."""
 
     strategy = "dvts"
-
-    def __init__(self, *args, beam_width: int = 2, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_width(self.strategy, self.budgets, beam_width)
-        self.beam_width = beam_width
 
     def label_children(self, children, n):
         for index, child in enumerate(children):  # children come in problem order, n per problem
@@ -270,9 +269,6 @@ class DVTS(TreeSearch):
             if remaining > 0 and mine:
                 chosen.append((max(mine, key=lambda node: node.value(self.aggregation)), remaining))
         return chosen
-
-    def setting(self, n):
-        return f"n={n}, M={self.beam_width}"
 
 
 class REBASE(TreeSearch):
@@ -292,14 +288,6 @@ class REBASE(TreeSearch):
 
     def setting(self, n):
         return f"n={n}, T={self.balance_temperature:g}"
-
-
-def check_width(strategy: str, budgets: list[int], width: int) -> None:
-    if width < 1:
-        raise ValueError(f"{strategy}: the beam width M must be >= 1, got {width}")
-    bad = [n for n in budgets if n % width]
-    if bad:
-        raise ValueError(f"{strategy}: N must be a multiple of the beam width M = {width}; {bad} are not")
 
 
 STRATEGIES = {cls.strategy: cls for cls in (BeamSearch, DVTS, REBASE)}
