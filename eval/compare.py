@@ -33,7 +33,7 @@ from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.special_tokens import THINK_END, THINK_START
 from recurrent_lm.tasks import Problem, get_task, parse_int_list
 
-from .cot import BudgetForcing, ParallelSampling, RejectionSampling, TokenConditional
+from .cot import BudgetForcing, ChainPool, ParallelSampling, RejectionSampling, TokenConditional
 from .latent import AdaptiveDepth, LatentDepth
 from .methods import run_methods
 from .reward_models import AGGREGATIONS, load_reward_model
@@ -134,7 +134,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         rebase_temperature: T of REBASE's softmax(score / T) split of the expansions.
         search_max_steps: the most steps a search chain takes before it must answer.
         rejection_tries: rejection sampling (s1's control by rejection) draws at most this many chains per problem
-            (at `temperature`, thinking up to the largest budget) until one fits each budget.
+            until one fits each budget: the same sampled chains as voting (at `temperature`, thinking up to
+            vote_budget).
         token_conditional_cot: the CoT model that token-conditional control asks for a length (one trained with
             data.state_thinking_length, e.g. `rlm train --config demo-cot-stated`; default: --cot); it thinks up to
             twice the largest budget, nothing enforcing the one asked for.
@@ -174,9 +175,12 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
                                       batch_size, exit_prompt_steps))
     length_control = ([BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
                       if "budget" in chosen else [])
+    sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen and vote_list]
+    # one pool of sampled chains serves voting, best-of-n and rejection sampling alike
+    pool_size = max([*(vote_list if sampled else []), *([rejection_tries] if "rejection" in chosen else []), 1])
+    pool = ChainPool(cot_model, cot_tok, pool_size, search_budget, temperature, cot_depths[-1], batch_size)
     if "rejection" in chosen:
-        length_control.append(RejectionSampling(cot_model, cot_tok, budget_list, temperature, max(budget_list),
-                                                rejection_tries, cot_depths[-1], batch_size))
+        length_control.append(RejectionSampling(pool, budget_list, rejection_tries))
     if "token-conditional" in chosen:
         stated = load_any_causal_lm(token_conditional_cot) if token_conditional_cot else cot_model
         stated_tok = load_tokenizer(token_conditional_cot) if token_conditional_cot else cot_tok
@@ -184,10 +188,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
         length_control.append(TokenConditional(stated, stated_tok, budget_list, 2 * max(budget_list),
                                                cot_depths[-1] if stated is cot_model else None, batch_size))
     runs += length_control
-    sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen]
-    if vote_list and sampled:
-        runs.append(ParallelSampling(cot_model, cot_tok, vote_list, search_budget, temperature, cot_depths[-1],
-                                     batch_size, scorer, aggregation, tuple(sampled)))
+    if sampled:
+        runs.append(ParallelSampling(pool, vote_list, scorer, aggregation, tuple(sampled)))
     for name in ("beam", "dvts", "rebase"):
         if name not in chosen or not vote_list:
             continue

@@ -59,6 +59,28 @@ def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int 
     return per_problem
 
 
+class ChainPool:
+    """Chains of thought sampled once per problem set and shared by the methods that read samples (majority vote,
+    best-of-n, weighted best-of-n, rejection sampling): `samples` chains per problem at `temperature`, thinking up
+    to `budget` tokens; each method takes the first n of them."""
+
+    def __init__(self, model, tokenizer, samples: int, budget: int, temperature: float, depth: int | None = None,
+                 batch_size: int = 32):
+        self.model, self.tokenizer, self.samples, self.budget = model, tokenizer, samples, budget
+        self.temperature, self.depth, self.batch_size = temperature, depth, batch_size
+        self.drawn: dict[tuple, tuple[list[list[ChainRun]], float]] = {}
+
+    def runs(self, problems: list[Problem]) -> tuple[list[list[ChainRun]], float]:
+        """Every problem's sampled chains, and the seconds it took to sample them (once)."""
+        key = tuple((p.task, p.difficulty, p.question) for p in problems)
+        if key not in self.drawn:
+            start = time.perf_counter()
+            runs = cot_runs(self.model, self.tokenizer, problems, self.budget, self.depth, samples=self.samples,
+                            temperature=self.temperature, batch_size=self.batch_size)
+            self.drawn[key] = (runs, time.perf_counter() - start)
+        return self.drawn[key]
+
+
 def chain_steps(tokenizer, result: BudgetResult, task) -> list[str]:
     """A generated chain of thought as the task's steps (what a reward model scores): thinking, end, answer."""
     end = tokenizer(THINK_END, add_special_tokens=False).input_ids
@@ -114,38 +136,29 @@ class BudgetForcing(LengthControl):
 
 
 class RejectionSampling(LengthControl):
-    """s1's rejection sampling to a length budget: chains are sampled (at `temperature`, thinking up to `cap`
-    tokens) until one thinks for at most B tokens, at most `tries` of them; the first that fits answers, and every
-    chain drawn until then is paid for. Where none fits, the shortest answers (a run outside the budget: control
-    falls). The same draws serve every budget."""
+    """s1's rejection sampling to a length budget: chains are sampled (from a ChainPool: at its temperature,
+    thinking up to its budget) until one thinks for at most B tokens, at most `tries` of them; the first that fits
+    answers, and every chain drawn until then is paid for. Where none fits, the shortest answers (a run outside the
+    budget: control falls). The same draws serve every budget."""
 
     name = "cot-rejection"
 
-    def __init__(self, model, tokenizer, budgets: list[int], temperature: float, cap: int, tries: int = 8,
-                 depth: int | None = None, batch_size: int = 32):
+    def __init__(self, pool: ChainPool, budgets: list[int], tries: int = 8):
         super().__init__()
-        if tries < 1:
-            raise ValueError(f"rejection sampling needs tries >= 1, got {tries}")
-        self.model, self.tokenizer, self.budgets, self.temperature = model, tokenizer, budgets, temperature
-        self.cap, self.tries, self.depth, self.batch_size = cap, tries, depth, batch_size
-        self.draws: dict[tuple, tuple[list[list[ChainRun]], float]] = {}
+        if not 1 <= tries <= pool.samples:
+            raise ValueError(f"rejection sampling needs 1 <= tries <= the pool's {pool.samples} samples, got {tries}")
+        self.pool, self.budgets, self.tries, self.depth = pool, budgets, tries, pool.depth
 
     def run(self, problems: list[Problem], budget: int) -> list[dict[str, Any]]:
-        key = tuple((p.task, p.difficulty, p.question) for p in problems)
-        if key not in self.draws:
-            start = time.perf_counter()
-            self.draws[key] = (cot_runs(self.model, self.tokenizer, problems, self.cap, self.depth, samples=self.tries,
-                                        temperature=self.temperature, batch_size=self.batch_size),
-                               time.perf_counter() - start)
-        draws, seconds = self.draws[key]
+        draws, seconds = self.pool.runs(problems)
         chosen, flops, tries = [], [], []
-        for chains in draws:
+        for chains in (runs[: self.tries] for runs in draws):
             fits = next((i for i, run in enumerate(chains) if len(run.result.thinking_ids) <= budget), None)
             used = chains[: fits + 1] if fits is not None else chains
             chosen.append(used[-1] if fits is not None else min(chains, key=lambda r: len(r.result.thinking_ids)))
             flops.append(sum(run.flops for run in used))
             tries.append(len(used))
-        return [self.length_row(problems, budget, chosen, flops, seconds, temperature=self.temperature,
+        return [self.length_row(problems, budget, chosen, flops, seconds, temperature=self.pool.temperature,
                                 mean_tries=sum(tries) / len(tries))]
 
 
@@ -170,34 +183,34 @@ class TokenConditional(LengthControl):
 
 
 class ParallelSampling(Method):
-    """max(counts) chains sampled per problem at thinking budget `budget`, once per difficulty; each count n
-    reports majority vote and best-of-n over the first n samples (the same samples for every n), and, with a
-    reward model, its best-of-n, weighted best-of-n and the oracle row."""
+    """The first n chains of a ChainPool per problem, for each count n: majority vote and best-of-n (the same
+    samples for every n), and, with a reward model, its best-of-n, weighted best-of-n and the oracle row."""
 
     name = "cot-samples"
 
-    def __init__(self, model, tokenizer, counts: list[int], budget: int, temperature: float, depth: int | None = None,
-                 batch_size: int = 32, reward_model: RewardModel | None = None, aggregation: str = "last",
+    def __init__(self, pool: ChainPool, counts: list[int], reward_model: RewardModel | None = None,
+                 aggregation: str = "last",
                  methods: tuple[str, ...] = ("majority", "best-of-n", "weighted-best-of-n", "oracle")):
-        self.model, self.tokenizer, self.budgets, self.budget = model, tokenizer, counts, budget
-        self.temperature, self.depth, self.batch_size = temperature, depth, batch_size
+        if max(counts) > pool.samples:
+            raise ValueError(f"parallel sampling reads at most the pool's {pool.samples} samples, not {max(counts)}")
+        self.pool, self.budgets, self.model, self.tokenizer = pool, counts, pool.model, pool.tokenizer
+        self.budget, self.temperature, self.depth = pool.budget, pool.temperature, pool.depth
         self.reward_model, self.aggregation, self.methods = reward_model, aggregation, methods
         aggregate([], aggregation)
-        self.scorer = model_logprob_scorer(model, **depth_kwargs(depth))
-        self.pools: dict[tuple, tuple[list[list["Sample"]], float]] = {}
+        self.scorer = model_logprob_scorer(self.model, **depth_kwargs(self.depth))
+        self.scored: dict[tuple, tuple[list[list["Sample"]], float]] = {}
 
     def _samples(self, problems: list[Problem]) -> tuple[list[list["Sample"]], float]:
         """Per problem, every sample with its scores; and the sampling and scoring seconds."""
         key = tuple((p.task, p.difficulty, p.question) for p in problems)
-        if key not in self.pools:
+        if key not in self.scored:
+            runs, sampling = self.pool.runs(problems)
             start = time.perf_counter()
-            runs = cot_runs(self.model, self.tokenizer, problems, self.budget, self.depth, samples=max(self.budgets),
-                            temperature=self.temperature, batch_size=self.batch_size)
             end = self.tokenizer(THINK_END, add_special_tokens=False).input_ids
             pool = []
             for problem, samples in zip(problems, runs):
                 task, scored = get_task(problem.task), []
-                for run in samples:  # the answer's log-probability given prompt + thinking + end delimiter
+                for run in samples[: max(self.budgets)]:  # the answer's log-probability given its context
                     context = prompt_ids(self.tokenizer, problem, cot=True) + run.result.thinking_ids + end
                     scored.append(Sample(run, self.scorer(context, run.result.answer_ids),
                                          len(context) + len(run.result.answer_ids)))
@@ -207,8 +220,8 @@ class ParallelSampling(Method):
                     for sample, chain, steps in zip(scored, chains, self.reward_model.score([prompt] * len(chains), chains)):
                         sample.reward, sample.reward_flops = aggregate(steps, self.aggregation), self.reward_model.flops(prompt, chain)
                 pool.append(scored)
-            self.pools[key] = (pool, time.perf_counter() - start)
-        return self.pools[key]
+            self.scored[key] = (pool, sampling + time.perf_counter() - start)
+        return self.scored[key]
 
     def run(self, problems: list[Problem], count: int) -> list[dict[str, Any]]:
         pool, seconds = self._samples(problems)

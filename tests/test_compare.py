@@ -183,13 +183,14 @@ def test_compare_runs_argmax_stability_at_whole_steps(models, tmp_path):
 
 
 def test_rejection_sampling_pays_for_every_draw_until_one_fits(tokenizer):
-    from recurrent_lm.eval.cot import RejectionSampling
+    from recurrent_lm.eval.cot import ChainPool, RejectionSampling
 
     problems = get_task("chain").problems(2, 4, seed=3)
-    method = RejectionSampling(llama(len(tokenizer)), tokenizer, [0, 3, 10_000], temperature=1.0, cap=12, tries=4)
+    pool = ChainPool(llama(len(tokenizer)), tokenizer, samples=6, budget=12, temperature=1.0)
+    method = RejectionSampling(pool, [0, 3, 10_000], tries=4)
     torch.manual_seed(0)
     rows = {row["budget"]: row for budget in method.budgets for row in method.run(problems, budget)}
-    (draws, _), = method.draws.values()
+    draws = [runs[:4] for runs in pool.runs(problems)[0]]
     for budget, row in rows.items():
         expected_flops, fits = [], []
         for chains in draws:
