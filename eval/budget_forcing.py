@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from recurrent_lm.data import collate
+from recurrent_lm.data import collate, single_token
 from recurrent_lm.tokenization import THINK_END, THINK_START
 
 
@@ -46,16 +46,6 @@ class SuppressUntil(LogitsProcessor):
         if banned.any():
             scores[banned.nonzero()[:, :1], torch.tensor(self.token_ids, device=scores.device)] = -float("inf")
         return scores
-
-
-def _token_id(tokenizer, text: str) -> int:
-    try:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-    except Exception as error:  # tokenizers raise their own exception types for unknown characters
-        raise ValueError(f"the tokenizer cannot encode the thinking delimiter {text!r}: {error}") from error
-    if len(ids) != 1:
-        raise ValueError(f"the tokenizer has no single token for the thinking delimiter {text!r} (got {ids})")
-    return ids[0]
 
 
 def generate_until(model, tokenizer, rows: list[list[int]], max_new_tokens: int, stop_ids: list[int],
@@ -88,7 +78,7 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
         raise ValueError(f"min_thinking and num_waits must be >= 0, got {min_thinking}, {num_waits}")
     if max_thinking is not None and min_thinking > max_thinking:
         raise ValueError(f"min_thinking ({min_thinking}) > max_thinking ({max_thinking})")
-    start_id, end_id = _token_id(tokenizer, think_start), _token_id(tokenizer, think_end)
+    start_id, end_id = (single_token(tokenizer, text, "thinking delimiter") for text in (think_start, think_end))
     wait_ids = tokenizer(wait_text, add_special_tokens=False).input_ids if num_waits else []
     answer_prompt_ids = tokenizer(answer_prompt, add_special_tokens=False).input_ids if answer_prompt else []
     budget = max_thinking if max_thinking is not None else 10**9

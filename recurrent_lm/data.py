@@ -70,7 +70,10 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
 
 def single_token(tokenizer, text: str, what: str) -> int:
     """The id of a text that must be one token of this tokenizer (a step tag, a delimiter)."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    try:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    except Exception as error:  # tokenizers raise their own exception types for unknown characters
+        raise ValueError(f"the tokenizer cannot encode the {what} {text!r}: {error}") from error
     if len(ids) != 1:
         raise ValueError(f"the {what} {text!r} is not one token of this tokenizer ({len(ids)} tokens)")
     return ids[0]
