@@ -45,6 +45,21 @@ class RecurrentConfig(PreTrainedConfig):
         exit_gate_width: hidden width of a learned exit gate on the latent state (0: none). The gate estimates,
             per position and step, whether the prediction has settled; the "gate" exit criterion reads it
             (recurrent_lm.adaptive). It is trained on a frozen model (`rlm train --config demo-exit-gate`).
+
+    Options that a model retrofitted from a pretrained Llama-family transformer sets (`rlm retrofit`,
+    recurrent_lm.retrofit), so that its layers compute exactly what they computed in the source model:
+        block_type: "sandwich" (Huginn: a norm before and after attention and MLP) or "pre_norm" (Llama:
+            x + attn(norm(x)), then x + mlp(norm(x))).
+        num_key_value_heads: key/value heads of grouped-query attention (None: one per attention head).
+        attention_bias: a bias on the query, key and value projections (Qwen2).
+        rope_scaling: the source's RoPE frequency scaling, {"rope_type": "linear", "factor": F} or Llama 3's
+            {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}; None: plain RoPE.
+        latent_norm: the shared norm applied to the core's output before the coda (Huginn). A retrofitted
+            pre-norm stack has no norm there (its only norm is the final one), so it sets this to False.
+        skip_first_injection: the first core step reads the prelude's output directly instead of
+            adapter([s_0, e]) (the retrofitting recipe's "skip-adapter" start: no noise, no adapter at step 1), so
+            one step is exactly the source model's layer stack whatever the adapter's weights.
     """
 
     model_type: ClassVar[str] = "recurrent_lm"
@@ -69,6 +84,12 @@ class RecurrentConfig(PreTrainedConfig):
     initializer_range: float | None = None
     tie_word_embeddings: bool = True
     exit_gate_width: int = 0
+    block_type: str = "sandwich"
+    num_key_value_heads: int | None = None
+    attention_bias: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    latent_norm: bool = True
+    skip_first_injection: bool = False
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -77,6 +98,10 @@ class RecurrentConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
 
     @property
     def num_hidden_layers(self) -> int:
@@ -115,6 +140,15 @@ class RecurrentConfig(PreTrainedConfig):
         for name in ("rope_theta", "rms_norm_eps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RecurrentConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.block_type not in BLOCK_TYPES:
+            raise ValueError(f"RecurrentConfig.block_type must be one of {', '.join(BLOCK_TYPES)}, got {self.block_type!r}")
+        if self.num_key_value_heads is not None and (self.num_key_value_heads < 1
+                                                     or self.num_attention_heads % self.num_key_value_heads):
+            raise ValueError(f"RecurrentConfig.num_key_value_heads ({self.num_key_value_heads}) must be >= 1 and "
+                             f"divide num_attention_heads ({self.num_attention_heads})")
+        if self.qk_bias and self.kv_heads != self.num_attention_heads:
+            raise ValueError("RecurrentConfig.qk_bias (Huginn's) needs one key/value head per attention head")
+        check_rope_scaling(self.rope_scaling)
         if self.init_scale < 0:
             raise ValueError(f"RecurrentConfig.init_scale must be >= 0, got {self.init_scale}")
         if self.initializer_range is not None and self.initializer_range <= 0:
@@ -126,6 +160,23 @@ class RecurrentConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+BLOCK_TYPES = ("sandwich", "pre_norm")
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"RecurrentConfig.rope_scaling: rope_type {kind!r} is not supported; supported: "
+                         f"{', '.join(ROPE_SCALINGS)} (or None for plain RoPE)")
+    missing = [name for name in ROPE_SCALINGS[kind] if name not in scaling]
+    if missing:
+        raise ValueError(f"RecurrentConfig.rope_scaling of type {kind!r} lacks {', '.join(missing)}")
 
 
 # The named model shapes, the one place a shape is written (recipes say `architecture: {preset: NAME, ...}` and

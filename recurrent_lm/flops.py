@@ -40,11 +40,14 @@ def forward_flops(config: RecurrentConfig, num_steps: int | tuple[int, int], new
         raise ValueError(f"need new_tokens >= 0, context_length >= 0, batch_size >= 1; got "
                          f"{new_tokens}, {context_length}, {batch_size}")
     d, inter = config.hidden_size, config.intermediate_size
-    block = 4 * d * d + 3 * d * inter  # qkv (3d^2) + attention out (d^2) + fused gate/up (2dI) + down (dI)
+    kv_width = config.kv_heads * config.head_dim  # d, or less under grouped-query attention
+    block = 2 * d * d + 2 * d * kv_width + 3 * d * inter  # q, k, v, attention out; fused gate/up (2dI), down (dI)
     head = config.vocab_size * d
     blocks = config.num_prelude_layers + steps * config.num_core_layers + config.num_coda_layers
-    # the adapter maps [state, input] (2d) -> d: its state half runs every step, its input half once per forward
-    body = blocks * block + steps * d * d + d * d
+    # the adapter maps [state, input] (2d) -> d: its state half runs every step, its input half once per forward;
+    # with skip_first_injection the first step reads the prelude's output without it
+    injections = steps - 1 if config.skip_first_injection else steps
+    body = blocks * block + injections * d * d + (d * d if injections else 0)
     logit_tokens = new_tokens if logit_tokens is None else min(logit_tokens, new_tokens)
     attention = blocks * 4 * new_tokens * (context_length + new_tokens) * d
     coda = config.num_coda_layers

@@ -46,12 +46,33 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_angles(position_ids: Tensor, head_dim: int, theta: float) -> Tensor:
+def rope_angles(position_ids: Tensor, head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
     """Unit complex numbers e^(i * position * freq), float32, shaped (batch, 1, seq, head_dim / 2) to broadcast over
     heads."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta, scaling).to(position_ids.device)
     angles = position_ids.float()[:, None, :, None] * inv_freq
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """RoPE's inverse frequencies theta^(-2i / head_dim), float32, with a pretrained source's scaling (config
+    rope_scaling): "linear" divides every frequency by the factor; "llama3" divides only the low frequencies
+    (wavelengths longer than original_max_position_embeddings / low_freq_factor), keeps the high ones, and blends
+    the band between (Llama 3.1's long-context rule)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    context = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, blended, scaled)
 
 
 def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
@@ -62,19 +83,24 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention through torch SDPA, with a fused qkv projection and an optional qk bias."""
+    """Causal self-attention through torch SDPA, with a fused qkv projection, grouped-query attention when there are
+    fewer key/value heads than query heads (their cache entries are that much smaller), an optional bias on the
+    projection (Qwen2) and an optional qk bias (Huginn)."""
 
     def __init__(self, config: RecurrentConfig):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.num_heads, self.kv_heads, head_dim = config.num_attention_heads, config.kv_heads, config.head_dim
+        self.split = [self.num_heads * head_dim, self.kv_heads * head_dim, self.kv_heads * head_dim]
+        self.qkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
         self.qk_bias = nn.Parameter(torch.zeros(2, config.num_attention_heads, 1, config.head_dim)) if config.qk_bias else None
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.proj.is_residual_output = True  # scaled down at init, see RecurrentPreTrainedModel._init_weights
 
     def forward(self, x: Tensor, rope: Tensor | None, mask: Tensor | None, cache=None, cache_key=None,
                 frozen: Tensor | None = None) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = rearrange(q, "b s (h d) -> b h s d", h=self.num_heads)
+        k, v = (rearrange(t, "b s (h d) -> b h s d", h=self.kv_heads) for t in (k, v))
         if self.qk_bias is not None:
             q, k = q + self.qk_bias[0], k + self.qk_bias[1]
         if rope is not None:
@@ -82,7 +108,8 @@ class Attention(nn.Module):
         if cache is not None:  # keys and values of earlier tokens at this (layer, step), plus these
             k, v = cache.update(k, v, cache_key, frozen)
         # mask None means plain causal attention over q (no padding, nothing cached) or one query seeing everything
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                           enable_gqa=self.kv_heads != self.num_heads)
         return self.proj(rearrange(y, "b h s d -> b s (h d)"))
 
 
@@ -117,6 +144,29 @@ class SandwichBlock(nn.Module):
         return self.mlp_out_norm(self.mlp(self.mlp_in_norm(x)) + x)
 
 
+class PreNormBlock(nn.Module):
+    """x = x + attn(norm(x)); x = x + mlp(norm(x)): the Llama-family decoder layer, for models retrofitted from
+    pretrained transformers (recurrent_lm.retrofit), whose layers keep computing what they learned."""
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.attn_in_norm, self.mlp_in_norm = RMSNorm(config.hidden_size, eps), RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None, frozen=None) -> Tensor:
+        x = x + self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key, frozen)
+        return x + self.mlp(self.mlp_in_norm(x))
+
+
+BLOCKS = {"sandwich": SandwichBlock, "pre_norm": PreNormBlock}  # config.block_type -> block class
+
+
+def blocks(config: RecurrentConfig, count: int) -> nn.ModuleList:
+    return nn.ModuleList(BLOCKS[config.block_type](config) for _ in range(count))
+
+
 @dataclass
 class RecurrentLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus what is particular to a recurrent-depth model.
@@ -140,7 +190,7 @@ class RecurrentPreTrainedModel(PreTrainedModel):
     config: RecurrentConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["SandwichBlock"]
+    _no_split_modules = ["SandwichBlock", "PreNormBlock"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
@@ -162,6 +212,8 @@ class RecurrentPreTrainedModel(PreTrainedModel):
             if getattr(module, "is_residual_output", False):
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)
             init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
         elif isinstance(module, RMSNorm):
@@ -194,11 +246,11 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         super().__init__(config)
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_prelude_layers))
+        self.prelude = blocks(config, config.num_prelude_layers)
         self.adapter = nn.Linear(2 * d, d, bias=False)  # input injection: [state, embedded input] -> state
-        self.core = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_core_layers))
-        self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.num_coda_layers))
-        self.norm = RMSNorm(d, config.rms_norm_eps)  # shared: after the core and again after the coda
+        self.core = blocks(config, config.num_core_layers)
+        self.coda = blocks(config, config.num_coda_layers)
+        self.norm = RMSNorm(d, config.rms_norm_eps)  # shared: after the core (if latent_norm) and after the coda
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.exit_gate = ExitGate(d, config.exit_gate_width) if config.exit_gate_width else None
         self.post_init()
@@ -234,18 +286,20 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         it is computed once per forward instead of once per step."""
         return F.linear(embedded, self.adapter.weight[:, self.config.hidden_size:])
 
-    def core_step(self, state: Tensor, injected: Tensor, step: int, rope, mask, cache=None, frozen=None) -> Tensor:
+    def core_step(self, state: Tensor, injected: Tensor | None, step: int, rope, mask, cache=None, frozen=None) -> Tensor:
         """One recurrence: input injection (the state's half of the adapter plus the precomputed prelude half),
-        then the core blocks. `frozen` marks positions that have exited (their cache entries stay at their latest
-        computed step)."""
-        x = F.linear(state, self.adapter.weight[:, : self.config.hidden_size]) + injected
+        then the core blocks; injected None feeds `state` to the blocks as it is (the first step under
+        config.skip_first_injection, where `state` is the prelude's output). `frozen` marks positions that have
+        exited (their cache entries stay at their latest computed step)."""
+        x = state if injected is None else F.linear(state, self.adapter.weight[:, : self.config.hidden_size]) + injected
         for i, block in enumerate(self.core):
             x = block(x, rope, mask, cache, ("core", i, step), frozen)
         return x
 
     def predict_from_latent(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0) -> Tensor:
-        """Logits from a latent state: shared norm -> coda blocks -> shared norm -> LM head, in float32."""
-        x = self.norm(state)
+        """Logits from a latent state: shared norm (if config.latent_norm) -> coda blocks -> shared norm -> LM head,
+        in float32."""
+        x = self.norm(state) if self.config.latent_norm else state
         for i, block in enumerate(self.coda):
             x = block(x, rope, mask, cache, ("coda", i))
         x = self.norm(x)
@@ -322,7 +376,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         past_len = cache.get_seq_length() if cache is not None else 0
 
         position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device)
-        rope = rope_angles(position_ids, config.head_dim, config.rope_theta) if config.use_rope else None
+        rope = rope_angles(position_ids, config.head_dim, config.rope_theta, config.rope_scaling) if config.use_rope else None
         mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device)
 
         if cache is not None:
@@ -373,13 +427,17 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         tracker = exit_rule.tracker(self.exit_gate) if exit_rule is not None else None
         lens_cache = cache.read_only() if cache is not None else None
         exited, states, injected, rows = None, [], {}, None
+        skip_first = self.config.skip_first_injection
         for step in range(total):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= depth.no_grad):
                 grad = torch.is_grad_enabled()
-                if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
-                    injected[grad] = self.inject(embedded)
-                # exited positions write their latest computed entries into the cache at later steps
-                new_state = self._step_rows(state, injected[grad], step, rope, mask, cache, exited, rows)
+                if skip_first and step == 0:  # the prelude's output goes to the core as it is
+                    new_state = self._step_rows(embedded, None, step, rope, mask, cache, exited, rows)
+                else:
+                    if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
+                        injected[grad] = self.inject(embedded)
+                    # exited positions write their latest computed entries into the cache at later steps
+                    new_state = self._step_rows(state, injected[grad], step, rope, mask, cache, exited, rows)
             state = new_state if exited is None else torch.where(exited[..., None], state, new_state)
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
