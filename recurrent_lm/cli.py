@@ -1,6 +1,7 @@
 """`rlm`: the one command line of the project, a dispatcher over typed functions. Each subcommand is a function
 parsed by jsonargparse (litgpt's shape: a dict of functions), so each takes `--config FILE.yaml` and its `--help`
-lists every option with its type, default and documentation. `rlm train` is LightningCLI's own parser."""
+lists every option with its type, default and documentation. `rlm train` and `rlm finetune` are LightningCLI's own
+parsers."""
 
 import inspect
 import sys
@@ -15,17 +16,22 @@ from .eval.demo import demo
 from .eval.lm_eval import lm_eval_sweep
 from .eval.step_labels import label_steps
 from .eval.sweep import sweep
+from .retrofit import retrofit
 from .train.cli import export, train_main
+from .train.finetune import finetune_main
+from .train.selection import select_traces
 
 # name -> (function, whether its required arguments are positional), or a group of subcommands
 COMMANDS: dict = {
     "convert-huginn": (convert_huginn, True),
+    "retrofit": (retrofit, True),
     "generate": (generate, False),
     "export": (export, True),
     "sweep": (sweep, False),
     "lm-eval": (lm_eval_sweep, False),
     "compare": (compare, False),
     "label-steps": (label_steps, False),
+    "select-traces": (select_traces, False),
     "demo": (demo, False),
     "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
     "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
@@ -35,6 +41,8 @@ COMMANDS: dict = {
 OWN_PARSER: dict[str, tuple[Callable[[list[str]], object], str]] = {
     "train": (train_main, "Train a model with Lightning: rlm train --config FILE.yaml (rlm train --help lists every "
                           "option)"),
+    "finetune": (finetune_main, "Fine-tune any causal LM on reasoning traces (s1): rlm finetune --config s1 "
+                                "--model.model DIR --data.train_files [FILE] (rlm finetune --help lists every option)"),
 }
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, ImportError)  # reported as one line, no traceback

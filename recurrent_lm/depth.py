@@ -9,8 +9,9 @@ Names used across the project:
 """
 
 import math
+from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -79,7 +80,40 @@ def resolve_num_steps(num_steps: Any, config=None, training: bool = False,
     return StepCounts(0, steps)
 
 
-def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None) -> StepCounts:
+@dataclass(frozen=True)
+class RecurrenceCurriculum:
+    """The mean training depth ramping up from `start` to the model's mean_recurrence over the first `share` of
+    training, then held (the retrofitting recipe: from 1 or 2 to 4 over 75% of the steps, "1-sqrt" shape). Shapes of
+    the ramp, with p the progress through it in [0, 1]: "linear" p; "1-sqrt" 1 - sqrt(1 - p) (slow at first, most of
+    the rise at the end); "cosine" (1 - cos(pi p)) / 2.
+
+    Args:
+        start: the mean depth at the first step (>= 1).
+        share: the share of training steps over which the mean rises (0 < share <= 1).
+        shape: "linear", "1-sqrt" or "cosine".
+    """
+
+    start: float = 1.0
+    share: float = 0.75
+    shape: Literal["linear", "1-sqrt", "cosine"] = "1-sqrt"
+
+    def __post_init__(self):
+        if self.start < 1 or not 0 < self.share <= 1 or self.shape not in CURRICULUM_SHAPES:
+            raise ValueError(f"model.recurrence_curriculum needs start >= 1, 0 < share <= 1 and shape in "
+                             f"{', '.join(CURRICULUM_SHAPES)}; got start={self.start}, share={self.share}, "
+                             f"shape={self.shape!r}")
+
+    def mean_at(self, progress: float, target: float) -> float:
+        """The mean depth at a point of training (progress = step / total steps) that ends at `target`."""
+        p = min(1.0, max(0.0, progress / self.share))
+        return self.start + (target - self.start) * CURRICULUM_SHAPES[self.shape](p)
+
+
+CURRICULUM_SHAPES = {"linear": lambda p: p, "1-sqrt": lambda p: 1 - math.sqrt(1 - p),
+                     "cosine": lambda p: (1 - math.cos(math.pi * p)) / 2}
+
+
+def sample_num_steps(mean_recurrence: float, backprop_depth: int, generator: torch.Generator | None = None) -> StepCounts:
     """Draw a training depth r >= 1 and split it into (steps without gradient, steps with gradient).
 
     r = 1 + Poisson(lambda), lambda ~ LogNormal(mu, 0.5) with E[lambda] = mean_recurrence - 1, so E[r] equals

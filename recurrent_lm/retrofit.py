@@ -158,7 +158,7 @@ def map_weights(weights: dict[str, torch.Tensor], picked: list[int], config: Rec
     return out
 
 
-def retrofit(src: Path, dst: Path, prelude: int, core: int, coda: int, layers: str | None = None,
+def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers: str | None = None,
              mean_recurrence: int = 4, mean_backprop_depth: int = 4, skip_first_injection: bool = False,
              overwrite: bool = False) -> Path:
     """Turn a local Llama-family checkpoint (Llama, Mistral, Qwen2) into a RecurrentLM directory.

@@ -19,7 +19,7 @@ from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
 from recurrent_lm.config import PRESETS
-from recurrent_lm.depth import StepCounts, difficulty_num_steps, sample_num_steps
+from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
 from recurrent_lm.loading import load_model
 
 # The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
@@ -35,6 +35,10 @@ ArchitectureSpec.__doc__ = ("A model shape: `preset` names one of recurrent_lm.c
                             "defaults, Huginn-0125's shape); every other field overrides the preset's value.\n\n"
                             + RecurrentConfig.__doc__)
 ArchitectureSpec.__module__ = __name__  # importable by name, so DDP-spawned processes can unpickle it
+
+
+# Fields that set how a model is trained and run, not what its weights are: init_from may differ in them.
+SETTINGS_FIELDS = ("exit_gate_width", "mean_recurrence", "mean_backprop_depth")
 
 
 def build_config(spec) -> RecurrentConfig:
@@ -64,7 +68,9 @@ class RecurrentLMModule(L.LightningModule):
 
     Args:
         architecture: the model's shape: `preset` (a name in recurrent_lm.config.PRESETS) and any RecurrentConfig
-            field to override, e.g. {preset: debug, vocab_size: 48}.
+            field to override, e.g. {preset: debug, vocab_size: 48}. Leave it out with init_from to train the
+            init_from model's own shape (a retrofitted model's, say); fields given then override that shape's
+            training settings (mean_recurrence, mean_backprop_depth), never its weights' shapes.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases or the qk bias).
         betas: AdamW betas.
@@ -87,6 +93,11 @@ class RecurrentLMModule(L.LightningModule):
         eval_cot: validation problems are answered with a chain of thought.
         init_from: a model directory (or a shipped checkpoint's name) whose weights start this model; its
             architecture must equal this one's, except for an exit gate that this one adds.
+        recurrence_curriculum: ramp the mean training depth from `start` up to mean_recurrence over a `share` of
+            the steps, with a ramp `shape` (recurrent_lm.depth.RecurrenceCurriculum); None draws at
+            mean_recurrence from the first step.
+        freeze_backbone: train the input-injection adapter only (the rest keeps its weights): the cheap first
+            stage of retrofitting recurrence into a pretrained model.
         objective: "lm" trains the language model; "exit_gate" freezes it (start it with init_from) and trains
             only its exit gate (architecture.exit_gate_width > 0), as Ouro's second stage: at every step of an
             unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
@@ -96,13 +107,14 @@ class RecurrentLMModule(L.LightningModule):
             gate agrees with its targets as often from a zero state (0.971 against 0.968 on 64 problems).
     """
 
-    def __init__(self, architecture: ArchitectureSpec, learning_rate: float = 1e-3, weight_decay: float = 0.1,
+    def __init__(self, architecture: ArchitectureSpec | None = None, learning_rate: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
                  schedule: Literal["cosine", "wsd", "constant"] = "cosine", min_lr_ratio: float = 0.1,
                  decay_fraction: float = 0.2, fixed_num_steps: int | None = None,
                  steps_per_difficulty: int | None = None, extra_steps: int = 0, seed: int = 0,
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
-                 objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16):
+                 objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
+                 recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False):
         super().__init__()
         for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
                                          ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
@@ -119,18 +131,26 @@ class RecurrentLMModule(L.LightningModule):
             raise ValueError(f"model.extra_steps must be >= 0, got {extra_steps}")
         if any(d < 1 for d in eval_depths):
             raise ValueError(f"eval_depths must be >= 1, got {list(eval_depths)}")
-        spec = architecture if isinstance(architecture, ArchitectureSpec) else ArchitectureSpec(**architecture)
-        config = build_config(spec)
+        config = self._architecture(architecture, init_from)
         if fixed_num_steps is not None:  # the model's default (eval) depth, and its init, follow the fixed depth
             config = build_config(dataclasses.replace(
                 resolved_spec(config), mean_recurrence=fixed_num_steps,
                 mean_backprop_depth=min(config.mean_backprop_depth, fixed_num_steps)))
         self.spec = resolved_spec(config)
-        self.save_hyperparameters({"architecture": dataclasses.asdict(self.spec)} | {
-            k: v for k, v in locals().items() if k not in ("self", "architecture", "spec", "config", "__class__")})
+        self.save_hyperparameters({"architecture": dataclasses.asdict(self.spec)} | {  # plain data: weights-only loads
+            k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in locals().items()
+            if k not in ("self", "architecture", "spec", "config", "__class__")})
         self.model = RecurrentLM(config)
         if init_from is not None:
             self._load_weights(init_from)
+        if recurrence_curriculum is not None and (fixed_num_steps is not None or steps_per_difficulty is not None):
+            raise ValueError("model.recurrence_curriculum ramps the sampled depth: it excludes fixed_num_steps and "
+                             "steps_per_difficulty")
+        if freeze_backbone:
+            if objective != "lm":
+                raise ValueError("model.freeze_backbone trains the adapter of the language model: objective lm")
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith("adapter."))
         if objective == "exit_gate":
             if init_from is None:
                 raise ValueError("model.objective exit_gate trains a gate on a trained model: set model.init_from")
@@ -144,12 +164,27 @@ class RecurrentLMModule(L.LightningModule):
             self.model.exit_gate.requires_grad_(False)
         self._step_started = None
 
+    @staticmethod
+    def _architecture(architecture, init_from: str | None) -> RecurrentConfig:
+        """The config to train: the architecture spec's, or (without a preset) init_from's own shape with the
+        spec's fields over it."""
+        spec = architecture if isinstance(architecture, ArchitectureSpec | None) else ArchitectureSpec(**architecture)
+        if spec is not None and spec.preset is not None:
+            return build_config(spec)
+        if init_from is None:
+            if spec is None:
+                raise ValueError("model.architecture is missing: give a preset (e.g. {preset: debug}) or "
+                                 "model.init_from a model to start from")
+            return build_config(spec)
+        given = {} if spec is None else {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+        return build_config(dataclasses.replace(resolved_spec(load_model(init_from).config), **given))
+
     def _load_weights(self, source: str) -> None:
         """Start from a trained model's weights (a fresh run; a resumed one then restores its own checkpoint)."""
         loaded = load_model(source)
         ours, theirs = resolved_spec(self.model.config), resolved_spec(loaded.config)
         differences = {k: (getattr(theirs, k), v) for k, v in dataclasses.asdict(ours).items()
-                       if k != "exit_gate_width" and getattr(theirs, k) != v}
+                       if k not in SETTINGS_FIELDS and getattr(theirs, k) != v}
         if differences:
             raise ValueError(f"model.init_from {source}: another architecture, (init_from, config): {differences}")
         missing, unexpected = self.model.load_state_dict(loaded.state_dict(), strict=False)
@@ -184,7 +219,19 @@ class RecurrentLMModule(L.LightningModule):
                                  "data.difficulty_per_batch: true")
             return difficulty_num_steps(difficulty, hparams.steps_per_difficulty, hparams.extra_steps,
                                         config.mean_backprop_depth, generator)
-        return sample_num_steps(config.mean_recurrence, config.mean_backprop_depth, generator)
+        return sample_num_steps(self.mean_recurrence_at(global_step), config.mean_backprop_depth, generator)
+
+    def mean_recurrence_at(self, global_step: int) -> float:
+        """The mean of the training depth draw at a step: mean_recurrence, or the curriculum's value."""
+        curriculum, target = self.hparams.recurrence_curriculum, self.model.config.mean_recurrence
+        if curriculum is None:
+            return target
+        if isinstance(curriculum, dict):  # hyperparameters hold it as plain data
+            curriculum = RecurrenceCurriculum(**curriculum)
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        if total is None:
+            raise ValueError("model.recurrence_curriculum needs trainer.max_steps")
+        return curriculum.mean_at(global_step / total, target)
 
     # --- training ------------------------------------------------------------------------------------------------------
 
@@ -197,6 +244,7 @@ class RecurrentLMModule(L.LightningModule):
                          num_steps=num_steps, generator=self._generator(self.global_step, salt=1))
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
         self.log_dict({"train/loss": out.loss, "train/num_steps": float(sum(num_steps)),
+                       "train/mean_recurrence": float(self.mean_recurrence_at(self.global_step)),
                        "train/backprop_steps": float(num_steps[1]),
                        "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, prog_bar=True)
         if self._step_started is not None:
