@@ -177,8 +177,9 @@ def test_a_retrofitted_model_trains_with_the_curriculum_and_works_downstream(tmp
     assert trained.config.block_type == "pre_norm" and not trained.config.latent_norm
     assert not torch.equal(trained.adapter.weight, load_model(retrofitted).adapter.weight)
     main(["sweep", "--model", str(root / "model"), "--task", "permutation", "--difficulties", "1", "--n", "2",
-          "--steps", "1,2", "--out", str(tmp_path / "sweep")])
-    assert (tmp_path / "sweep" / "results.json").is_file()
+          "--steps", "1,2", "--exit_criteria", "[kl]", "--exit_thresholds", "[0.01]", "--out", str(tmp_path / "sweep")])
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert {row["method"] for row in rows} == {"latent", "latent-exit"}
 
 
 def test_freeze_backbone_trains_the_adapter_only(tmp_path):
