@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 from recurrent_lm import RecurrentConfig
+from recurrent_lm.data import round_trip, single_token
 from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.special_tokens import THINK_END, THINK_START
@@ -48,17 +49,11 @@ def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str, thinking
     thinking budget, the prompt that states it)."""
     task = get_task(problem.task)
     text = task.prompt(problem, cot, thinking_budget) + task.completion(problem, cot)
-    try:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-    except ValueError as error:
-        raise ValueError(f"the {which} model's tokenizer is incompatible with task {task.name!r}: {error}") from error
-    if tokenizer.decode(ids) != text:
-        raise ValueError(f"the {which} model's tokenizer does not round-trip task {task.name!r} text: "
-                         f"{text!r} -> {tokenizer.decode(ids)!r}")
+    what = f"the {which} model's tokenizer (task {task.name!r})"
+    round_trip(tokenizer, text, what)
     if cot:
         for delimiter in (THINK_START, THINK_END):
-            if len(tokenizer(delimiter, add_special_tokens=False).input_ids) != 1:
-                raise ValueError(f"the {which} model's tokenizer lacks the thinking delimiter {delimiter!r} as a token")
+            single_token(tokenizer, delimiter, f"thinking delimiter of {what}")
 
 
 METHODS = ("latent", "budget", "rejection", "token-conditional", "majority", "best-of-n", "weighted-best-of-n", "beam",

@@ -217,8 +217,8 @@ class ParallelSampling(Method):
                 if self.reward_model is not None:
                     prompt = task.prompt(problem, cot=True)
                     chains = [chain_steps(self.tokenizer, s.run.result, task) for s in scored]
-                    for sample, chain, steps in zip(scored, chains, self.reward_model.score([prompt] * len(chains), chains)):
-                        sample.reward, sample.reward_flops = aggregate(steps, self.aggregation), self.reward_model.flops(prompt, chain)
+                    for sample, (steps, cost) in zip(scored, self.reward_model.score_with_flops([prompt] * len(chains), chains)):
+                        sample.reward, sample.reward_flops = aggregate(steps, self.aggregation), cost
                 pool.append(scored)
             self.scored[key] = (pool, sampling + time.perf_counter() - start)
         return self.scored[key]

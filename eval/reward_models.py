@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from recurrent_lm import RecurrentConfig
-from recurrent_lm.data import collate, encode_step_labels, single_token
+from recurrent_lm.data import collate, encode_step_labels, round_trip, single_token
 from recurrent_lm.flops import causal_lm_forward_flops
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer
 from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
@@ -52,14 +52,7 @@ class RewardModel(ABC):
 
     def check_text(self, text: str, which: str = "policy") -> None:
         """The reward model must read the policy's text as it is: a tokenizer that cannot represent it fails here."""
-        try:
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        except ValueError as error:
-            raise ValueError(f"the reward model's tokenizer cannot represent the {which}'s text {text[:40]!r}: "
-                             f"{error}") from None
-        if self.tokenizer.decode(ids) != text:
-            raise ValueError(f"the reward model's tokenizer does not round-trip the {which}'s text: {text[:40]!r} -> "
-                             f"{self.tokenizer.decode(ids)[:40]!r}")
+        round_trip(self.tokenizer, text, f"the reward model's tokenizer (reading the {which}'s text)")
 
     def encode(self, prompt: str, steps: Sequence[str]) -> dict[str, list[int]]:
         return encode_step_labels(self.tokenizer, prompt, steps, step_tag=self.step_tag)
@@ -67,12 +60,18 @@ class RewardModel(ABC):
     def flops(self, prompt: str, steps: Sequence[str]) -> int:
         """FLOPs of scoring one chain: one forward over every token it reads, with the head (LM or classification)
         on every position, as the forward computes it."""
-        length = len(self.encode(prompt, steps)["input_ids"])
+        return self.flops_for(len(self.encode(prompt, steps)["input_ids"]))
+
+    def flops_for(self, length: int) -> int:
         return causal_lm_forward_flops(self.model, length, 0, length, self.forward_kwargs.get("num_steps"))
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[str], chains: Sequence[Sequence[str]]) -> list[list[float]]:
         """Per chain, a score in [0, 1] for each step (a PRM) or one for the chain (an ORM)."""
+        return [scores for scores, _ in self.score_with_flops(prompts, chains)]
+
+    @torch.no_grad()
+    def score_with_flops(self, prompts: Sequence[str], chains: Sequence[Sequence[str]]) -> list[tuple[list[float], int]]:
+        """Per chain, its scores (as `score`) and the FLOPs of reading it (as `flops`), from one encoding."""
         results = []
         for start in range(0, len(prompts), self.batch_size):
             encoded = [self.encode(p, c) for p, c in zip(prompts[start : start + self.batch_size],
@@ -81,7 +80,8 @@ class RewardModel(ABC):
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 **self.forward_kwargs).logits.float()
             for row, e in enumerate(encoded):
-                results.append(self.read(logits[row], e["tag_positions"], len(e["input_ids"])))
+                length = len(e["input_ids"])
+                results.append((self.read(logits[row], e["tag_positions"], length), self.flops_for(length)))
         return results
 
     @abstractmethod

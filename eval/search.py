@@ -191,12 +191,12 @@ class TreeSearch(Method):
             if first:
                 self.label_children(children, n)
                 first = False
-            scores = self.reward_model.score([texts[c.problem] for c in children], [c.steps for c in children])
+            scored = self.reward_model.score_with_flops([texts[c.problem] for c in children], [c.steps for c in children])
             live: list[list[Node]] = [[] for _ in problems]
-            for child, cost, score in zip(children, flops, scores):
+            for child, cost, (score, scoring_cost) in zip(children, flops, scored):
                 child.scores = score  # per step (an ORM: one, for the chain so far)
                 policy_flops[child.problem] += cost
-                reward_flops[child.problem] += self.reward_model.flops(texts[child.problem], child.steps)
+                reward_flops[child.problem] += scoring_cost
                 (leaves if child.done else live)[child.problem].append(child)
             frontier = [pair for i in range(len(problems)) for pair in self.select(live[i], leaves[i], n)]
         return leaves, policy_flops, reward_flops

@@ -68,6 +68,19 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
     return {"input_ids": input_ids, "labels": labels}
 
 
+def round_trip(tokenizer, text: str, what: str) -> list[int]:
+    """The ids of a text that a tokenizer must represent exactly (decoding them gives the text back); `what` names
+    the tokenizer in the error, e.g. "the reward model's tokenizer"."""
+    try:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    except Exception as error:  # tokenizers raise their own exception types for unknown characters
+        raise ValueError(f"{what} cannot represent {text[:60]!r}: {error}") from None
+    decoded = tokenizer.decode(ids)
+    if decoded != text:
+        raise ValueError(f"{what} does not round-trip {text[:60]!r} -> {decoded[:60]!r}")
+    return ids
+
+
 def single_token(tokenizer, text: str, what: str) -> int:
     """The id of a text that must be one token of this tokenizer (a step tag, a delimiter)."""
     try:

@@ -140,7 +140,7 @@ def test_reward_model_bad_input(reward_dirs, tmp_path, tokenizer):
     with pytest.raises(ValueError, match="holds no reward model"):
         load_reward_model(tmp_path / "empty")
     scorer = load_reward_model(reward_dirs / "ours")
-    with pytest.raises(ValueError, match="cannot represent the policy's text"):
+    with pytest.raises(ValueError, match="reward model's tokenizer \\(reading the policy's text\\) cannot represent"):
         scorer.check_text("20314.13024?<think>", "policy")  # permutation text: '0'-'4', '.' are outside
     with pytest.raises(ValueError, match="step tag '##' is not one token"):
         load_reward_model(reward_dirs / "causal", step_tag="##")
@@ -182,9 +182,10 @@ class PrefersStep(RewardModel):
     def __init__(self, liked: str = "b;"):
         self.liked, self.calls = liked, 0
 
-    def score(self, prompts, chains):
+    def score_with_flops(self, prompts, chains):
         self.calls += len(chains)
-        return [[0.5 if s.startswith(THINK_END) else float(s == self.liked) for s in steps] for steps in chains]
+        return [([0.5 if s.startswith(THINK_END) else float(s == self.liked) for s in steps], self.flops(None, steps))
+                for steps in chains]
 
     def flops(self, prompt, steps):
         return 1000 * len(steps)
