@@ -13,6 +13,7 @@ from .huginn import convert_huginn_checkpoint
 from .loading import load_model, load_tokenizer
 from .tasks import TASKS, get_task, parse_int_list, save_jsonl, task_tokenizer
 from .tokenization import train_bpe_tokenizer
+from .traces import save_rows, trace_row
 
 
 def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bool = False) -> None:
@@ -141,18 +142,29 @@ def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, 
         print(f"{task.prompt(problem, cot)} | {task.completion(problem, cot)}")
 
 
-def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, seed: int = 0) -> None:
-    """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere).
+def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, seed: int = 0,
+                 format: Literal["problems", "traces"] = "problems") -> None:
+    """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere), or as
+    reasoning traces with exact answers (a pool for `rlm select-traces`, data for `rlm finetune`).
 
     Args:
-        name: the task.
+        name: the task, or several comma-separated (e.g. chain,permutation: one set over task families).
         out: the JSONL file to write.
         difficulties: difficulties, e.g. "1,2,4" or "1-8".
-        n: problems per difficulty.
-        seed: the set is a pure function of (task, difficulties, n, seed).
+        n: problems per task and difficulty.
+        seed: the set is a pure function of (tasks, difficulties, n, seed).
+        format: "problems" (recurrent_lm.problem.Problem rows) or "traces" (s1K's shape: question,
+            thinking_trajectories, attempt, plus domain (the task), difficulty and answer (the gold answer);
+            rendered without a chat template, exactly the task's chain-of-thought text).
     """
-    task = get_task(name)
-    problems = [p for d in parse_int_list(difficulties, "--difficulties") for p in task.problems(d, n, seed=seed)]
+    tasks = [get_task(part.strip()) for part in name.split(",") if part.strip()]
+    if not tasks:
+        raise ValueError("give a task name (see `rlm tasks list`)")
+    problems = [p for task in tasks for d in parse_int_list(difficulties, "--difficulties")
+                for p in task.problems(d, n, seed=seed)]
+    if format == "traces":
+        print(f"wrote {len(problems)} traces to {save_rows([trace_row(p) for p in problems], out)}")
+        return
     print(f"wrote {len(problems)} problems to {save_jsonl(problems, out)}")
 
 

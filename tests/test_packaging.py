@@ -47,7 +47,7 @@ def test_everything_installs_under_one_namespace():
 
 def test_shipped_recipes_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert {"debug", "demo-latent", "demo-cot"} <= set(recipe_names())
+    assert {"debug", "demo-latent", "demo-cot", "s1"} <= set(recipe_names())
     assert resolve_recipe("debug") == recipes_dir() / "debug.yaml"
     assert resolve_recipe("debug.yaml") == recipes_dir() / "debug.yaml"
     own = tmp_path / "debug.yaml"
@@ -59,11 +59,12 @@ def test_shipped_recipes_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
 
 def test_shipped_checkpoints_load_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert checkpoint_names() == ["demo-cot", "demo-exit-gate", "demo-latent", "demo-prm", "pointer-cot", "pointer-latent"]
+    assert checkpoint_names() == ["demo-cot", "demo-cot-stated", "demo-exit-gate", "demo-latent", "demo-prm", "pointer-cot",
+                                 "pointer-latent"]
     assert (resolve_model_dir("demo-latent") / "model.safetensors").is_file()
     assert load_model("demo-latent").config.model_type == "recurrent_lm"
     assert len(load_tokenizer("demo-cot")) > 0
-    with pytest.raises(FileNotFoundError, match="shipped checkpoints, usable by name: demo-cot, demo-exit-gate, demo-latent, demo-prm, pointer"):
+    with pytest.raises(FileNotFoundError, match="shipped checkpoints, usable by name: demo-cot, demo-cot-stated, demo-exit-gate, demo-latent, demo-prm, pointer"):
         load_model("no-such-model")
 
 

@@ -46,7 +46,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-class TrainCLI(LightningCLI):
+class RunCLI(LightningCLI):
+    """What every `rlm` command that trains with Lightning shares (`rlm train`, `rlm finetune`): logs under the run's
+    own root, checkpoints written atomically, --ckpt_path and --export_dir, and the defaults of `run_defaults`
+    (which a config file may replace; LightningCLI's trainer_defaults would make them permanent)."""
+
+    run_defaults: dict = {}
+
     def before_instantiate_classes(self) -> None:
         """Logs go under the run's own root, whatever directory the recipe's logger names."""
         trainer = self.config.trainer
@@ -66,36 +72,40 @@ class TrainCLI(LightningCLI):
                             help="resume from this checkpoint, or 'last' for the run's last one")
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="where to export the trained model (default: {trainer.default_root_dir}/model)")
-        # Defaults a config file may replace (LightningCLI's trainer_defaults would make them permanent).
-        parser.set_defaults({
-            "trainer.max_steps": 1000,
-            "trainer.log_every_n_steps": 10,
-            "trainer.default_root_dir": "runs/default",
-            "trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                               "init_args": {"project": "recurrent-lm", "save_dir": "runs"}},
-            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"save_last": True, "every_n_train_steps": 100}}],
-        })
+        parser.set_defaults(self.run_defaults)
 
 
-def train_main(argv: list[str]) -> None:
-    os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user opts in
+class TrainCLI(RunCLI):
+    run_defaults = {
+        "trainer.max_steps": 1000,
+        "trainer.log_every_n_steps": 10,
+        "trainer.default_root_dir": "runs/default",
+        "trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                           "init_args": {"project": "recurrent-lm", "save_dir": "runs"}},
+        "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "init_args": {"save_last": True, "every_n_train_steps": 100}}],
+    }
+
+
+def build_cli(cli_class: type[RunCLI], module_class, data_class, argv: list[str], prog: str) -> RunCLI:
+    """Parse argv (recipe names resolved) and instantiate the module, the data and the trainer, not running them.
+    Nothing leaves the machine unless the user opts in (wandb offline); a trainer option that Lightning refuses is
+    one line."""
+    os.environ.setdefault("WANDB_MODE", "offline")
     # The options come in `argv`; sys.argv stays as it is, since the "ddp" launcher re-runs it on every rank.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        cli = TrainCLI(RecurrentLMModule, RecurrentDataModule, args=with_recipe_paths(argv), run=False,
-                       seed_everything_default=0, save_config_kwargs={"overwrite": True},
-                       parser_kwargs={"prog": "rlm train"})
+        return cli_class(module_class, data_class, args=with_recipe_paths(argv), run=False, seed_everything_default=0,
+                         save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})
     except MisconfigurationException as error:  # Lightning's own check of a trainer option: one line
         raise ValueError(f"trainer: {error}") from None
-    module, data, trainer = cli.model, cli.datamodule, cli.trainer
-    if module.model.config.vocab_size < len(data.tokenizer):
-        raise ValueError(f"model.vocab_size ({module.model.config.vocab_size}) is smaller than the tokenizer "
-                         f"({len(data.tokenizer)} tokens)")
-    init_from = module.hparams.get("init_from")
-    if init_from is not None and load_tokenizer(init_from).get_vocab() != data.tokenizer.get_vocab():
-        raise ValueError(f"model.init_from {init_from} reads another tokenizer than the data's: set "
-                         f"data.tokenizer: {init_from}")
+
+
+def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
+    """Fit cli.model on cli.datamodule in the run's own directory (checkpoints in {root}/checkpoints, so that
+    `--ckpt_path last` finds them), then export `model` and `tokenizer` as a transformers directory (on rank 0;
+    returns its path there, None elsewhere)."""
+    trainer = cli.trainer
     root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
     if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
         raise FileNotFoundError(f"--ckpt_path last: {root / 'checkpoints'} holds no last.ckpt to resume; "
@@ -103,28 +113,44 @@ def train_main(argv: list[str]) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(root / "checkpoints")
-    with own_run_dir(root, resuming=ckpt_path is not None):
+    with own_run_dir(root, resuming=ckpt_path is not None, command=command):
         try:
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
             raise unsafe_checkpoint(ckpt_path) from None
-        if trainer.is_global_zero:
-            out = save_model_dir(module.model, data.tokenizer, cli.config.get("export_dir") or root / "model")
-            print(f"exported the trained model to {out}")
+        if not trainer.is_global_zero:
+            return None
+        out = save_model_dir(model, tokenizer, cli.config.get("export_dir") or root / "model")
+        print(f"exported the trained model to {out}")
+        return out
+
+
+def train_main(argv: list[str]) -> None:
+    cli = build_cli(TrainCLI, RecurrentLMModule, RecurrentDataModule, argv, prog="rlm train")
+    module, data = cli.model, cli.datamodule
+    if module.model.config.vocab_size < len(data.tokenizer):
+        raise ValueError(f"model.vocab_size ({module.model.config.vocab_size}) is smaller than the tokenizer "
+                         f"({len(data.tokenizer)} tokens)")
+    init_from = module.hparams.get("init_from")
+    if init_from is not None and load_tokenizer(init_from).get_vocab() != data.tokenizer.get_vocab():
+        raise ValueError(f"model.init_from {init_from} reads another tokenizer than the data's: set "
+                         f"data.tokenizer: {init_from}")
+    fit_and_export(cli, module.model, data.tokenizer, command="rlm train")
 
 
 @contextlib.contextmanager
-def own_run_dir(root: Path, resuming: bool):
-    """Hold {root}/run.lock for the run. Refused: a directory a live run holds (its lock names a running pid),
-    and a directory that already holds a run (checkpoints or an exported model) that this one does not resume.
-    A lock left by a killed run is taken over. Processes that a launcher started for ranks > 0 share rank 0's."""
+def own_run_dir(root: Path, resuming: bool, command: str = "rlm train"):
+    """Hold {root}/run.lock for the run (of `command`, named in the errors). Refused: a directory a live run holds
+    (its lock names a running pid), and a directory that already holds a run (checkpoints or an exported model)
+    that this one does not resume. A lock left by a killed run is taken over. Processes that a launcher started
+    for ranks > 0 share rank 0's."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         yield
         return
     lock = root / "run.lock"
     holder = _lock_holder(lock)
     if holder is not None:
-        raise FileExistsError(f"{root} is in use by another rlm train (pid {holder}); give this run its own "
+        raise FileExistsError(f"{root} is in use by another {command} (pid {holder}); give this run its own "
                               "--trainer.default_root_dir")
     earlier = [p for p in (root / "checkpoints", root / "model") if p.exists() and any(p.iterdir())]
     if earlier and not resuming:
@@ -136,7 +162,7 @@ def own_run_dir(root: Path, resuming: bool):
         with open(lock, "x") as file:  # exclusive creation: of two runs starting together, one gets the lock
             file.write(str(os.getpid()))
     except FileExistsError:
-        raise FileExistsError(f"{root} is in use by another rlm train that has just started; give this run its own "
+        raise FileExistsError(f"{root} is in use by another {command} that has just started; give this run its own "
                               "--trainer.default_root_dir") from None
     try:
         yield
