@@ -267,13 +267,13 @@ def scored_chains(search, problems):
     """Every chain the search scored, by running it again with a recording reward model (the same seed)."""
     recorded = []
     double = search.reward_model
-    original = double.score
+    original = double.score_with_flops
 
     def record(prompts, chains):
         recorded.extend(chains)
         return original(prompts, chains)
 
-    double.score = record
+    double.score_with_flops = record
     search.policy.calls = []
     search.run(problems, 4)
     return recorded
