@@ -46,12 +46,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def keep_last_checkpoint(**init_args) -> list[dict]:
+    """Default callbacks: a ModelCheckpoint that keeps last.ckpt (what --ckpt_path last resumes)."""
+    return [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, **init_args}}]
+
+
 class RunCLI(LightningCLI):
     """What every `rlm` command that trains with Lightning shares (`rlm train`, `rlm finetune`): logs under the run's
     own root, checkpoints written atomically, --ckpt_path and --export_dir, and the defaults of `run_defaults`
     (which a config file may replace; LightningCLI's trainer_defaults would make them permanent)."""
 
-    run_defaults: dict = {}
+    # wandb, offline unless WANDB_MODE=online, with its files under the run's root
+    run_defaults: dict = {"trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                             "init_args": {"project": "recurrent-lm", "save_dir": "runs"}}}
 
     def before_instantiate_classes(self) -> None:
         """Logs go under the run's own root, whatever directory the recipe's logger names."""
@@ -76,15 +83,9 @@ class RunCLI(LightningCLI):
 
 
 class TrainCLI(RunCLI):
-    run_defaults = {
-        "trainer.max_steps": 1000,
-        "trainer.log_every_n_steps": 10,
-        "trainer.default_root_dir": "runs/default",
-        "trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                           "init_args": {"project": "recurrent-lm", "save_dir": "runs"}},
-        "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                               "init_args": {"save_last": True, "every_n_train_steps": 100}}],
-    }
+    run_defaults = {**RunCLI.run_defaults, "trainer.max_steps": 1000, "trainer.log_every_n_steps": 10,
+                    "trainer.default_root_dir": "runs/default",
+                    "trainer.callbacks": keep_last_checkpoint(every_n_train_steps=100)}
 
 
 def build_cli(cli_class: type[RunCLI], module_class, data_class, argv: list[str], prog: str) -> RunCLI:

@@ -26,7 +26,7 @@ from recurrent_lm.loading import load_any_causal_lm, load_tokenizer, model_type
 from recurrent_lm.traces import (ANSWER_FIELD, QUESTION_FIELD, THINKING_FIELD, add_thinking_delimiters, encode_trace,
                                  load_traces, pack_examples)
 
-from .cli import RunCLI, build_cli, fit_and_export
+from .cli import RunCLI, build_cli, fit_and_export, keep_last_checkpoint
 from .module import lr_factor
 
 
@@ -196,15 +196,8 @@ class FinetuneCLI(RunCLI):
             if files and not any(str(f).startswith(HUB_PREFIX) for f in files):
                 load_traces(files, data.question_field, data.thinking_field, data.answer_field)
 
-    run_defaults = {
-        "trainer.max_epochs": 5,
-        "trainer.log_every_n_steps": 1,
-        "trainer.default_root_dir": "runs/finetune",
-        "trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                           "init_args": {"project": "recurrent-lm", "save_dir": "runs"}},
-        "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                               "init_args": {"save_last": True}}],
-    }
+    run_defaults = {**RunCLI.run_defaults, "trainer.max_epochs": 5, "trainer.log_every_n_steps": 1,
+                    "trainer.default_root_dir": "runs/finetune", "trainer.callbacks": keep_last_checkpoint()}
 
 
 def finetune_main(argv: list[str]) -> None:
