@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -32,6 +33,10 @@ from recurrent_lm.tasks import task_tokenizer
 
 from .data import RecurrentDataModule
 from .module import ArchitectureSpec, RecurrentLMModule, build_config, saved_architecture
+from .parallel import full_state_dict, is_sharded, uses_fsdp2
+
+
+SHARDED_METADATA = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -108,17 +113,29 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
     returns its path there, None elsewhere)."""
     trainer = cli.trainer
     root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
-    if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
+    if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").exists():
         raise FileNotFoundError(f"--ckpt_path last: {root / 'checkpoints'} holds no last.ckpt to resume; "
                                 "drop --ckpt_path to train from the start")
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(root / "checkpoints")
+    resume = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path) if ckpt_path else None
+    if resume is not None and resume.is_dir() and not uses_fsdp2(trainer.strategy):
+        raise ValueError(f"--ckpt_path {ckpt_path}: a sharded checkpoint (FSDP2) resumes under trainer.strategy "
+                         "recurrent_lm.train.parallel.FSDP2Strategy, on any number of processes; `rlm export` turns "
+                         "it into a model directory")
+    if resume is not None and resume.is_dir():  # its shards load before any hook: check its metadata first
+        cli.model.on_load_checkpoint(load_checkpoint(resume))
     with own_run_dir(root, resuming=ckpt_path is not None, command=command):
         try:
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
             raise unsafe_checkpoint(ckpt_path) from None
+        if is_sharded(model):  # FSDP2: every rank sends its shards; rank 0 writes a plain model
+            weights = full_state_dict(model)
+            if trainer.is_global_zero:
+                model = type(model)(model.config)
+                model.load_state_dict(weights)
         if not trainer.is_global_zero:
             return None
         out = save_model_dir(model, tokenizer, cli.config.get("export_dir") or root / "model")
@@ -204,8 +221,11 @@ def save_model_dir(model, tokenizer, out: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint, read with torch's restricted (weights-only) unpickler: tensors and plain data only,
-    never arbitrary objects."""
+    never arbitrary objects. A sharded checkpoint (a directory FSDP2 wrote) gives its metadata only: its weights
+    come with `load_sharded_weights`."""
     path = Path(path)
+    if path.is_dir() and (path / SHARDED_METADATA).is_file():
+        path = path / SHARDED_METADATA
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -214,6 +234,14 @@ def load_checkpoint(path: str | Path) -> dict:
         raise unsafe_checkpoint(path) from None
     except Exception as error:
         raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0]}") from None
+
+
+def load_sharded_weights(path: Path, model: RecurrentLM) -> None:
+    """Read a sharded checkpoint's weights into a plain model in this one process, whatever number of processes
+    wrote it (torch.distributed.checkpoint reshards on load)."""
+    state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
 
 
 def unsafe_checkpoint(path) -> ValueError:
@@ -228,8 +256,10 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     if architecture is None:
         raise ValueError(f"{checkpoint} is not a checkpoint of `rlm train`")
     model = RecurrentLM(build_config(ArchitectureSpec(**architecture)))
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    model.load_state_dict(weights, strict=True)
+    if "state_dict" in state:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
+    else:  # FSDP2's sharded checkpoint: the metadata above, the weights in shards beside it
+        load_sharded_weights(Path(checkpoint), model)
     data = state.get("datamodule_hyper_parameters", {})
     tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"]) if data.get("tokenizer") else task_tokenizer(data["tasks"])
     return save_model_dir(model, tokenizer, out)

@@ -22,6 +22,8 @@ from recurrent_lm.config import PRESETS
 from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
 from recurrent_lm.loading import load_model
 
+from .parallel import ShardingPlan, is_sharded, shard_model, uses_fsdp2
+
 # The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
 # to override in it, built from RecurrentConfig's own fields (one list of options, not two) so that LightningCLI
 # validates every `model.architecture.*` key and lists it in --help. A field left at None keeps the preset's value.
@@ -98,6 +100,8 @@ class RecurrentLMModule(L.LightningModule):
             mean_recurrence from the first step.
         freeze_backbone: train the input-injection adapter only (the rest keeps its weights): the cheap first
             stage of retrofitting recurrence into a pretrained model.
+        sharding: how FSDP2 shards the model under trainer.strategy FSDP2Strategy (train.parallel.ShardingPlan:
+            mixed precision, activation checkpointing of the core, the core's reshard policy).
         objective: "lm" trains the language model; "exit_gate" freezes it (start it with init_from) and trains
             only its exit gate (architecture.exit_gate_width > 0), as Ouro's second stage: at every step of an
             unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
@@ -114,7 +118,8 @@ class RecurrentLMModule(L.LightningModule):
                  steps_per_difficulty: int | None = None, extra_steps: int = 0, seed: int = 0,
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
                  objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
-                 recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False):
+                 recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
+                 sharding: ShardingPlan = ShardingPlan()):
         super().__init__()
         for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
                                          ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
@@ -192,6 +197,35 @@ class RecurrentLMModule(L.LightningModule):
         if unmatched:
             raise ValueError(f"model.init_from {source}: weights that do not match: {unmatched}")
 
+    def configure_model(self) -> None:
+        """Called by Lightning once the processes are up: under FSDP2Strategy, shard the model by the plan (the model
+        code itself stays single-device). Any other sharding strategy is refused here, before a step runs."""
+        strategy = self.trainer.strategy
+        name = type(strategy).__name__
+        if name in ("FSDPStrategy", "DeepSpeedStrategy") or (uses_fsdp2(strategy) and name != "FSDP2Strategy"):
+            raise ValueError(f"trainer.strategy {name}: rlm train shards with FSDP2 through "
+                             "recurrent_lm.train.parallel.FSDP2Strategy (the core gathered once per step, not once "
+                             "per recurrence); use it, or ddp")
+        if uses_fsdp2(strategy) and not is_sharded(self.model):
+            plan = self.hparams.sharding
+            plan = ShardingPlan(**plan) if isinstance(plan, dict) else plan
+            if plan.param_dtype == "float16" or self.trainer.precision in ("16-mixed", "16-true"):
+                raise ValueError("FSDP2 with float16 needs a sharded gradient scaler, which rlm train does not "
+                                 "have: use bfloat16 (model.sharding.param_dtype bfloat16, trainer.precision "
+                                 "bf16-mixed or 32-true)")
+            shard_model(self.model, self.device_mesh["data_parallel"], plan)
+
+    def check_depth_in_lockstep(self, num_steps: StepCounts) -> None:
+        """Every rank must run the same depth (and the same truncated-backprop split): with sharded weights, a rank
+        that ran more core steps would pair its all-gathers with another rank's next ones and hang or mix weights.
+        One tiny all-gather per step turns that into an error naming the depths."""
+        if self.trainer.world_size < 2:
+            return
+        drawn = self.all_gather(torch.tensor(list(num_steps), device=self.device))
+        if not bool((drawn == drawn[0]).all()):
+            raise RuntimeError(f"ranks drew different depths (no-grad, grad) {drawn.tolist()} at step "
+                               f"{self.global_step}: the depth must be a function of (seed, step) alone")
+
     def on_load_checkpoint(self, checkpoint) -> None:
         """Resuming from a checkpoint of another architecture is a clear error, not a state-dict shape dump."""
         saved = saved_architecture(checkpoint)
@@ -240,6 +274,7 @@ class RecurrentLMModule(L.LightningModule):
             return self.exit_gate_step(batch)
         difficulty = int(batch["difficulty"][0]) if "difficulty" in batch else None
         num_steps = self.num_steps_for(self.global_step, difficulty)
+        self.check_depth_in_lockstep(num_steps)
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                          num_steps=num_steps, generator=self._generator(self.global_step, salt=1))
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
@@ -285,9 +320,11 @@ class RecurrentLMModule(L.LightningModule):
             datamodule = self.trainer.datamodule
             problems = [datamodule.val_set[i] for i in batch["problem_index"].tolist()]
             tokenizer = datamodule.tokenizer
+            # sharded weights: every rank runs as many forwards as the slowest (transformers' synced_gpus)
+            synced = {"synced_gpus": True} if self.trainer.world_size > 1 and is_sharded(self.model) else {}
             for depth in self.hparams.eval_depths:
                 answers = answer_problems(self.model, tokenizer, problems, cot=self.hparams.eval_cot,
-                                          num_steps=depth, init_scale=0.0)
+                                          num_steps=depth, init_scale=0.0, **synced)
                 self.log(f"val/acc_r{depth}", accuracy(answers), batch_size=len(problems))
 
     # --- optimisation ----------------------------------------------------------------------------------------------

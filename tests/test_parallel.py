@@ -1,0 +1,129 @@
+"""FSDP2 on CPU (gloo): two sharded processes train exactly as one process on the same global batch, the core is
+gathered once per step whatever the depth, ranks that drew different depths stop with an error instead of hanging,
+and sharded checkpoints resume after a kill (on the same or another number of processes) and export a model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recurrent_lm.loading import load_model
+
+from .test_train import DEBUG, ROOT
+
+RUN = Path(__file__).parent / "fsdp_run.py"
+FSDP2 = ["--trainer.strategy.class_path", "recurrent_lm.train.parallel.FSDP2Strategy"]
+
+
+def fsdp_run(tmp_path, name: str, *options) -> subprocess.CompletedProcess:
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, str(RUN), str(out), *options], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    done.rows = json.loads(out.read_text()) if out.is_file() else None
+    return done
+
+
+def test_two_fsdp2_processes_train_as_one_process_and_gather_the_core_once_per_step(tmp_path):
+    """20 steps at random depth (truncated backprop included): the losses of 2 FSDP2 processes, averaged over ranks,
+    equal 1 process's on the same global batch to float32 tolerance; the FSDP2 units gathered per step do not grow
+    with the no-grad depth, and do when the core reshards after every application (what the plan avoids)."""
+    one = fsdp_run(tmp_path, "one", "--devices", "1", "--steps", "20")
+    two = fsdp_run(tmp_path, "two", "--devices", "2", "--steps", "20")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert [r["depth"] for r in one.rows] == [r["depth"] for r in two.rows]
+    assert len({r["depth"][0] for r in two.rows}) > 2, "the no-grad depth varies"
+    for a, b in zip(one.rows, two.rows):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), (a, b)
+    assert one.rows[-1]["loss"] < 0.6 * one.rows[0]["loss"]
+    by_grad = {}
+    for row in two.rows:
+        by_grad.setdefault(row["depth"][1], set()).add(row["all_gathers"])
+    assert all(len(counts) == 1 for counts in by_grad.values()), by_grad
+    resharding = fsdp_run(tmp_path, "resharding", "--devices", "2", "--steps", "4", "--reshard-core")
+    counts = {sum(r["depth"]): r["all_gathers"] for r in resharding.rows}
+    assert len(set(counts.values())) > 1 and max(counts.values()) > max(c for s in by_grad.values() for c in s)
+
+
+def test_ranks_that_draw_different_depths_stop_with_an_error_not_a_hang(tmp_path):
+    skewed = fsdp_run(tmp_path, "skewed", "--devices", "2", "--steps", "3", "--skew-depth")
+    assert skewed.returncode != 0
+    assert "ranks drew different depths" in skewed.stderr
+
+
+def train_fsdp2(root: Path, *options) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "recurrent_lm.cli", "train", "--config", DEBUG, "--trainer.default_root_dir", str(root),
+           "--trainer.logger.init_args.save_dir", str(root), "--trainer.limit_val_batches", "0",
+           "--trainer.callbacks.init_args.every_n_train_steps", "4", "--model.architecture.init_scale", "0", *FSDP2,
+           *options]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def finished(process: subprocess.Popen) -> None:
+    assert process.wait(timeout=400) == 0, process.stderr.read().decode()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp2_run_resumes_on_the_same_or_another_number_of_processes_and_exports(tmp_path):
+    """(about 3 minutes on 2 cores) A 2-process FSDP2 run killed after a sharded checkpoint resumes to the same
+    weights as an uninterrupted one; resumed on 1 process it finishes from the same step; `rlm export` of the
+    sharded checkpoint gives the exported model, which loads and generates."""
+    full = tmp_path / "full"
+    finished(train_fsdp2(full, "--trainer.max_steps", "12", "--trainer.devices", "2"))
+    killed = tmp_path / "killed"
+    process = train_fsdp2(killed, "--trainer.max_steps", "12", "--trainer.devices", "2")
+    checkpoint = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not (checkpoint / "meta.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # both ranks, mid-run
+    process.wait()
+    step = torch.load(checkpoint / "meta.pt", weights_only=True)["global_step"]
+    assert 0 < step < 12 and not (killed / "model").exists()
+    elsewhere = tmp_path / "elsewhere"
+    subprocess.run(["cp", "-r", str(killed), str(elsewhere)], check=True)
+
+    finished(train_fsdp2(killed, "--trainer.max_steps", "12", "--trainer.devices", "2", "--ckpt_path", "last"))
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    for key in a:  # same data streams, same depth draws, same schedule: the same weights
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    finished(train_fsdp2(elsewhere, "--trainer.max_steps", "12", "--trainer.devices", "1", "--ckpt_path", "last"))
+    assert torch.load(elsewhere / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 12
+
+    subprocess.run([sys.executable, "-m", "recurrent_lm.cli", "export", str(killed / "checkpoints" / "last.ckpt"),
+                    str(tmp_path / "exported")], check=True, cwd=ROOT, capture_output=True)
+    c = load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(torch.equal(b[key], c[key]) for key in b)
+    model = load_model(tmp_path / "exported")
+    out = model.generate(torch.tensor([[1, 5, 6]]), num_steps=2, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_sharded_training_refuses_what_cannot_work(tmp_path):
+    """FSDP2 with float16 (no sharded gradient scaler), a sharded checkpoint resumed without FSDP2, and a sharded
+    resume of another architecture: one line each, before any step."""
+    def error(*options) -> str:
+        done = subprocess.run([sys.executable, "-m", "recurrent_lm.cli", "train", "--config", DEBUG,
+                               "--trainer.limit_val_batches", "0", "--trainer.max_steps", "8",
+                               "--trainer.callbacks.init_args.every_n_train_steps", "4", *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "WANDB_MODE": "disabled"})
+        assert done.returncode != 0
+        return done.stderr.strip().splitlines()[-1]
+
+    root = tmp_path / "run"
+    where = ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
+    assert "FSDP2 with float16 needs a sharded gradient scaler" in error(*where, *FSDP2, "--model.sharding.param_dtype",
+                                                                          "float16")
+    finished(train_fsdp2(root, "--trainer.max_steps", "4", "--trainer.devices", "1"))
+    assert "a sharded checkpoint (FSDP2) resumes under trainer.strategy" in error(*where, "--ckpt_path", "last")
+    assert "the checkpoint is of another architecture" in error(*where, *FSDP2, "--ckpt_path", "last",
+                                                                "--model.architecture.hidden_size", "32")
