@@ -47,11 +47,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(position_ids: Tensor, head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
-    """Unit complex numbers e^(i * position * freq), float32, shaped (batch, 1, seq, head_dim / 2) to broadcast over
-    heads."""
+    """cos and sin of position * freq, float32, shaped (batch, 1, seq, head_dim / 2, 2) to broadcast over heads.
+    Real-valued, so that a compiled block stays in code the compiler generates (it has no complex kernels)."""
     inv_freq = rope_frequencies(head_dim, theta, scaling).to(position_ids.device)
     angles = position_ids.float()[:, None, :, None] * inv_freq
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
@@ -76,10 +76,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
 
 
 def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
-    """Rotate ADJACENT channel pairs (2i, 2i+1) of each head, as Huginn does (Llama rotates the two halves): read
-    each pair as one complex number and multiply, in float32 (one fused kernel instead of six elementwise ops)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    """Rotate ADJACENT channel pairs (2i, 2i+1) of each head by the pair's angle, as Huginn does (Llama rotates the
+    two halves; recurrent_lm.retrofit reorders a Llama's query and key rows to match), in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):

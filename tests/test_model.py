@@ -295,3 +295,35 @@ def test_huginn_0125_shape_has_the_published_parameter_counts():
     total = sum(p.numel() for p in model.parameters())
     core = sum(p.numel() for p in model.core.parameters())
     assert 3.4e9 < total < 3.6e9 and 1.55e9 < core < 1.6e9
+
+
+def test_compiled_blocks_have_no_graph_breaks_and_serve_every_depth_with_one_graph():
+    """train.parallel.compile_blocks: each block compiles whole (torch._dynamo.explain: zero graph breaks, the host
+    syncs stay outside) and the graphs made at the first depths serve every later depth, forward and backward,
+    with no recompilation; the compiled model computes what the eager one does."""
+    import copy
+
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from recurrent_lm.model import rope_angles
+    from recurrent_lm.train.parallel import compile_blocks
+
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig.preset("debug", vocab_size=48)).train()
+    rope = rope_angles(torch.arange(16).expand(2, -1), model.config.head_dim, model.config.rope_theta)
+    explained = dynamo.explain(model.core[0])(torch.randn(2, 16, 64), rope, None, None, None, None)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    dynamo.reset()
+    counters.clear()
+    compiled = compile_blocks(copy.deepcopy(model), backend="aot_eager")
+    ids = torch.randint(0, 48, (2, 16))
+    for depth in [(0, 1), (1, 2)]:  # with and without gradient
+        compiled(ids, labels=ids, num_steps=depth, init_scale=0.0).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for depth in [(3, 2), (0, 5), (8, 1), 7]:
+        compiled(ids, labels=ids, num_steps=depth, init_scale=0.0).loss.backward()
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"], dict(counters["recompiles"])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, num_steps=6, init_scale=0.0).logits,
+                                   model(ids, num_steps=6, init_scale=0.0).logits, rtol=1e-4, atol=1e-5)

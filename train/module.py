@@ -22,7 +22,7 @@ from recurrent_lm.config import PRESETS
 from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
 from recurrent_lm.loading import load_model
 
-from .parallel import ShardingPlan, is_sharded, shard_model, uses_fsdp2
+from .parallel import ShardingPlan, compile_blocks, is_sharded, shard_model, uses_fsdp2
 
 # The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
 # to override in it, built from RecurrentConfig's own fields (one list of options, not two) so that LightningCLI
@@ -102,6 +102,8 @@ class RecurrentLMModule(L.LightningModule):
             stage of retrofitting recurrence into a pretrained model.
         sharding: how FSDP2 shards the model under trainer.strategy FSDP2Strategy (train.parallel.ShardingPlan:
             mixed precision, activation checkpointing of the core, the core's reshard policy).
+        compile: torch.compile each block (not the unrolled loop: one graph for every depth; train.parallel.
+            compile_blocks), before sharding.
         objective: "lm" trains the language model; "exit_gate" freezes it (start it with init_from) and trains
             only its exit gate (architecture.exit_gate_width > 0), as Ouro's second stage: at every step of an
             unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
@@ -119,7 +121,7 @@ class RecurrentLMModule(L.LightningModule):
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
                  objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
                  recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
-                 sharding: ShardingPlan = ShardingPlan()):
+                 sharding: ShardingPlan = ShardingPlan(), compile: bool = False):
         super().__init__()
         for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
                                          ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
@@ -198,14 +200,18 @@ class RecurrentLMModule(L.LightningModule):
             raise ValueError(f"model.init_from {source}: weights that do not match: {unmatched}")
 
     def configure_model(self) -> None:
-        """Called by Lightning once the processes are up: under FSDP2Strategy, shard the model by the plan (the model
-        code itself stays single-device). Any other sharding strategy is refused here, before a step runs."""
+        """Called by Lightning once the processes are up: compile the blocks if asked, and under FSDP2Strategy shard
+        the model by the plan (the model code itself stays single-device). Any other sharding strategy is refused
+        here, before a step runs."""
         strategy = self.trainer.strategy
         name = type(strategy).__name__
         if name in ("FSDPStrategy", "DeepSpeedStrategy") or (uses_fsdp2(strategy) and name != "FSDP2Strategy"):
             raise ValueError(f"trainer.strategy {name}: rlm train shards with FSDP2 through "
                              "recurrent_lm.train.parallel.FSDP2Strategy (the core gathered once per step, not once "
                              "per recurrence); use it, or ddp")
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            compile_blocks(self.model)
+            self._compiled = True
         if uses_fsdp2(strategy) and not is_sharded(self.model):
             plan = self.hparams.sharding
             plan = ShardingPlan(**plan) if isinstance(plan, dict) else plan

@@ -1,5 +1,6 @@
-"""Sharded data parallel training (FSDP2) of a RecurrentLM, applied from outside the model (torchtitan's style): the
-model code stays single-device, and this file is the one place that says how it is sharded.
+"""Sharded data parallel training (FSDP2) and compilation of a RecurrentLM, applied from outside the model
+(torchtitan's style): the model code stays single-device, and this file is the one place that says how it is
+sharded and compiled (`model.compile: true` compiles each block: compile_blocks).
 
     trainer:
       strategy: {class_path: recurrent_lm.train.parallel.FSDP2Strategy}
@@ -71,6 +72,15 @@ def shard_model(model: RecurrentLM, mesh, plan: ShardingPlan) -> RecurrentLM:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(list(model.core), mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_core_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def compile_blocks(model: RecurrentLM, backend: str = "inductor") -> RecurrentLM:
+    """torch.compile every block in place (its forward; parameter names unchanged), not the unrolled loop: the
+    compiled region holds no host syncs (token checks, positions and the initial-state draw run eagerly around it)
+    and sees the same arguments at every step, so one graph serves every depth without recompiling."""
+    for block in [*model.prelude, *model.core, *model.coda]:
+        block.compile(backend=backend)
     return model
 
 
