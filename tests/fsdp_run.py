@@ -4,6 +4,7 @@ depth, the loss averaged over ranks (the global batch's loss: every rank holds t
 FSDP2 units rank 0 all-gathered during that step.
 
     python tests/fsdp_run.py OUT.json --devices 2 --global-batch 8 --steps 20 [--reshard-core] [--skew-depth]
+        [--activation-checkpointing]
 """
 
 import argparse
@@ -99,13 +100,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reshard-core", action="store_true")
     parser.add_argument("--skew-depth", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args()
     module_class = SkewedDepth if args.skew_depth else RecurrentLMModule
     torch.manual_seed(0)  # the same initial weights in every process
     module = module_class({"preset": "debug", "vocab_size": VOCAB, "mean_recurrence": 4, "mean_backprop_depth": 2,
                            "init_scale": 0.0},  # a random initial state would be drawn per rank's rows
                           learning_rate=3e-3, warmup_steps=2, seed=0,
-                          sharding={"reshard_core_after_forward": args.reshard_core})
+                          sharding={"reshard_core_after_forward": args.reshard_core,
+                                    "activation_checkpointing": args.activation_checkpointing})
     strategy = FSDP2Strategy() if args.devices > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -33,7 +33,8 @@ def fsdp_run(tmp_path, name: str, *options) -> subprocess.CompletedProcess:
 def test_two_fsdp2_processes_train_as_one_process_and_gather_the_core_once_per_step(tmp_path):
     """20 steps at random depth (truncated backprop included): the losses of 2 FSDP2 processes, averaged over ranks,
     equal 1 process's on the same global batch to float32 tolerance; the FSDP2 units gathered per step do not grow
-    with the no-grad depth, and do when the core reshards after every application (what the plan avoids)."""
+    with the no-grad depth, and do when the core reshards after every application (what the plan avoids); with
+    activation checkpointing of the core the losses stay the same."""
     one = fsdp_run(tmp_path, "one", "--devices", "1", "--steps", "20")
     two = fsdp_run(tmp_path, "two", "--devices", "2", "--steps", "20")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
@@ -46,6 +47,8 @@ def test_two_fsdp2_processes_train_as_one_process_and_gather_the_core_once_per_s
     for row in two.rows:
         by_grad.setdefault(row["depth"][1], set()).add(row["all_gathers"])
     assert all(len(counts) == 1 for counts in by_grad.values()), by_grad
+    recomputing = fsdp_run(tmp_path, "recomputing", "--devices", "2", "--steps", "4", "--activation-checkpointing")
+    assert [r["loss"] for r in recomputing.rows] == pytest.approx([r["loss"] for r in one.rows[:4]], rel=1e-5)
     resharding = fsdp_run(tmp_path, "resharding", "--devices", "2", "--steps", "4", "--reshard-core")
     counts = {sum(r["depth"]): r["all_gathers"] for r in resharding.rows}
     assert len(set(counts.values())) > 1 and max(counts.values()) > max(c for s in by_grad.values() for c in s)
