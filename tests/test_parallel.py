@@ -75,9 +75,10 @@ def finished(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_fsdp2_run_resumes_on_the_same_or_another_number_of_processes_and_exports(tmp_path):
-    """(about 90 s on 2 cores) A 2-process FSDP2 run killed after a sharded checkpoint resumes to the same
+    """(about 2 minutes on 2 cores) A 2-process FSDP2 run killed after a sharded checkpoint resumes to the same
     weights as an uninterrupted one; resumed on 1 process it finishes from the same step; `rlm export` of the
-    sharded checkpoint gives the exported model, which loads and generates."""
+    sharded checkpoint gives the exported model, which loads and generates. A sharded checkpoint resumed without
+    FSDP2, or into another architecture, is a one-line error before any shard loads."""
     full = tmp_path / "full"
     finished(train_fsdp2(full, "--trainer.max_steps", "12", "--trainer.devices", "2"))
     killed = tmp_path / "killed"
@@ -105,28 +106,30 @@ def test_a_killed_fsdp2_run_resumes_on_the_same_or_another_number_of_processes_a
     (killed / "model").rename(tmp_path / "model-at-12")
     finished(train_fsdp2(killed, "--trainer.max_steps", "16", "--trainer.devices", "1", "--ckpt_path", "last"))
     assert torch.load(checkpoint / "meta.pt", weights_only=True)["global_step"] == 16
+    # a sharded checkpoint resumed without FSDP2, or into another architecture: one line, before any shard loads
+    where = ["--trainer.default_root_dir", str(killed), "--trainer.logger.init_args.save_dir", str(killed),
+             "--model.architecture.init_scale", "0", "--trainer.max_steps", "20", "--ckpt_path", "last"]
+    assert "a sharded checkpoint (FSDP2) resumes under trainer.strategy" in refused(*where)
+    assert "the checkpoint is of another architecture" in refused(*where, *FSDP2, "--model.architecture.hidden_size",
+                                                                  "32")
     model = load_model(killed / "model")
     out = model.generate(torch.tensor([[1, 5, 6]]), num_steps=2, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
 
 
-def test_sharded_training_refuses_what_cannot_work(tmp_path):
-    """FSDP2 with float16 (no sharded gradient scaler), a sharded checkpoint resumed without FSDP2, and a sharded
-    resume of another architecture: one line each, before any step."""
-    def error(*options) -> str:
-        done = subprocess.run([sys.executable, "-m", "recurrent_lm.cli", "train", "--config", DEBUG,
-                               "--trainer.limit_val_batches", "0", "--trainer.max_steps", "8",
-                               "--trainer.callbacks.init_args.every_n_train_steps", "4", *options],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "WANDB_MODE": "disabled"})
-        assert done.returncode != 0
-        return done.stderr.strip().splitlines()[-1]
+def refused(*options) -> str:
+    """The last stderr line of an `rlm train` of the debug recipe that must fail."""
+    done = subprocess.run([sys.executable, "-m", "recurrent_lm.cli", "train", "--config", DEBUG,
+                           "--trainer.limit_val_batches", "0", "--trainer.max_steps", "8",
+                           "--trainer.callbacks.init_args.every_n_train_steps", "4", *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode != 0
+    return done.stderr.strip().splitlines()[-1]
 
+
+def test_fsdp2_with_float16_is_refused_in_one_line(tmp_path):
     root = tmp_path / "run"
-    where = ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
-    assert "FSDP2 with float16 needs a sharded gradient scaler" in error(*where, *FSDP2, "--model.sharding.param_dtype",
-                                                                          "float16")
-    finished(train_fsdp2(root, "--trainer.max_steps", "4", "--trainer.devices", "1"))
-    assert "a sharded checkpoint (FSDP2) resumes under trainer.strategy" in error(*where, "--ckpt_path", "last")
-    assert "the checkpoint is of another architecture" in error(*where, *FSDP2, "--ckpt_path", "last",
-                                                                "--model.architecture.hidden_size", "32")
+    assert "FSDP2 with float16 needs a sharded gradient scaler" in refused(
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *FSDP2,
+        "--model.sharding.param_dtype", "float16")
