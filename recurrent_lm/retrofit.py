@@ -72,8 +72,11 @@ def recurrent_config(source: dict, prelude: int, core: int, coda: int, mean_recu
     if bad:
         raise ValueError(f"this {SUPPORTED_FAMILIES[kind]} checkpoint uses {', '.join(bad)} "
                          f"({', '.join(f'{n}={source.get(n)!r}' for n in bad)}), which RecurrentLM does not implement")
-    rope = dict(source.get("rope_parameters") or {})
-    theta, rope_type = rope.pop("rope_theta", 10000.0), rope.get("rope_type", "default")
+    # transformers 5.x keeps RoPE in one dict, rope_parameters; earlier configs had rope_theta and rope_scaling
+    rope = dict(source.get("rope_parameters") or source.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", source.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope["rope_type"] = rope_type
     if rope_type not in ("default", *ROPE_SCALINGS):
         raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: default, {', '.join(ROPE_SCALINGS)}")
     scaling = None if rope_type == "default" else {k: rope[k] for k in ("rope_type", *ROPE_SCALINGS[rope_type])}
