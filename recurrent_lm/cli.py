@@ -60,11 +60,37 @@ def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
         doc = inspect.getdoc(function)
         sub = ArgumentParser(description=doc.split("\n\n")[0])
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
-        sub.add_function_arguments(function, as_positional=positional)
+        required_options = keyword_only_required(function)
+        sub.add_function_arguments(function, as_positional=positional, skip=set(required_options))
+        for option, annotation in required_options.items():  # `rlm retrofit SRC DST --prelude P ...`
+            sub.add_argument(f"--{option}", type=annotation, required=True,
+                             help=argument_help(doc, option))
         subcommands.add_subcommand(name, sub, help=doc.split("\n")[0])
     if commands is COMMANDS:  # listed for --help; main hands their arguments to their own parser
         for name, (_, help_line) in OWN_PARSER.items():
             subcommands.add_subcommand(name, ArgumentParser(), help=help_line)
+
+
+def keyword_only_required(function) -> dict[str, type]:
+    """The keyword-only parameters without a default: required options (--name), never positional, whatever
+    jsonargparse release reads the signature."""
+    return {name: p.annotation for name, p in inspect.signature(function).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
+
+
+def argument_help(doc: str, name: str) -> str:
+    """An argument's text in a Google-style docstring's Args section (continuation lines joined)."""
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"{name}:"):
+            text = [line.strip()[len(name) + 1:].strip()]
+            indent = len(line) - len(line.lstrip())
+            for following in lines[i + 1:]:
+                if not following.strip() or len(following) - len(following.lstrip()) <= indent:
+                    break
+                text.append(following.strip())
+            return " ".join(text)
+    return ""
 
 
 def build_parser() -> ArgumentParser:

@@ -19,6 +19,8 @@ from recurrent_lm.loading import load_model
 from .test_train import DEBUG, ROOT
 
 RUN = Path(__file__).parent / "fsdp_run.py"
+pytestmark = pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < "2.7",
+                                reason="FSDP2 on CPU needs torch >= 2.7 (CPU streams)")
 FSDP2 = ["--trainer.strategy.class_path", "recurrent_lm.train.parallel.FSDP2Strategy"]
 
 

@@ -110,6 +110,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
     def setup_environment(self) -> None:
+        if self.root_device.type == "cpu" and torch.torch_version.TorchVersion(torch.__version__) < "2.7":
+            raise ValueError(f"FSDP2 on CPU needs torch >= 2.7 (its CPU streams; this is {torch.__version__}); on "
+                             "GPUs torch 2.6 serves, or use ddp")
         self._data_parallel_size = self.num_nodes * self.num_processes  # every process shards the data
         super().setup_environment()
 
