@@ -81,8 +81,9 @@ def test_a_killed_fsdp2_run_resumes_on_the_same_or_another_number_of_processes_a
     weights as an uninterrupted one; resumed on 1 process it finishes from the same step; `rlm export` of the
     sharded checkpoint gives the exported model, which loads and generates. A sharded checkpoint resumed without
     FSDP2, or into another architecture, is a one-line error before any shard loads."""
-    full = tmp_path / "full"
-    finished(train_fsdp2(full, "--trainer.max_steps", "12", "--trainer.devices", "2"))
+    full = tmp_path / "full"  # validating at its end too: greedy answers with sharded weights (synced_gpus)
+    finished(train_fsdp2(full, "--trainer.max_steps", "12", "--trainer.devices", "2", "--trainer.limit_val_batches",
+                         "1", "--trainer.val_check_interval", "12", "--data.val_problems_per_difficulty", "2"))
     killed = tmp_path / "killed"
     process = train_fsdp2(killed, "--trainer.max_steps", "12", "--trainer.devices", "2")
     checkpoint = killed / "checkpoints" / "last.ckpt"

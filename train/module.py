@@ -319,9 +319,9 @@ class RecurrentLMModule(L.LightningModule):
                              num_steps=depth, init_scale=0.0)
             targets, supervised = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
             right = (out.logits[:, :-1].argmax(-1) == targets)[supervised].float()
-            self.log(f"val/loss_r{depth}", out.loss, batch_size=batch["input_ids"].shape[0])
+            self.log(f"val/loss_r{depth}", out.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
             # every supervised token predicted right (answer tokens; a reward model's step labels)
-            self.log(f"val/label_acc_r{depth}", right.mean(), batch_size=int(supervised.sum()))
+            self.log(f"val/label_acc_r{depth}", right.mean(), batch_size=int(supervised.sum()), sync_dist=True)
         if "problem_index" in batch:
             datamodule = self.trainer.datamodule
             problems = [datamodule.val_set[i] for i in batch["problem_index"].tolist()]
@@ -331,7 +331,7 @@ class RecurrentLMModule(L.LightningModule):
             for depth in self.hparams.eval_depths:
                 answers = answer_problems(self.model, tokenizer, problems, cot=self.hparams.eval_cot,
                                           num_steps=depth, init_scale=0.0, **synced)
-                self.log(f"val/acc_r{depth}", accuracy(answers), batch_size=len(problems))
+                self.log(f"val/acc_r{depth}", accuracy(answers), batch_size=len(problems), sync_dist=True)
 
     # --- optimisation ----------------------------------------------------------------------------------------------
 
