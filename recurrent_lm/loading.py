@@ -7,6 +7,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .config import RecurrentConfig
 from .model import RecurrentLM
 from .recipes import checkpoint_names, resolve_model_dir
 
@@ -20,20 +21,36 @@ def model_type(path: str | Path) -> str | None:
     return json.loads(config.read_text()).get("model_type")
 
 
-def load_model(path: str | Path):
-    """A RecurrentLM from a directory, in eval mode."""
+def require_recurrent(path: str | Path) -> Path:
+    """The directory of a RecurrentLM (by path or shipped name); anything else is a one-line error."""
     kind = model_type(path)
     if kind != "recurrent_lm":
         hint = " (convert it first with `rlm convert-huginn`)" if kind == "huginn_raven" else ""
         raise ValueError(f"{path} holds a {kind!r} model, not a RecurrentLM{hint}")
-    directory = resolve_model_dir(path)
+    return resolve_model_dir(path)
+
+
+def load_config(path: str | Path) -> RecurrentConfig:
+    """A RecurrentLM's config from a directory, without reading its weights."""
+    return RecurrentConfig.from_pretrained(require_recurrent(path))
+
+
+def safetensors_files(directory: Path, name: str | Path, hint: str = "") -> list[Path]:
+    """The safetensors weight files of a model directory (`name` in the error); a directory with only pickled
+    weights (or none) is an error: they are never unpickled."""
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
-        found = f" (only pickled {', '.join(pickled)})" if pickled else ""
-        raise ValueError(f"{path} holds no safetensors weights{found}: recurrent-lm loads safetensors and never "
+        found = f" (only pickled {', '.join(pickled)}{hint})" if pickled else ""
+        raise ValueError(f"{name} holds no safetensors weights{found}: recurrent-lm loads safetensors and never "
                          "unpickles")
-    for file in weights:  # a truncated or garbled file: say which, not safetensors' internal error
+    return weights
+
+
+def load_model(path: str | Path):
+    """A RecurrentLM from a directory, in eval mode."""
+    directory = require_recurrent(path)
+    for file in safetensors_files(directory, path):  # a truncated or garbled file: say which, not safetensors' own
         try:
             with safe_open(file, framework="pt"):
                 pass

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from .config import ROPE_SCALINGS, RecurrentConfig
+from .loading import safetensors_files
 from .model import RecurrentLM
 from .tasks import parse_int_list
 
@@ -116,13 +117,8 @@ def layer_selection(layers: str | None, split: tuple[int, int, int], num_layers:
 
 def source_weights(src: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the source's safetensors files; pickled-only checkpoints are refused."""
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in src.glob(pattern))
-        found = f" (only pickled {', '.join(pickled)}: save it with save_pretrained(safe_serialization=True))" if pickled else ""
-        raise ValueError(f"{src} holds no safetensors weights{found}; recurrent-lm never unpickles")
     weights = {}
-    for file in files:
+    for file in safetensors_files(src, src, hint=": save it with save_pretrained(safe_serialization=True)"):
         with safe_open(file, framework="pt") as f:
             weights.update({key: f.get_tensor(key) for key in f.keys()})
     return weights

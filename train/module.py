@@ -20,7 +20,7 @@ from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
 from recurrent_lm.config import PRESETS
 from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
-from recurrent_lm.loading import load_model
+from recurrent_lm.loading import load_config, load_model
 
 from .parallel import ShardingPlan, compile_blocks, is_sharded, shard_model, uses_fsdp2
 
@@ -184,7 +184,7 @@ class RecurrentLMModule(L.LightningModule):
                                  "model.init_from a model to start from")
             return build_config(spec)
         given = {} if spec is None else {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
-        return build_config(dataclasses.replace(resolved_spec(load_model(init_from).config), **given))
+        return build_config(dataclasses.replace(resolved_spec(load_config(init_from)), **given))
 
     def _load_weights(self, source: str) -> None:
         """Start from a trained model's weights (a fresh run; a resumed one then restores its own checkpoint)."""
