@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import RecurrentConfig
+from .loading import written_atomically
 from .model import RecurrentLM
 
 # Huginn config field -> RecurrentConfig field
@@ -143,9 +143,7 @@ def convert_huginn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dt
     if cast is not None and not isinstance(cast, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with written_atomically(dst) as work:
         shards = _source_shards(src)
         weight_map, seen, total_bytes = {}, set(), 0
         for number, shard in enumerate(shards, start=1):
@@ -183,10 +181,4 @@ def convert_huginn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dt
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, work / name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return dst

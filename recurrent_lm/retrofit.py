@@ -19,7 +19,6 @@ both, so the model computes the same function with its own rotation.
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from .config import ROPE_SCALINGS, RecurrentConfig
-from .loading import safetensors_files
+from .loading import safetensors_files, written_atomically
 from .model import RecurrentLM
 from .tasks import parse_int_list
 
@@ -190,19 +189,14 @@ def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:  # all or nothing at dst
-        model.save_pretrained(tmp)
+    with written_atomically(dst) as work:  # all or nothing at dst
+        model.save_pretrained(work)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copy2(src / name, Path(tmp) / name)
-        (Path(tmp) / "retrofit.json").write_text(json.dumps(
+                shutil.copy2(src / name, work / name)
+        (work / "retrofit.json").write_text(json.dumps(
             {"source": str(src), "source_model_type": source["model_type"], "layers": picked,
              "split": {"prelude": prelude, "core": core, "coda": coda}}, indent=1))
-        if dst.exists():
-            shutil.rmtree(dst)
-        Path(tmp).rename(dst)
-        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
     print(f"retrofitted {src} ({source['model_type']}, layers {picked}) into {dst}: prelude {prelude}, "
           f"core {core}, coda {coda}")
     return dst
