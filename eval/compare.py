@@ -31,6 +31,8 @@ from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import round_trip, single_token
 from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
+from recurrent_lm.options import ranges
+from recurrent_lm.outputs import claimed_output
 from recurrent_lm.special_tokens import THINK_END, THINK_START
 from recurrent_lm.tasks import Problem, get_task, parse_int_list
 
@@ -39,8 +41,7 @@ from .latent import AdaptiveDepth, LatentDepth
 from .methods import run_methods
 from .reward_models import AGGREGATIONS, load_reward_model
 from .search import STRATEGIES
-from .report import (RESULT_COLUMNS, line_plot, markdown_table, panel_plot, prepare_output, select, write_results,
-                     write_summary)
+from .report import RESULT_COLUMNS, line_plot, markdown_table, panel_plot, select, write_results, write_summary
 from .sweep import sweep_problems
 
 
@@ -72,9 +73,12 @@ def parse_methods(text: str, reward_model: Path | None) -> list[str]:
     return methods
 
 
+@ranges(n=">= 1", exit_thresholds=">= 0", exit_prompt_steps=">= 1", vote_budget=">= 0", temperature="> 0", seed=">= 0",
+        batch_size=">= 1", trained_max_difficulty=">= 1", beam_width=">= 1", rebase_temperature="> 0",
+        search_max_steps=">= 1", rejection_tries=">= 1")
 def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str = "1,2,4", n: int = 100,
             out: Path = Path("compare"), problems: Path | None = None, steps: str = "1,2,4,8,16,32",
-            exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate"]
+            exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate", "none"]
             | None = "kl",
             exit_thresholds: list[float] | None = None, exit_prompt_steps: int | None = None,
             budgets: str = "0,8,16,32,64,128", votes: str = "1,2,4,8",
@@ -145,71 +149,72 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     if any(v < 1 for v in vote_list):
         raise ValueError(f"vote counts must be >= 1, got {votes!r}")
     by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
-    latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)
-    cot_model, cot_tok = load_any_causal_lm(cot), load_tokenizer(cot_tokenizer or cot)
-    sample = next(iter(by_difficulty.values()))[0]
-    check_tokenizer(latent_tok, sample, cot=False, which="latent")
-    check_tokenizer(cot_tok, sample, cot=True, which="CoT")
-    recurrent_cot = isinstance(cot_model.config, RecurrentConfig)
-    cot_depths = (check_depths(parse_int_list(cot_steps, "--cot_steps"), "--cot_steps") if cot_steps
-                  else [cot_model.config.mean_recurrence] if recurrent_cot else [None])
+    inputs = [latent, cot, problems, latent_tokenizer, cot_tokenizer, reward_model, token_conditional_cot]
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=inputs, command="rlm compare") as output:
+        latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)
+        cot_model, cot_tok = load_any_causal_lm(cot), load_tokenizer(cot_tokenizer or cot)
+        sample = next(iter(by_difficulty.values()))[0]
+        check_tokenizer(latent_tok, sample, cot=False, which="latent")
+        check_tokenizer(cot_tok, sample, cot=True, which="CoT")
+        recurrent_cot = isinstance(cot_model.config, RecurrentConfig)
+        cot_depths = (check_depths(parse_int_list(cot_steps, "--cot_steps"), "--cot_steps") if cot_steps
+                      else [cot_model.config.mean_recurrence] if recurrent_cot else [None])
 
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"--aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    scorer = None
-    if reward_model is not None:
-        scorer = load_reward_model(reward_model, reward_convention, step_tag, batch_size=batch_size)
-        task_of = get_task(sample.task)
-        scorer.check_text(task_of.prompt(sample, cot=True) + task_of.completion(sample, cot=True), "CoT model")
-    search_budget = vote_budget if vote_budget is not None else max(budget_list)
-    runs = []
-    if "latent" in chosen:
-        runs.append(LatentDepth(latent_model, latent_tok, depth_list, batch_size))
-        if exit_criterion:
-            runs.append(AdaptiveDepth(latent_model, latent_tok, exit_criterion, exit_thresholds, max(depth_list),
-                                      batch_size, exit_prompt_steps))
-    length_control = ([BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
-                      if "budget" in chosen else [])
-    sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen and vote_list]
-    # one pool of sampled chains serves voting, best-of-n and rejection sampling alike
-    pool_size = max([*(vote_list if sampled else []), *([rejection_tries] if "rejection" in chosen else []), 1])
-    pool = ChainPool(cot_model, cot_tok, pool_size, search_budget, temperature, cot_depths[-1], batch_size)
-    if "rejection" in chosen:
-        length_control.append(RejectionSampling(pool, budget_list, rejection_tries))
-    if "token-conditional" in chosen:
-        stated = load_any_causal_lm(token_conditional_cot) if token_conditional_cot else cot_model
-        stated_tok = load_tokenizer(token_conditional_cot) if token_conditional_cot else cot_tok
-        check_tokenizer(stated_tok, sample, cot=True, which="token-conditional CoT", thinking_budget=max(budget_list))
-        length_control.append(TokenConditional(stated, stated_tok, budget_list, 2 * max(budget_list),
-                                               cot_depths[-1] if stated is cot_model else None, batch_size))
-    runs += length_control
-    if sampled:
-        runs.append(ParallelSampling(pool, vote_list, scorer, aggregation, tuple(sampled)))
-    for name in ("beam", "dvts", "rebase"):
-        if name not in chosen or not vote_list:
-            continue
-        counts = vote_list if name == "rebase" else [v for v in vote_list if v % beam_width == 0]
-        if not counts:
-            raise ValueError(f"--methods {name}: no N in --votes {votes!r} is a multiple of --beam_width {beam_width}")
-        options = {"temperature_rebase": rebase_temperature} if name == "rebase" else {"beam_width": beam_width}
-        runs += [STRATEGIES[name](cot_model, cot_tok, scorer, sample.task, counts, depth, temperature,
-                                  search_max_steps, search_budget, aggregation, seed, batch_size, **options)
-                 for depth in cot_depths]
-    out = prepare_output(out, overwrite)
-    torch.manual_seed(seed)
-    rows = run_methods(runs, by_difficulty, desc="compare")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"--aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        scorer = None
+        if reward_model is not None:
+            scorer = load_reward_model(reward_model, reward_convention, step_tag, batch_size=batch_size)
+            task_of = get_task(sample.task)
+            scorer.check_text(task_of.prompt(sample, cot=True) + task_of.completion(sample, cot=True), "CoT model")
+        search_budget = vote_budget if vote_budget is not None else max(budget_list)
+        runs = []
+        if "latent" in chosen:
+            runs.append(LatentDepth(latent_model, latent_tok, depth_list, batch_size))
+            if exit_criterion not in (None, "none"):
+                runs.append(AdaptiveDepth(latent_model, latent_tok, exit_criterion, exit_thresholds, max(depth_list),
+                                          batch_size, exit_prompt_steps))
+        length_control = ([BudgetForcing(cot_model, cot_tok, budget_list, depth, batch_size) for depth in cot_depths]
+                          if "budget" in chosen else [])
+        sampled = [m for m in ("majority", "best-of-n", "weighted-best-of-n", "oracle") if m in chosen and vote_list]
+        # one pool of sampled chains serves voting, best-of-n and rejection sampling alike
+        pool_size = max([*(vote_list if sampled else []), *([rejection_tries] if "rejection" in chosen else []), 1])
+        pool = ChainPool(cot_model, cot_tok, pool_size, search_budget, temperature, cot_depths[-1], batch_size)
+        if "rejection" in chosen:
+            length_control.append(RejectionSampling(pool, budget_list, rejection_tries))
+        if "token-conditional" in chosen:
+            stated = load_any_causal_lm(token_conditional_cot) if token_conditional_cot else cot_model
+            stated_tok = load_tokenizer(token_conditional_cot) if token_conditional_cot else cot_tok
+            check_tokenizer(stated_tok, sample, cot=True, which="token-conditional CoT", thinking_budget=max(budget_list))
+            length_control.append(TokenConditional(stated, stated_tok, budget_list, 2 * max(budget_list),
+                                                   cot_depths[-1] if stated is cot_model else None, batch_size))
+        runs += length_control
+        if sampled:
+            runs.append(ParallelSampling(pool, vote_list, scorer, aggregation, tuple(sampled)))
+        for name in ("beam", "dvts", "rebase"):
+            if name not in chosen or not vote_list:
+                continue
+            counts = vote_list if name == "rebase" else [v for v in vote_list if v % beam_width == 0]
+            if not counts:
+                raise ValueError(f"--methods {name}: no N in --votes {votes!r} is a multiple of --beam_width {beam_width}")
+            options = {"temperature_rebase": rebase_temperature} if name == "rebase" else {"beam_width": beam_width}
+            runs += [STRATEGIES[name](cot_model, cot_tok, scorer, sample.task, counts, depth, temperature,
+                                      search_max_steps, search_budget, aggregation, seed, batch_size, **options)
+                     for depth in cot_depths]
+        torch.manual_seed(seed)
+        meta = {"latent": str(latent), "cot": str(cot), "task": task, "seed": seed, "difficulties": list(by_difficulty),
+                "n": n, "methods": chosen, "reward_model": str(reward_model) if reward_model else None,
+                "trained_max_difficulty": trained_max_difficulty}
+        rows = run_methods(runs, by_difficulty, desc="compare", output=output, meta=meta)
 
-    metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in length_control]
-    findings = measured_findings(rows, trained_max_difficulty)
-    optimal = compute_optimal(rows)
-    meta = {"latent": str(latent), "cot": str(cot), "task": task, "seed": seed, "difficulties": list(by_difficulty),
-            "n": n, "methods": chosen, "reward_model": str(reward_model) if reward_model else None,
-            "trained_max_difficulty": trained_max_difficulty, "findings": findings, "s1_metrics": metrics,
-            "compute_optimal": optimal}
-    write_results(out, rows, meta)
-    write_results(out, metrics, {}, name="s1_metrics")
-    plots = plot_comparison(out, rows, trained_max_difficulty)
-    write_compare_summary(out, latent, cot, rows, metrics, findings, plots, optimal)
+        metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in length_control]
+        findings = measured_findings(rows, trained_max_difficulty)
+        optimal = compute_optimal(rows)
+        write_results(output.path, rows,
+                      {**meta, "findings": findings, "s1_metrics": metrics, "compute_optimal": optimal})
+        write_results(output.path, metrics, {}, name="s1_metrics")
+        plots = plot_comparison(output.path, rows, trained_max_difficulty)
+        write_compare_summary(output.path, latent, cot, rows, metrics, findings, plots, optimal)
     return {"rows": rows, "s1_metrics": metrics, "findings": findings, "out": str(out)}
 
 

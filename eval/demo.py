@@ -34,13 +34,15 @@ import torch
 import yaml
 
 from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
+from recurrent_lm.options import ranges
+from recurrent_lm.outputs import Interrupted, claimed_output
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
 from recurrent_lm.tasks import get_task, parse_int_list
 from recurrent_lm.train.cli import train_main
 
 from .compare import compare, compute_optimal
 from .latent import AdaptiveDepth, LatentDepth
-from .report import RESULT_COLUMNS, markdown_table, prepare_output, write_summary
+from .report import RESULT_COLUMNS, markdown_table, write_summary
 from .reward_models import load_reward_model
 from .step_labels import judge_reward_model
 from .sweep import latent_dynamics, sweep_problems, write_sweep
@@ -140,6 +142,7 @@ def train_model(name: str, out: Path, extra: list[str]) -> Path:
     return run / "model"
 
 
+@ranges(seed=">= 0")
 def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = False, seed: int = 0,
          checkpoints: Path = CHECKPOINTS, overwrite: bool = False) -> dict:
     """Train (or load) the two studies' tiny latent and CoT models, compare depth, budget and votes on held-out
@@ -155,17 +158,26 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
         checkpoints: the folder with the shipped checkpoints.
         overwrite: replace an earlier demo in `out`.
     """
-    out = prepare_output(out, overwrite)
-    started = time.perf_counter()
-    results = {"quick": quick, "from_scratch": from_scratch, "seed": seed, "studies": {}}
-    for study in STUDIES:
-        results["studies"][study.name] = run_study(study, out, quick, from_scratch, seed, checkpoints)
-    results["findings"] = [f"{study.title}: {line}" for study in STUDIES
-                           for line in results["studies"][study.name]["findings"]
-                           + results["studies"][study.name].get("search", {}).get("findings", [])]
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    report = write_report(out, results)
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=[checkpoints], command="rlm demo") as output:
+        started = time.perf_counter()
+        results = {"quick": quick, "from_scratch": from_scratch, "seed": seed, "complete": False, "studies": {}}
+        try:
+            for study in STUDIES:
+                results["studies"][study.name] = run_study(study, output.path, quick, from_scratch, seed, checkpoints)
+        except KeyboardInterrupt:  # keep the studies that finished, and what the interrupted one wrote
+            (output.path / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            output.keep()
+            raise Interrupted(f"kept the {len(results['studies'])} of {len(STUDIES)} studies that finished in "
+                              f"{out / 'results.json'} (\"complete\": false), and the interrupted study's finished "
+                              f"part under {out}; rerun with --overwrite for the whole demo") from None
+        results["findings"] = [f"{study.title}: {line}" for study in STUDIES
+                               for line in results["studies"][study.name]["findings"]
+                               + results["studies"][study.name].get("search", {}).get("findings", [])]
+        results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results["complete"] = True
+        (output.path / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        write_report(output.path, results)
+    report = out / "report.md"
     print(f"[demo] wrote {report} and {out / 'results.json'} in {results['wall_seconds']:.0f} s", flush=True)
     return {"out": str(out), "report": str(report), "findings": results["findings"],
             "rows": {**{name: study["compare"] for name, study in results["studies"].items()},
@@ -261,7 +273,8 @@ def write_latent_sweep(out: Path, task: str, latent: Path, rows: list[dict], set
     traces = latent_dynamics(load_model(latent), load_tokenizer(latent), hardest, max(depths))
     meta = {"model": str(latent), "task": task, "seed": SEED, "depths": depths, "difficulties": difficulties,
             "n": settings["n"], "adaptive_max_steps": max(depths)}
-    write_sweep(prepare_output(out, overwrite=False), latent, latent_rows, traces, meta)
+    with claimed_output(out, option="--out") as output:
+        write_sweep(output.path, latent, latent_rows, traces, meta)
     return latent_rows
 
 

@@ -11,16 +11,20 @@ Hub tasks (the paper's ARC, HellaSwag, MMLU, GSM8K ...) download their data: tha
 point --include-path at local task YAMLs (dataset_path: json, with local data_files).
 """
 
+import difflib
 import sys
 from pathlib import Path
 
 from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_model, load_tokenizer
+from recurrent_lm.options import ranges
+from recurrent_lm.outputs import claimed_output
 from recurrent_lm.tasks import parse_int_list
 
-from .report import line_plot, markdown_table, prepare_output, write_results, write_summary
+from .report import line_plot, markdown_table, write_results, write_summary
 
 
+@ranges(limit=">= 1", batch_size=">= 1")
 def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path = Path("lm-eval"),
                   include_path: Path | None = None, limit: int | None = None, batch_size: int = 8,
                   tokenizer: Path | None = None, overwrite: bool = False) -> dict:
@@ -42,19 +46,32 @@ def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path
     from lm_eval.tasks import TaskManager
 
     depths = check_depths(parse_int_list(steps, "--steps"))
-    net, tok = load_model(model), load_tokenizer(tokenizer or model)
-    out = prepare_output(out, overwrite)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    rows = []
-    for depth in depths:
-        harness = RecurrentLMEval(pretrained=net, tokenizer=tok, num_steps=depth, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=harness, tasks=tasks.split(","), task_manager=manager, limit=limit)
-        for task, metrics in results["results"].items():
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and "," in key and not key.startswith("alias"):
-                    metric, _ = key.split(",", 1)
-                    rows.append({"task": task, "metric": metric, "steps": depth, "value": float(value)})
-    write_results(out, rows, {"model": str(model), "tasks": tasks, "depths": depths, "limit": limit})
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown or not names:
+        hint = {name: difflib.get_close_matches(name, manager.all_tasks, n=3) for name in unknown}
+        raise ValueError(f"--tasks: unknown lm-eval tasks {unknown or tasks!r} (close names: {hint}); "
+                         "`lm_eval ls tasks` lists them, --include_path adds local ones")
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, tokenizer, include_path],
+                        command="rlm lm-eval") as output:
+        net, tok = load_model(model), load_tokenizer(tokenizer or model)
+        rows = []
+        for depth in depths:
+            harness = RecurrentLMEval(pretrained=net, tokenizer=tok, num_steps=depth, batch_size=batch_size)
+            results = lm_eval.simple_evaluate(model=harness, tasks=names, task_manager=manager, limit=limit)
+            for task, metrics in results["results"].items():
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and "," in key and not key.startswith("alias"):
+                        metric, _ = key.split(",", 1)
+                        rows.append({"task": task, "metric": metric, "steps": depth, "value": float(value)})
+        write_lm_eval(output.path, rows, {"model": str(model), "tasks": tasks, "depths": depths, "limit": limit})
+    return {"rows": rows, "out": str(out)}
+
+
+def write_lm_eval(out: Path, rows: list[dict], meta: dict) -> None:
+    """results.json/.csv, a plot per task (its metrics against depth) and summary.md."""
+    write_results(out, rows, meta)
     plots = []
     for task in sorted({r["task"] for r in rows}):
         series = {m: ([r["steps"] for r in rows if r["task"] == task and r["metric"] == m],
@@ -65,7 +82,6 @@ def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path
     write_summary(out, "lm-evaluation-harness against depth", [
         ("Results", markdown_table(rows, ["task", "metric", "steps", "value"])),
         ("Plots", "\n\n".join(f"![{p}]({p})" for p in plots))])
-    return {"rows": rows, "out": str(out)}
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with "recurrent_lm" registered

@@ -13,7 +13,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from recurrent_lm.outputs import Interrupted, Output
 from recurrent_lm.problem import Problem
+
+from .report import write_results
 
 
 class Method(ABC):
@@ -28,11 +31,25 @@ class Method(ABC):
         sampling reports majority vote and best-of-n from the same samples)."""
 
 
-def run_methods(methods: Sequence[Method], by_difficulty: dict[int, list[Problem]], desc: str) -> list[dict[str, Any]]:
-    """Every method at every budget on every difficulty's problems, with a progress bar over the cells."""
+def run_methods(methods: Sequence[Method], by_difficulty: dict[int, list[Problem]], desc: str,
+                output: Output | None = None, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every method at every budget on every difficulty's problems, with a progress bar over the cells. Ctrl-C
+    with an `output` keeps the rows of the cells that finished there (results.json/.csv with `meta`, marked
+    incomplete) and ends the run as Interrupted."""
     cells = [(method, difficulty, budget) for method in methods for difficulty in by_difficulty
              for budget in method.budgets]
-    rows = []
-    for method, difficulty, budget in tqdm(cells, desc=desc, unit="cell"):
-        rows += method.run(by_difficulty[difficulty], budget)
+    rows, finished = [], 0
+    try:
+        for method, difficulty, budget in tqdm(cells, desc=desc, unit="cell"):
+            rows += method.run(by_difficulty[difficulty], budget)
+            finished += 1
+    except KeyboardInterrupt:
+        if output is None:
+            raise
+        write_results(output.path, rows, {**(meta or {}), "finished_cells": finished, "cells": len(cells)},
+                      complete=False)
+        output.keep()
+        raise Interrupted(f"kept the {finished} of {len(cells)} cells that finished in "
+                          f"{output.target / 'results.json'} (\"complete\": false); rerun with --overwrite for the "
+                          "whole result") from None
     return rows

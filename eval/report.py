@@ -4,7 +4,6 @@ Sweeps, comparisons and the demo all write through it."""
 import csv
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,6 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def prepare_output(out: str | Path, overwrite: bool) -> Path:
-    """An output folder that holds no earlier run, unless overwriting was asked for."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds results (pass --overwrite to replace them)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -63,9 +51,12 @@ def select(rows: Sequence[dict[str, Any]], **where: Any) -> list[dict[str, Any]]
     return [row for row in rows if all(row.get(key) == value for key, value in where.items())]
 
 
-def write_results(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any], name: str = "results") -> None:
-    """{name}.json (meta + rows) and {name}.csv (rows; columns = the union of keys, in first-seen order)."""
-    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=1, default=str))
+def write_results(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any], name: str = "results",
+                  complete: bool = True) -> None:
+    """{name}.json (meta, whether the run completed, rows) and {name}.csv (rows; columns = the union of keys, in
+    first-seen order). An interrupted run writes what it finished with complete=False."""
+    (out / f"{name}.json").write_text(json.dumps({**meta, "complete": complete, "rows": list(rows)}, indent=1,
+                                                 default=str))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

@@ -18,13 +18,14 @@ import random
 
 from recurrent_lm.data import labelled_chain, prompt_ids
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer
+from recurrent_lm.options import ranges
+from recurrent_lm.outputs import claimed_output
 from recurrent_lm.problem import Problem
 from recurrent_lm.special_tokens import THINK_END
 from recurrent_lm.tasks import get_task, parse_int_list
 
 from .budget_forcing import generate_until
 from .cot import chain_steps, cot_runs, depth_kwargs
-from .report import prepare_output
 from .reward_models import RewardModel, step_label_accuracy
 
 LABEL_SEED = 900_000
@@ -82,6 +83,7 @@ def judge_reward_model(scorer: RewardModel, policy, tokenizer, problems: list[Pr
     return rows
 
 
+@ranges(n=">= 1", samples=">= 1", temperature="> 0", budget=">= 0", rollouts=">= 1", depth=">= 1", seed=">= 0")
 def label_steps(policy: Path, task: str, difficulties: str = "1-4", n: int = 64, samples: int = 4,
                 temperature: float = 1.0, budget: int = 128, labels: Literal["exact", "rollouts"] = "exact",
                 rollouts: int = 4, depth: int | None = None, seed: int = 0, out: Path = Path("step-labels"),
@@ -106,41 +108,41 @@ def label_steps(policy: Path, task: str, difficulties: str = "1-4", n: int = 64,
         out: output folder: chains.jsonl and summary.json.
         overwrite: replace an earlier run in `out`.
     """
-    if samples < 1 or rollouts < 1 or n < 1:
-        raise ValueError(f"n, samples and rollouts must be >= 1, got {n}, {samples}, {rollouts}")
     source = get_task(task)
     source.require_steps()
-    model, tokenizer = load_any_causal_lm(policy), load_tokenizer(policy)
-    out = prepare_output(out, overwrite)
-    torch.manual_seed(seed)
-    lines, good, total, agree, compared = [], 0, 0, 0, 0
-    for difficulty in tqdm(parse_int_list(difficulties, "--difficulties"), desc="label-steps", unit="difficulty"):
-        problems = source.problems(difficulty, n, seed=LABEL_SEED + seed)
-        for problem, chains in zip(problems, cot_runs(model, tokenizer, problems, budget, depth, samples=samples,
-                                                       temperature=temperature)):
-            for run in chains:
-                steps = chain_steps(tokenizer, run.result, source)
-                exact = source.step_labels(problem, steps)
-                record = {"problem": json.loads(problem.to_json()), "steps": steps}
-                if labels == "exact":
-                    if exact is None:
-                        raise ValueError(f"task {task!r} has no exact step checker: use --labels rollouts")
-                    record["labels"] = exact
-                else:
-                    record["labels"], record["rollout_success"] = rollout_labels(
-                        model, tokenizer, problem, steps, rollouts, budget, temperature, depth)
-                    if exact is not None:
-                        agree += sum(a == b for a, b in zip(record["labels"], exact))
-                        compared += len(exact)
-                good += sum(record["labels"])
-                total += len(steps)
-                lines.append(json.dumps(record))
-    (out / "chains.jsonl").write_text("".join(line + "\n" for line in lines))
-    summary = {"policy": str(policy), "task": task, "difficulties": difficulties, "n": n, "samples": samples,
-               "temperature": temperature, "labels": labels, "rollouts": rollouts if labels == "rollouts" else None,
-               "chains": len(lines), "steps": total, "good_share": good / total if total else float("nan"),
-               "agreement_with_exact": agree / compared if compared else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    difficulty_list = parse_int_list(difficulties, "--difficulties")
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=[policy],
+                        command="rlm label-steps") as output:
+        model, tokenizer = load_any_causal_lm(policy), load_tokenizer(policy)
+        torch.manual_seed(seed)
+        lines, good, total, agree, compared = [], 0, 0, 0, 0
+        for difficulty in tqdm(difficulty_list, desc="label-steps", unit="difficulty"):
+            problems = source.problems(difficulty, n, seed=LABEL_SEED + seed)
+            for problem, chains in zip(problems, cot_runs(model, tokenizer, problems, budget, depth, samples=samples,
+                                                           temperature=temperature)):
+                for run in chains:
+                    steps = chain_steps(tokenizer, run.result, source)
+                    exact = source.step_labels(problem, steps)
+                    record = {"problem": json.loads(problem.to_json()), "steps": steps}
+                    if labels == "exact":
+                        if exact is None:
+                            raise ValueError(f"task {task!r} has no exact step checker: use --labels rollouts")
+                        record["labels"] = exact
+                    else:
+                        record["labels"], record["rollout_success"] = rollout_labels(
+                            model, tokenizer, problem, steps, rollouts, budget, temperature, depth)
+                        if exact is not None:
+                            agree += sum(a == b for a, b in zip(record["labels"], exact))
+                            compared += len(exact)
+                    good += sum(record["labels"])
+                    total += len(steps)
+                    lines.append(json.dumps(record))
+        (output.path / "chains.jsonl").write_text("".join(line + "\n" for line in lines))
+        summary = {"policy": str(policy), "task": task, "difficulties": difficulties, "n": n, "samples": samples,
+                   "temperature": temperature, "labels": labels, "rollouts": rollouts if labels == "rollouts" else None,
+                   "chains": len(lines), "steps": total, "good_share": good / total if total else float("nan"),
+                   "agreement_with_exact": agree / compared if compared else None}
+        (output.path / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{len(lines)} chains, {total} steps, {summary['good_share']:.3f} good"
           + (f", {summary['agreement_with_exact']:.3f} agreement with the exact checker" if compared else ""))
     return {**summary, "out": str(out)}

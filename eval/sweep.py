@@ -16,11 +16,13 @@ from recurrent_lm.adaptive import CRITERIA
 from recurrent_lm.data import prompt_ids
 from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_model, load_tokenizer
+from recurrent_lm.options import ranges
+from recurrent_lm.outputs import claimed_output
 from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
 
 from .latent import AdaptiveDepth, LatentDepth
 from .methods import run_methods
-from .report import line_plot, markdown_table, panel_plot, prepare_output, select, write_results, write_summary
+from .report import line_plot, markdown_table, panel_plot, select, write_results, write_summary
 
 
 def sweep_problems(task: str | None, problems: Path | None, difficulties: list[int], n: int, seed: int) -> dict[int, list[Problem]]:
@@ -33,6 +35,8 @@ def sweep_problems(task: str | None, problems: Path | None, difficulties: list[i
                 grouped[p.difficulty].append(p)
         result = {d: grouped[d][:n] for d in sorted(grouped)}
     elif task is not None:
+        if not difficulties:
+            raise ValueError("--difficulties: none given; give a list such as 1,2,4-8")
         result = {d: get_task(task).problems(d, n, seed=seed) for d in difficulties}
     else:
         raise ValueError("give a task (--task NAME) or a problem file (--problems FILE)")
@@ -59,6 +63,8 @@ def latent_dynamics(model, tokenizer, problems: list[Problem], steps: int) -> li
     return traces
 
 
+@ranges(n=">= 1", exit_thresholds=">= 0", adaptive_max_steps=">= 1", exit_prompt_steps=">= 1", seed=">= 0",
+        batch_size=">= 1", dynamics=">= 0")
 def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", steps: str = "1,2,4,8,16,32,64",
           n: int = 200, out: Path = Path("sweep"), problems: Path | None = None, exit_criteria: list[str] | None = None,
           exit_thresholds: list[float] | None = None, adaptive_max_steps: int | None = None,
@@ -92,19 +98,20 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
     by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
-    net, tok = load_model(model), load_tokenizer(tokenizer or model)
-    criteria = list(exit_criteria) if exit_criteria is not None else [
-        criterion for criterion in CRITERIA if criterion != "gate" or net.exit_gate is not None]
-    max_steps = adaptive_max_steps or max(depths)
-    methods = [LatentDepth(net, tok, depths, batch_size)]
-    methods += [AdaptiveDepth(net, tok, criterion, exit_thresholds, max_steps, batch_size, exit_prompt_steps)
-                for criterion in criteria]
-    out = prepare_output(out, overwrite)
-    rows = run_methods(methods, by_difficulty, desc="sweep")
-    traces = latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps) if dynamics else []
-    meta = {"model": str(model), "task": task, "problems": str(problems) if problems else None, "seed": seed,
-            "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps}
-    write_sweep(out, model, rows, traces, meta)
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
+                        command="rlm sweep") as output:
+        net, tok = load_model(model), load_tokenizer(tokenizer or model)
+        criteria = list(exit_criteria) if exit_criteria is not None else [
+            criterion for criterion in CRITERIA if criterion != "gate" or net.exit_gate is not None]
+        max_steps = max(depths) if adaptive_max_steps is None else adaptive_max_steps
+        methods = [LatentDepth(net, tok, depths, batch_size)]
+        methods += [AdaptiveDepth(net, tok, criterion, exit_thresholds, max_steps, batch_size, exit_prompt_steps)
+                    for criterion in criteria]
+        meta = {"model": str(model), "task": task, "problems": str(problems) if problems else None, "seed": seed,
+                "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps}
+        rows = run_methods(methods, by_difficulty, desc="sweep", output=output, meta=meta)
+        traces = latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps) if dynamics else []
+        write_sweep(output.path, model, rows, traces, meta)
     return {"rows": rows, "out": str(out)}
 
 

@@ -35,8 +35,8 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
         tasks = [get_task(p.task) for p in chunk]
         prompts = [{"input_ids": prompt_ids(tokenizer, p, cot)} for p in chunk]
         batch = collate(prompts, tokenizer.pad_token_id, padding_side="left")
-        budget = max_new_tokens or max(len(tokenizer(t.completion(p, cot), add_special_tokens=False).input_ids)
-                                       for t, p in zip(tasks, chunk)) + 2
+        budget = max_new_tokens if max_new_tokens is not None else max(
+            len(tokenizer(t.completion(p, cot), add_special_tokens=False).input_ids) for t, p in zip(tasks, chunk)) + 2
         settings = dict(do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True)
         out = model.generate(batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
@@ -74,7 +74,7 @@ def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | N
 
     lens, gate = (rule is not None and rule.needs_logits), (rule is not None and rule.criterion == "gate")
     steps = answer.steps_per_token or [max_steps] * answer.new_tokens
-    prompt = answer.prompt_steps or steps[0]
+    prompt = answer.prompt_steps if answer.prompt_steps is not None else steps[0]
     return generation_flops(config, answer.prompt_tokens, steps, prompt_steps=answer.prompt_steps,
                             lens_decodes=[checks(s, lens) for s in steps],
                             prompt_lens_decodes=checks(prompt, lens and prompt_exit),

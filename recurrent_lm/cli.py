@@ -4,10 +4,13 @@ lists every option with its type, default and documentation. `rlm train` and `rl
 parsers."""
 
 import inspect
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from .commands import (convert_huginn, generate, tasks_export, tasks_list, tasks_sample, tokenizer_tasks,
                        tokenizer_train)
@@ -18,6 +21,7 @@ from .eval.step_labels import label_steps
 from .eval.sweep import sweep
 from .retrofit import retrofit
 from .train.cli import export, train_main
+from .train.divergence import TrainingDiverged
 from .train.finetune import finetune_main
 from .train.selection import select_traces
 
@@ -45,7 +49,9 @@ OWN_PARSER: dict[str, tuple[Callable[[list[str]], object], str]] = {
                                 "--model.model DIR --data.train_files [FILE] (rlm finetune --help lists every option)"),
 }
 
-BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, ImportError)  # reported as one line, no traceback
+# reported as one line, no traceback: bad values, paths (missing, taken, of the wrong shape, unreadable: OSError), a
+# missing optional extra, a diverged run
+BAD_INPUT = (ValueError, OSError, ImportError, TrainingDiverged)
 
 
 def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
@@ -94,7 +100,7 @@ def argument_help(doc: str, name: str) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="rlm", description="recurrent-lm: recurrent-depth language models. "
+    parser = ArgumentParser(prog="rlm", exit_on_error=False, description="recurrent-lm: recurrent-depth language models. "
                             "Every subcommand takes --config FILE.yaml; `rlm SUBCOMMAND --help` lists its options.")
     _add_commands(parser, COMMANDS, dest="command")
     return parser
@@ -132,24 +138,57 @@ def normalize_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OWN_PARSER:
-        try:
-            OWN_PARSER[argv[0]][0](argv[1:])
-        except BAD_INPUT as error:
-            sys.exit(f"rlm {argv[0]}: error: {error}")
+        reported(argv[0], lambda: check_config_files(argv) or OWN_PARSER[argv[0]][0](argv[1:]))
         return
     argv = normalize_argv(argv)
-    config = build_parser().parse_args(argv)
     function, path = _resolve(argv)
+    command = " ".join(path) or "rlm"
+    reported(command, lambda: check_config_files(argv))
+    try:
+        config = build_parser().parse_args(argv)
+    except ArgumentError as error:  # jsonargparse's own message, on one line, with the option's name as typed
+        message = re.sub(r'Parser key "([^"]+)"', r"--\1", " ".join(str(error).split()))
+        sys.exit(f"rlm {command}: error: {message} (rlm {command} --help lists the options)".replace("rlm rlm", "rlm"))
     options = config
     for name in path:
         options = options[name]
     options = {k: v for k, v in options.items() if k not in ("config", "subcommand")}
+    result = reported(" ".join(path), lambda: function(**options))
+    if isinstance(result, dict) and "out" in result:
+        print(f"wrote the results to {result['out']}")
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every `--config FILE` is a YAML mapping of options: anything else (a folder, a binary or empty file, broken
+    YAML, a list) is one line naming the file, not a parser's traceback."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] \
+            if arg.startswith("--config=") else None
+        if value is None or not Path(value).exists():
+            continue  # a shipped recipe's name (rlm train), or a missing file the parser names
+        path = Path(value)
+        if path.is_dir():
+            raise IsADirectoryError(f"--config {path} is a folder; give a YAML file")
+        try:
+            options = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"--config {path} is not a text file; give a YAML file of options") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        if not isinstance(options, dict):
+            held = "nothing" if options is None else f"a {type(options).__name__}"
+            raise ValueError(f"--config {path} holds {held}, not a mapping of options (option: value lines)")
+
+
+def reported(command: str, run: Callable[[], object]) -> object:
+    """Run a command; bad input ends in one line (exit 1), Ctrl-C in one line saying what was kept (exit 130)."""
     try:
-        result = function(**options)
-        if isinstance(result, dict) and "out" in result:
-            print(f"wrote the results to {result['out']}")
+        return run()
     except BAD_INPUT as error:
-        sys.exit(f"rlm {' '.join(path)}: error: {error}")
+        sys.exit(f"rlm {command}: error: {error}")
+    except KeyboardInterrupt as interrupt:
+        print(f"rlm {command}: interrupted" + (f": {interrupt}" if str(interrupt) else ""), file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

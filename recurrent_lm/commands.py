@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
 from .loading import load_model, load_tokenizer
+from .options import ranges
+from .outputs import claimed_output
 from .tasks import TASKS, get_task, parse_int_list, save_jsonl, task_tokenizer
 from .tokenization import train_bpe_tokenizer
 from .traces import save_rows, trace_row
@@ -29,6 +31,8 @@ def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bo
     print(f"wrote {out}")
 
 
+@ranges(num_steps=">= 1", max_new_tokens=">= 1", min_steps=">= 1", draft_steps=">= 1", draft_length=">= 1",
+        core_slots=">= 1", temperature="> 0", top_p="(0, 1]", init_scale=">= 0", seed=">= 0")
 def generate(
     model: Path,
     prompt: str,
@@ -73,10 +77,6 @@ def generate(
     """
     check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                           draft_length)  # before the model loads: bad settings fail at once
-    if do_sample and not temperature > 0:
-        raise ValueError(f"--temperature must be > 0 for sampling, got {temperature}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
     net = load_model(model)
     tok = load_tokenizer(tokenizer or model)
     torch.manual_seed(seed)
@@ -127,6 +127,7 @@ def tasks_list() -> None:
     print("reasoning-gym:NAME  (any reasoning-gym dataset, with the reasoning-gym extra installed)")
 
 
+@ranges(difficulty=">= 1", n=">= 1", seed=">= 0")
 def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, seed: int = 0) -> None:
     """Print problems as the model sees them: the prompt, then the completion it learns after "|".
 
@@ -142,8 +143,9 @@ def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, 
         print(f"{task.prompt(problem, cot)} | {task.completion(problem, cot)}")
 
 
+@ranges(n=">= 1", seed=">= 0")
 def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, seed: int = 0,
-                 format: Literal["problems", "traces"] = "problems") -> None:
+                 format: Literal["problems", "traces"] = "problems", overwrite: bool = False) -> None:
     """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere), or as
     reasoning traces with exact answers (a pool for `rlm select-traces`, data for `rlm finetune`).
 
@@ -156,19 +158,24 @@ def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, 
         format: "problems" (recurrent_lm.problem.Problem rows) or "traces" (s1K's shape: question,
             thinking_trajectories, attempt, plus domain (the task), difficulty and answer (the gold answer);
             rendered without a chat template, exactly the task's chain-of-thought text).
+        overwrite: replace an existing `out`.
     """
     tasks = [get_task(part.strip()) for part in name.split(",") if part.strip()]
     if not tasks:
         raise ValueError("give a task name (see `rlm tasks list`)")
-    problems = [p for task in tasks for d in parse_int_list(difficulties, "--difficulties")
-                for p in task.problems(d, n, seed=seed)]
-    if format == "traces":
-        print(f"wrote {len(problems)} traces to {save_rows([trace_row(p) for p in problems], out)}")
-        return
-    print(f"wrote {len(problems)} problems to {save_jsonl(problems, out)}")
+    difficulty_list = parse_int_list(difficulties, "--difficulties")
+    with claimed_output(out, option="OUT", kind="file", overwrite=overwrite, command="rlm tasks export") as output:
+        problems = [p for task in tasks for d in difficulty_list for p in task.problems(d, n, seed=seed)]
+        if format == "traces":
+            save_rows([trace_row(p) for p in problems], output.path)
+        else:
+            save_jsonl(problems, output.path)
+    print(f"wrote {len(problems)} {format} to {out}")
 
 
-def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency: int = 2) -> None:
+@ranges(vocab_size=">= 1", min_frequency=">= 1")
+def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency: int = 2,
+                    overwrite: bool = False) -> None:
     """Train a byte-level BPE tokenizer on text files and save it as a transformers fast tokenizer.
 
     Args:
@@ -176,20 +183,24 @@ def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency
         out: directory to save it in (AutoTokenizer.from_pretrained loads it).
         vocab_size: vocabulary size, special tokens included.
         min_frequency: merges seen fewer times are not learned.
+        overwrite: replace an existing `out`.
     """
     paths = [match for pattern in files.split(",") for match in (sorted(glob.glob(pattern.strip())) or [pattern.strip()])]
-    tokenizer = train_bpe_tokenizer(paths, vocab_size, min_frequency)
-    tokenizer.save_pretrained(out)
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=paths, command="rlm tokenizer train") as output:
+        tokenizer = train_bpe_tokenizer(paths, vocab_size, min_frequency)
+        tokenizer.save_pretrained(output.path)
     print(f"wrote a {len(tokenizer)}-token BPE tokenizer to {out}")
 
 
-def tokenizer_tasks(out: Path, tasks: list[str] | None = None) -> None:
+def tokenizer_tasks(out: Path, tasks: list[str] | None = None, overwrite: bool = False) -> None:
     """Save the character tokenizer of the synthetic tasks (all of them by default).
 
     Args:
         out: directory to save it in.
         tasks: task names whose characters it covers.
+        overwrite: replace an existing `out`.
     """
     tokenizer = task_tokenizer(tasks or list(TASKS))
-    tokenizer.save_pretrained(out)
+    with claimed_output(out, option="--out", overwrite=overwrite, command="rlm tokenizer tasks") as output:
+        tokenizer.save_pretrained(output.path)
     print(f"wrote a {len(tokenizer)}-token character tokenizer to {out}")

@@ -6,13 +6,95 @@ defaults are Huginn-0125's own shape; PRESETS names every shape the project uses
 "100m", "huginn-0125"), `RecurrentConfig.preset("debug", vocab_size=48)` builds one.
 """
 
+import functools
+import json
 import math
-from typing import Any, ClassVar
+import os
+from pathlib import Path
+from typing import Any, ClassVar, get_args
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
 
+class ConfigFieldError(ValueError):
+    """A missing, ill-typed or out-of-range field of a RecurrentConfig, in one line that names the field and where the
+    value came from: "RecurrentConfig" when built in Python, the config.json it was read from otherwise."""
+
+    def __init__(self, field: str, problem: str, source: str | os.PathLike = "RecurrentConfig"):
+        self.field, self.problem = field, problem
+        super().__init__(f"{source}: field {field!r}: {problem}")
+
+    def read_from(self, source: str | os.PathLike) -> "ConfigFieldError":
+        return ConfigFieldError(self.field, self.problem, source)
+
+
+def one_line_errors(cls: type) -> type:
+    """@strict reports a bad value as a two-line StrictDataclassError, which is no ValueError (so `rlm` would print
+    a traceback): re-raise it as the one-line ConfigFieldError naming the field. An int given for a float field (JSON
+    and YAML write 10000 for 10000.0) is taken as that float."""
+    strict_setattr, strict_validate = cls.__setattr__, cls.validate
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        declared = declared_type(cls, name)
+        if type(value) is int and (declared is float or float in get_args(declared)):
+            value = float(value)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError:
+            raise ConfigFieldError(name, f"{name} expected {type_name(declared)}, got {type(value).__name__} "
+                                         f"{value!r}") from None
+
+    @functools.wraps(strict_validate)  # keeps the marker by which @strict recognises its own validate
+    def validate(self) -> None:
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            raise error.__cause__ from None  # validate_architecture's ConfigFieldError, or transformers' ValueError
+
+    cls.__setattr__, cls.validate = __setattr__, validate
+    return cls
+
+
+def declared_type(cls: type, name: str) -> Any:
+    field = cls.__dataclass_fields__.get(name)
+    return field.type if field is not None else Any
+
+
+def type_name(declared: Any) -> str:
+    return declared.__name__ if isinstance(declared, type) else str(declared).replace("typing.", "")
+
+
+def check_finite(field: str, value: Any, minimum: float, *, allow_minimum: bool, label: str | None = None) -> None:
+    """A finite real number above `minimum` (or equal to it, if allowed); NaN fails every comparison, so a plain
+    `value <= minimum` test would let it through."""
+    is_real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_real and math.isfinite(value) and (value >= minimum if allow_minimum else value > minimum)):
+        relation = ">=" if allow_minimum else ">"
+        raise ConfigFieldError(field, f"{label or field} must be a finite number {relation} {minimum:g}, got {value!r}")
+
+
+def read_config_json(file: Path) -> dict[str, Any]:
+    """The object a config.json holds; a file that does not parse (empty, truncated, binary) or holds no JSON object
+    is a one-line ValueError naming it."""
+    try:
+        config = json.loads(file.read_bytes())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON (line {error.lineno} column {error.colno}: {error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON (byte {error.start} is not text: {error.reason})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not valid config JSON: it holds a {type(config).__name__}, not an object")
+    return config
+
+
+def config_file(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    return path / "config.json" if path.is_dir() else path
+
+
+@one_line_errors
 @strict
 class RecurrentConfig(PreTrainedConfig):
     r"""Configuration of [`RecurrentLM`].
@@ -121,38 +203,67 @@ class RecurrentConfig(PreTrainedConfig):
         return self.initializer_range if self.initializer_range is not None else math.sqrt(2 / (5 * self.hidden_size))
 
     def validate_architecture(self):
-        """Called by @strict on construction: every invalid value is a ValueError that names the field."""
-        positive = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_core_layers",
-                    "mean_recurrence", "mean_backprop_depth", "max_position_embeddings")
-        for name in positive:
+        """Called by @strict on construction, after it has checked every field's type: each invalid value is a
+        ConfigFieldError (a ValueError) naming the field."""
+        for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
-                raise ValueError(f"RecurrentConfig.{name} must be at least 1, got {getattr(self, name)}"
-                                 + (" (a recurrent-depth model needs a core)" if name == "num_core_layers" else ""))
+                why = " (a recurrent-depth model needs a core)" if name == "num_core_layers" else ""
+                raise ConfigFieldError(name, f"{name} must be at least 1, got {getattr(self, name)}{why}")
         for name in ("num_prelude_layers", "num_coda_layers", "exit_gate_width"):
             if getattr(self, name) < 0:
-                raise ValueError(f"RecurrentConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigFieldError(name, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"RecurrentConfig.hidden_size ({self.hidden_size}) is not divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
+            raise ConfigFieldError("num_attention_heads", f"hidden_size ({self.hidden_size}) is not divisible by "
+                                   f"num_attention_heads ({self.num_attention_heads})")
         if self.use_rope and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of channels: head_dim = hidden_size / num_attention_heads must be "
-                             f"even, got {self.head_dim}")
+            raise ConfigFieldError("num_attention_heads", f"RoPE rotates pairs of channels: head_dim = hidden_size / "
+                                   f"num_attention_heads must be even, got {self.head_dim}")
         for name in ("rope_theta", "rms_norm_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RecurrentConfig.{name} must be > 0, got {getattr(self, name)}")
+            check_finite(name, getattr(self, name), 0, allow_minimum=False)
+        check_finite("init_scale", self.init_scale, 0, allow_minimum=True)
+        if self.initializer_range is not None:
+            check_finite("initializer_range", self.initializer_range, 0, allow_minimum=False)
         if self.block_type not in BLOCK_TYPES:
-            raise ValueError(f"RecurrentConfig.block_type must be one of {', '.join(BLOCK_TYPES)}, got {self.block_type!r}")
+            raise ConfigFieldError("block_type", f"block_type must be one of {', '.join(BLOCK_TYPES)}, got "
+                                   f"{self.block_type!r}")
         if self.num_key_value_heads is not None and (self.num_key_value_heads < 1
                                                      or self.num_attention_heads % self.num_key_value_heads):
-            raise ValueError(f"RecurrentConfig.num_key_value_heads ({self.num_key_value_heads}) must be >= 1 and "
-                             f"divide num_attention_heads ({self.num_attention_heads})")
+            raise ConfigFieldError("num_key_value_heads", f"num_key_value_heads ({self.num_key_value_heads}) must be "
+                                   f">= 1 and divide num_attention_heads ({self.num_attention_heads})")
         if self.qk_bias and self.kv_heads != self.num_attention_heads:
-            raise ValueError("RecurrentConfig.qk_bias (Huginn's) needs one key/value head per attention head")
+            raise ConfigFieldError("qk_bias", "qk_bias (Huginn's) needs one key/value head per attention head")
         check_rope_scaling(self.rope_scaling)
-        if self.init_scale < 0:
-            raise ValueError(f"RecurrentConfig.init_scale must be >= 0, got {self.init_scale}")
-        if self.initializer_range is not None and self.initializer_range <= 0:
-            raise ValueError(f"RecurrentConfig.initializer_range must be > 0 or None, got {self.initializer_range}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "RecurrentConfig":
+        """transformers' from_pretrained, telling from_dict where the config comes from (AutoConfig does the same)."""
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "RecurrentConfig":
+        """transformers' from_dict. A config read from a model directory (name_or_path, passed by from_pretrained
+        and AutoConfig) must give every field of the model's shape, since the defaults are Huginn-0125's 3.5B shape,
+        and its errors name its config.json."""
+        if not kwargs.get("name_or_path"):
+            return super().from_dict(config_dict, **kwargs)
+        file = config_file(kwargs["name_or_path"])
+        try:
+            for name in SHAPE_FIELDS:
+                if name not in config_dict:
+                    raise ConfigFieldError(name, f"{name} is missing (the default, {getattr(cls, name)}, is "
+                                                 "Huginn-0125's, not this model's)")
+            return super().from_dict(config_dict, **kwargs)
+        except ConfigFieldError as error:
+            raise error.read_from(file) from None
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from None
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """transformers' reader, except that a file that is not a JSON object is a one-line ValueError giving the
+        parser's reason (transformers' own is an OSError without it)."""
+        return cls._decode_special_floats(read_config_json(Path(json_file)))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "RecurrentConfig":
@@ -162,6 +273,10 @@ class RecurrentConfig(PreTrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
+AT_LEAST_ONE = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_core_layers",
+                "mean_recurrence", "mean_backprop_depth", "max_position_embeddings")
+# The fields that fix a model's shape and depth: a config.json must give them all (every saved one does)
+SHAPE_FIELDS = (*AT_LEAST_ONE, "num_prelude_layers", "num_coda_layers")
 BLOCK_TYPES = ("sandwich", "pre_norm")
 ROPE_SCALINGS = {"linear": ("factor",),
                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -172,11 +287,16 @@ def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
         return
     kind = scaling.get("rope_type")
     if kind not in ROPE_SCALINGS:
-        raise ValueError(f"RecurrentConfig.rope_scaling: rope_type {kind!r} is not supported; supported: "
-                         f"{', '.join(ROPE_SCALINGS)} (or None for plain RoPE)")
+        raise ConfigFieldError("rope_scaling", f"rope_type {kind!r} is not supported; supported: "
+                               f"{', '.join(ROPE_SCALINGS)} (or None for plain RoPE)")
     missing = [name for name in ROPE_SCALINGS[kind] if name not in scaling]
     if missing:
-        raise ValueError(f"RecurrentConfig.rope_scaling of type {kind!r} lacks {', '.join(missing)}")
+        raise ConfigFieldError("rope_scaling", f"rope_scaling of type {kind!r} lacks {', '.join(missing)}")
+    for name in ROPE_SCALINGS[kind]:
+        check_finite("rope_scaling", scaling[name], 0, allow_minimum=False, label=f"rope_scaling[{name!r}]")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:  # llama3 divides by the gap
+        raise ConfigFieldError("rope_scaling", f"rope_scaling's high_freq_factor ({scaling['high_freq_factor']}) must "
+                               f"exceed its low_freq_factor ({scaling['low_freq_factor']})")
 
 
 # The named model shapes, the one place a shape is written (recipes say `architecture: {preset: NAME, ...}` and

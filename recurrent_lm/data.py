@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .outputs import read_text
 from .special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 from .tasks import Problem, Task, get_task
 from .tokenization import THINK_END
@@ -135,7 +136,7 @@ def load_step_chains(path: str | Path) -> list[tuple[Problem, list[str], list[bo
     if not path.is_file():
         raise FileNotFoundError(f"step-chain file {path} does not exist")
     chains = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "step-chain file").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -38,10 +38,10 @@ def check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_thresh
     steps = resolve_num_steps(num_steps, config).total if num_steps is not None or config is not None else None
     if max_new_tokens is not None:
         check_count(max_new_tokens, "max_new_tokens", minimum=0)
+    if steps is not None and min_steps is not None and min_steps > steps:  # with or without an exit rule
+        raise ValueError(f"min_steps ({min_steps}) > max steps (num_steps = {steps})")
     if exit_criterion is not None:
-        rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps)
-        if steps is not None and rule.min_steps > steps:
-            raise ValueError(f"min_steps ({rule.min_steps}) > max steps (num_steps = {steps})")
+        AdaptiveExit(exit_criterion, exit_threshold, min_steps)  # its own checks of the threshold and min_steps
     elif exit_threshold is not None:
         raise ValueError("exit_threshold given without exit_criterion")
     if prompt_num_steps is not None:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import RecurrentConfig
-from .loading import written_atomically
+from .outputs import claimed_output
 from .model import RecurrentLM
 
 # Huginn config field -> RecurrentConfig field
@@ -133,17 +133,18 @@ def convert_huginn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dt
     The result appears at `dst` only when complete (it is written to a temporary sibling and renamed).
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
+    if not src.exists():
         raise FileNotFoundError(f"Huginn checkpoint directory {src} does not exist")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True, or --overwrite true on the command line, to replace it)")
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src} is a file; give the Huginn checkpoint's directory")
     config = huginn_config(src)
     expected = _expected_shapes(config)
-    cast = getattr(torch, dtype) if dtype else None
+    cast = getattr(torch, dtype, None) if dtype else None
     if cast is not None and not isinstance(cast, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
 
-    with written_atomically(dst) as work:
+    with claimed_output(dst, option="DST", overwrite=overwrite, inputs=[src], command="rlm convert-huginn") as output:
+        work = output.path
         shards = _source_shards(src)
         weight_map, seen, total_bytes = {}, set(), 0
         for number, shard in enumerate(shards, start=1):

@@ -2,16 +2,17 @@
 for anything else; and writing a converted model directory all at once (written_atomically)."""
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import RecurrentConfig
+from .config import RecurrentConfig, read_config_json
 from .model import RecurrentLM
 from .recipes import checkpoint_names, resolve_model_dir
 
@@ -22,7 +23,7 @@ def model_type(path: str | Path) -> str | None:
     if not config.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (shipped checkpoints, "
                                 f"usable by name: {', '.join(checkpoint_names())})")
-    return json.loads(config.read_text()).get("model_type")
+    return read_config_json(config).get("model_type")
 
 
 def require_recurrent(path: str | Path) -> Path:
@@ -76,14 +77,30 @@ def load_model(path: str | Path):
                 pass
         except Exception as error:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {error}") from None
-    return RecurrentLM.from_pretrained(directory).eval()
+    model = RecurrentLM.from_pretrained(directory).eval()
+    require_finite_weights(model, path)
+    return model
 
 
 def load_any_causal_lm(path: str | Path):
     """A RecurrentLM, or any transformers causal LM directory (the CoT baseline may be an ordinary transformer)."""
     if model_type(path) == "recurrent_lm":
         return load_model(path)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path)).eval()
+    require_finite_weights(model, path)
+    return model
+
+
+def require_finite_weights(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], name: str | Path) -> None:
+    """Refuse weights holding NaN or inf (`name`, the model's directory or file, in the one-line error): a model whose
+    training diverged would otherwise generate garbage, or score NaN, without a word."""
+    tensors = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module)
+               else model_or_state_dict)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int(tensor.numel() - torch.isfinite(tensor).sum())
+            raise ValueError(f"{name} holds non-finite weights ({key}: {count} NaN/inf values of {tensor.numel()}): "
+                             "the run that wrote it diverged")
 
 
 def load_tokenizer(path: str | Path):
@@ -91,4 +108,6 @@ def load_tokenizer(path: str | Path):
     path = resolve_model_dir(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: pass --tokenizer DIR")
+    if (path / "config.json").is_file():  # AutoTokenizer reads a model directory's config too, failing obscurely
+        read_config_json(path / "config.json")
     return AutoTokenizer.from_pretrained(path)

@@ -26,7 +26,9 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from .config import ROPE_SCALINGS, RecurrentConfig
-from .loading import safetensors_files, written_atomically
+from .loading import safetensors_files
+from .options import ranges
+from .outputs import claimed_output
 from .model import RecurrentLM
 from .tasks import parse_int_list
 
@@ -156,6 +158,7 @@ def map_weights(weights: dict[str, torch.Tensor], picked: list[int], config: Rec
     return out
 
 
+@ranges(prelude=">= 0", core=">= 1", coda=">= 0", mean_recurrence=">= 1", mean_backprop_depth=">= 1")
 def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers: str | None = None,
              mean_recurrence: int = 4, mean_backprop_depth: int = 4, skip_first_injection: bool = False,
              overwrite: bool = False) -> Path:
@@ -177,24 +180,23 @@ def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers
         overwrite: replace an existing dst.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite true to replace it")
-    source = read_source_config(src)
-    picked = layer_selection(layers, (prelude, core, coda), source["num_hidden_layers"])
-    config = recurrent_config(source, prelude, core, coda, mean_recurrence, mean_backprop_depth, skip_first_injection)
-    state = map_weights(source_weights(src), picked, config)
-    with torch.device("meta"):
-        model = RecurrentLM(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
-    with written_atomically(dst) as work:  # all or nothing at dst
-        model.save_pretrained(work)
+    with claimed_output(dst, option="DST", overwrite=overwrite, inputs=[src], command="rlm retrofit") as output:
+        source = read_source_config(src)
+        picked = layer_selection(layers, (prelude, core, coda), source["num_hidden_layers"])
+        config = recurrent_config(source, prelude, core, coda, mean_recurrence, mean_backprop_depth,
+                                  skip_first_injection)
+        state = map_weights(source_weights(src), picked, config)
+        with torch.device("meta"):
+            model = RecurrentLM(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        model.eval()
+        model.save_pretrained(output.path)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copy2(src / name, work / name)
-        (work / "retrofit.json").write_text(json.dumps(
+                shutil.copy2(src / name, output.path / name)
+        (output.path / "retrofit.json").write_text(json.dumps(
             {"source": str(src), "source_model_type": source["model_type"], "layers": picked,
              "split": {"prelude": prelude, "core": core, "coda": coda}}, indent=1))
     print(f"retrofitted {src} ({source['model_type']}, layers {picked}) into {dst}: prelude {prelude}, "

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from .outputs import read_text, write_text_atomically
 from .problem import Problem, Task
 from .reasoning_gym import ReasoningGymTask
 from .tokenization import RecurrentCharacterTokenizer, character_tokenizer
@@ -165,12 +166,8 @@ def get_task(name: str) -> Task:
 
 
 def save_jsonl(problems: list[Problem], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(p.to_json() + "\n" for p in problems))
-    tmp.replace(path)
-    return path
+    """Problems as JSON Lines, written whole or not at all."""
+    return write_text_atomically(path, "".join(p.to_json() + "\n" for p in problems))
 
 
 def load_jsonl(path: str | Path) -> list[Problem]:
@@ -179,7 +176,7 @@ def load_jsonl(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise FileNotFoundError(f"problem file {path} does not exist")
     problems = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "problem file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -202,6 +199,8 @@ def parse_int_list(text: str, name: str = "list") -> list[int]:
             low, high = int(low), int(high)
         except ValueError:
             raise ValueError(f"{name}: {text!r} is not a list of integers and ranges such as 1,2,4-8") from None
+        if high < low:
+            raise ValueError(f"{name}: {part!r} is a descending range; write {high}-{low}")
         if len(values) + high - low + 1 > MAX_LIST_LENGTH:
             raise ValueError(f"{name}: {text!r} holds more than {MAX_LIST_LENGTH} values "
                              "(recurrent_lm.tasks.MAX_LIST_LENGTH)")

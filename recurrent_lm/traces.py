@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import HUB_PREFIX, IGNORE, load_text_dataset, single_token, text_source
+from .outputs import read_text, write_text_atomically
 from .problem import Problem
 from .special_tokens import THINK_END, THINK_START
 from .tasks import get_task
@@ -67,15 +68,15 @@ def read_rows(source: str | Path) -> Iterator[tuple[str, dict | None]]:
         for index, row in enumerate(load_text_dataset([source])):
             yield f"{source} row {index + 1}", dict(row)
         return
-    with open(source, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            yield f"{source}:{number}", row if isinstance(row, dict) else None
+    # split at newlines only, as JSON Lines does (splitlines would also split a row's raw U+2028)
+    for number, line in enumerate(read_text(source, "trace file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        yield f"{source}:{number}", row if isinstance(row, dict) else None
 
 
 def field_text(row: dict, name: str, location: str, joined: bool = False) -> str:
@@ -119,12 +120,7 @@ def load_traces(sources: str | Path | Sequence[str | Path], question_field: str 
 
 def save_rows(rows: Sequence[dict], path: str | Path) -> Path:
     """Rows as JSON Lines, written atomically (a temporary file beside it, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # --- a pool from the project's tasks --------------------------------------------------------------------------------

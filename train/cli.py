@@ -14,6 +14,8 @@ run in a directory that a live run holds, or that already holds a run it does no
 import contextlib
 import os
 import pickle
+import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -28,10 +30,12 @@ from transformers import AutoTokenizer
 
 from recurrent_lm import RecurrentLM
 from recurrent_lm.loading import load_tokenizer
+from recurrent_lm.outputs import Interrupted, check_output_path, claimed_output, held_lock
 from recurrent_lm.recipes import resolve_recipe
 from recurrent_lm.tasks import task_tokenizer
 
 from .data import RecurrentDataModule
+from .divergence import StopOnDivergence
 from .module import ArchitectureSpec, RecurrentLMModule, build_config, saved_architecture
 from .parallel import full_state_dict, is_sharded, uses_fsdp2
 
@@ -77,6 +81,10 @@ class RunCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         plugins = kwargs.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        # a non-finite loss or gradient stops the run, whatever callbacks the config lists (train/divergence.py)
+        callbacks = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks"))
+        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+        kwargs["callbacks"] = [*callbacks, StopOnDivergence()]
         return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -84,6 +92,9 @@ class RunCLI(LightningCLI):
                             help="resume from this checkpoint, or 'last' for the run's last one")
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="where to export the trained model (default: {trainer.default_root_dir}/model)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an earlier run in trainer.default_root_dir (and an existing --export_dir) "
+                                 "whole, instead of refusing to start")
         parser.set_defaults(self.run_defaults)
 
 
@@ -113,6 +124,10 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
     returns its path there, None elsewhere)."""
     trainer = cli.trainer
     root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
+    overwrite = bool(cli.config.get("overwrite"))
+    check_output_path(root, "dir", "--trainer.default_root_dir")
+    if ckpt_path is not None and overwrite:
+        raise ValueError("--overwrite replaces the run that --ckpt_path would resume: give one of them")
     if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").exists():
         raise FileNotFoundError(f"--ckpt_path last: {root / 'checkpoints'} holds no last.ckpt to resume; "
                                 "drop --ckpt_path to train from the start")
@@ -126,11 +141,21 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
                          "it into a model directory")
     if resume is not None and resume.is_dir():  # its shards load before any hook: check its metadata first
         cli.model.on_load_checkpoint(load_checkpoint(resume))
-    with own_run_dir(root, resuming=ckpt_path is not None, command=command):
+    export_dir = Path(cli.config.get("export_dir") or root / "model")
+    own_export = export_dir == root / "model"  # the run's own: replaced by a resumed run
+    with own_run_dir(root, resuming=ckpt_path is not None, command=command, overwrite=overwrite), \
+            claimed_by_rank_zero(export_dir, option="--export_dir", overwrite=overwrite or own_export,
+                                 inputs=[resume], command=command) as export:
         try:
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
             raise unsafe_checkpoint(ckpt_path) from None
+        except SystemExit:  # Lightning ends an interrupted fit with sys.exit(1)
+            if trainer.interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left Ctrl-C ignored
+                raise Interrupted(f"at step {trainer.global_step} of {trainer.max_steps}; {kept_checkpoint(root)}; "
+                                  "nothing was exported") from None
+            raise
         if is_sharded(model):  # FSDP2: every rank sends its shards; rank 0 writes a plain model
             weights = full_state_dict(model)
             if trainer.is_global_zero:
@@ -138,9 +163,32 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
                 model.load_state_dict(weights)
         if not trainer.is_global_zero:
             return None
-        out = save_model_dir(model, tokenizer, cli.config.get("export_dir") or root / "model")
-        print(f"exported the trained model to {out}")
-        return out
+        save_model_dir(model, tokenizer, export.path)
+    print(f"exported the trained model to {export_dir}")
+    return export_dir
+
+
+def kept_checkpoint(root: Path) -> str:
+    """What a stopped run leaves to resume from."""
+    last = root / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, {last}, is kept: resume with --ckpt_path last"
+
+
+def is_launcher_rank_zero() -> bool:
+    """The process a launcher started first (processes it started for other ranks share its directories)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def claimed_by_rank_zero(path: Path, **claim):
+    """claimed_output on the first process of a launch; the other ranks write nothing there."""
+    if not is_launcher_rank_zero():
+        yield None
+        return
+    with claimed_output(path, **claim) as output:
+        yield output
 
 
 def train_main(argv: list[str]) -> None:
@@ -157,47 +205,27 @@ def train_main(argv: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def own_run_dir(root: Path, resuming: bool, command: str = "rlm train"):
+def own_run_dir(root: Path, resuming: bool, command: str = "rlm train", overwrite: bool = False):
     """Hold {root}/run.lock for the run (of `command`, named in the errors). Refused: a directory a live run holds
     (its lock names a running pid), and a directory that already holds a run (checkpoints or an exported model)
-    that this one does not resume. A lock left by a killed run is taken over. Processes that a launcher started
-    for ranks > 0 share rank 0's."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    that this one does not resume, unless `overwrite`, which empties it first. A lock left by a killed run is taken
+    over. Processes that a launcher started for ranks > 0 share rank 0's."""
+    if not is_launcher_rank_zero():
         yield
         return
-    lock = root / "run.lock"
-    holder = _lock_holder(lock)
-    if holder is not None:
-        raise FileExistsError(f"{root} is in use by another {command} (pid {holder}); give this run its own "
-                              "--trainer.default_root_dir")
-    earlier = [p for p in (root / "checkpoints", root / "model") if p.exists() and any(p.iterdir())]
-    if earlier and not resuming:
-        raise FileExistsError(f"{root} already holds a run ({earlier[0]}); resume it with --ckpt_path last, or give "
-                              "this run its own --trainer.default_root_dir")
     root.mkdir(parents=True, exist_ok=True)
-    lock.unlink(missing_ok=True)  # no live holder: a lock left by a killed run, if any
-    try:
-        with open(lock, "x") as file:  # exclusive creation: of two runs starting together, one gets the lock
-            file.write(str(os.getpid()))
-    except FileExistsError:
-        raise FileExistsError(f"{root} is in use by another {command} that has just started; give this run its own "
-                              "--trainer.default_root_dir") from None
-    try:
+    what = f"--trainer.default_root_dir {root}"
+    with held_lock(root / "run.lock", what, command):
+        earlier = [p for p in (root / "checkpoints", root / "model") if p.exists() and any(p.iterdir())]
+        if earlier and not resuming and not overwrite:
+            raise FileExistsError(f"{root} already holds a run ({earlier[0]}); resume it with --ckpt_path last, "
+                                  "replace it with --overwrite true, or give this run its own "
+                                  "--trainer.default_root_dir")
+        if overwrite:  # the earlier run goes whole: no stale checkpoint, log or model of it survives
+            for entry in root.iterdir():
+                if entry.name != "run.lock":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _lock_holder(lock: Path) -> int | None:
-    """The pid of the live process that holds the lock, or None (no lock, or one left by a dead process)."""
-    try:
-        pid = int(lock.read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
-    except PermissionError:  # alive, owned by another user
-        return pid
-    return pid
 
 
 def with_recipe_paths(argv: list[str]) -> list[str]:
@@ -233,7 +261,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError:
         raise unsafe_checkpoint(path) from None
     except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0]}") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0]  # an empty file's error has no text
+        raise ValueError(f"{path} is not a readable checkpoint: {reason}") from None
 
 
 def load_sharded_weights(path: Path, model: RecurrentLM) -> None:
@@ -265,14 +294,17 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     return save_model_dir(model, tokenizer, out)
 
 
-def export(checkpoint: Path, out: Path) -> None:
+def export(checkpoint: Path, out: Path, overwrite: bool = False) -> None:
     """Export a training checkpoint (from `rlm train`) as a transformers directory: weights, config, tokenizer.
 
     Args:
         checkpoint: a .ckpt file written by `rlm train` (e.g. runs/NAME/checkpoints/last.ckpt).
         out: the directory to write; AutoModelForCausalLM.from_pretrained and `rlm generate` load it.
+        overwrite: replace an existing `out` whole.
     """
-    print(f"exported {checkpoint} to {export_checkpoint(checkpoint, out)}")
+    with claimed_output(out, option="OUT", overwrite=overwrite, inputs=[checkpoint], command="rlm export") as output:
+        export_checkpoint(checkpoint, output.path)
+    print(f"exported {checkpoint} to {out}")
 
 
 if __name__ == "__main__":

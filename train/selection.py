@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from recurrent_lm.options import ranges
+from recurrent_lm.outputs import claimed_output
 from recurrent_lm.problem import Problem, Task
 from recurrent_lm.tasks import get_task
 from recurrent_lm.traces import (ANSWER_FIELD, QUESTION_FIELD, THINKING_FIELD, Trace, TraceError,
@@ -62,6 +64,7 @@ class Tally:
         return f"  {what}: {count} dropped" + (f" (first: {self.first[rule]})" if count else "")
 
 
+@ranges(n=">= 1", budget=">= 0", num_steps=">= 1", batch_size=">= 1", max_answer_tokens=">= 1", seed=">= 0")
 def select_traces(
     pool: str,
     out: Path,
@@ -82,6 +85,7 @@ def select_traces(
     tokenizer: Path | None = None,
     diversity: Literal["round-robin", "uniform-domain"] = "round-robin",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Select N reasoning traces from a pool by s1's three rules (quality, difficulty, diversity) and write them as JSONL.
 
@@ -119,87 +123,86 @@ def select_traces(
             first; "uniform-domain": s1's sampling, a domain uniformly at random, then one of its traces with weight
             2^-rank by thinking length (longest first), seeded by --seed.
         seed: seeds uniform-domain sampling.
+        overwrite: replace an existing `out`.
     """
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
     if diversity not in DIVERSITY:
         raise ValueError(f"--diversity must be one of {DIVERSITY}, got {diversity!r}")
-    if model is not None and (budget is None or budget < 0):
-        raise ValueError(f"--model needs a thinking budget: --budget B with B >= 0, got {budget}")
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if model is not None and budget is None:
+        raise ValueError("--model needs a thinking budget: --budget B with B >= 0")
     checker = get_task(task) if task is not None else None
     sources = trace_sources([part.strip() for part in str(pool).split(",") if part.strip()])
-    tally = Tally()
+    with claimed_output(out, option="--out", kind="file", overwrite=overwrite, inputs=[*sources, model, tokenizer],
+                        command="rlm select-traces") as output:
+        tally = Tally()
 
-    # 1. quality
-    candidates, seen = [], 0
-    need_gold = checker is not None or model is not None
-    for source in sources:
-        for location, row in read_rows(source):
-            seen += 1
-            try:
-                trace = parse_trace(row, location, question_field, thinking_field, answer_field)
-                domain = field_text(row, domain_field, location) if domain_field else ""
-                gold = field_text(row, gold_field, location) if need_gold else None
-            except TraceError as error:
-                tally.drop("malformed", str(error))
-                continue
-            if checker is not None:
-                if task_answer(checker, gold) is None:
-                    raise ValueError(f"{location}: the gold answer {gold!r} (field {gold_field!r}) does not parse as "
-                                     f"a {checker.name!r} answer: the gold answers must be checkable")
-                answer = task_answer(checker, trace.answer)
-                if answer is None:
-                    tally.drop("unparseable", f"{location}: {trace.answer[:40]!r}")
+        # 1. quality
+        candidates, seen = [], 0
+        need_gold = checker is not None or model is not None
+        for source in sources:
+            for location, row in read_rows(source):
+                seen += 1
+                try:
+                    trace = parse_trace(row, location, question_field, thinking_field, answer_field)
+                    domain = field_text(row, domain_field, location) if domain_field else ""
+                    gold = field_text(row, gold_field, location) if need_gold else None
+                except TraceError as error:
+                    tally.drop("malformed", str(error))
                     continue
-                if require_correct and checker.score(answer, gold_problem(checker, trace, gold)) < 1:
-                    tally.drop("wrong", f"{location}: {answer!r} against {gold!r}")
-                    continue
-            candidates.append(Candidate(trace, domain, gold, len(candidates)))
-    if seen == 0:
-        raise ValueError(f"the pool {', '.join(sources)} holds no traces")
-    print(f"pool: {seen} traces in {', '.join(sources)}")
-    print("quality:")
-    print(tally.line("malformed", "malformed (a field missing, empty or not text)"))
-    if checker is not None:
-        print(tally.line("unparseable", f"answers that {checker.name!r} cannot parse"))
-        if require_correct:
-            print(tally.line("wrong", "wrong answers"))
+                if checker is not None:
+                    if task_answer(checker, gold) is None:
+                        raise ValueError(f"{location}: the gold answer {gold!r} (field {gold_field!r}) does not parse as "
+                                         f"a {checker.name!r} answer: the gold answers must be checkable")
+                    answer = task_answer(checker, trace.answer)
+                    if answer is None:
+                        tally.drop("unparseable", f"{location}: {trace.answer[:40]!r}")
+                        continue
+                    if require_correct and checker.score(answer, gold_problem(checker, trace, gold)) < 1:
+                        tally.drop("wrong", f"{location}: {answer!r} against {gold!r}")
+                        continue
+                candidates.append(Candidate(trace, domain, gold, len(candidates)))
+        if seen == 0:
+            raise ValueError(f"the pool {', '.join(sources)} holds no traces")
+        print(f"pool: {seen} traces in {', '.join(sources)}")
+        print("quality:")
+        print(tally.line("malformed", "malformed (a field missing, empty or not text)"))
+        if checker is not None:
+            print(tally.line("unparseable", f"answers that {checker.name!r} cannot parse"))
+            if require_correct:
+                print(tally.line("wrong", "wrong answers"))
 
-    # 2. difficulty
-    length_tokenizer = None
-    if model is not None:
-        candidates, length_tokenizer = keep_unsolved(candidates, tally, model, budget, num_steps, checker, chat_template,
-                                                     batch_size, max_answer_tokens)
-        print("difficulty:")
-        print(tally.line("solved", f"solved by {model} within {budget} thinking tokens"))
-    if tokenizer is not None:
-        from recurrent_lm.loading import load_tokenizer
+        # 2. difficulty
+        length_tokenizer = None
+        if model is not None:
+            candidates, length_tokenizer = keep_unsolved(candidates, tally, model, budget, num_steps, checker, chat_template,
+                                                         batch_size, max_answer_tokens)
+            print("difficulty:")
+            print(tally.line("solved", f"solved by {model} within {budget} thinking tokens"))
+        if tokenizer is not None:
+            from recurrent_lm.loading import load_tokenizer
 
-        length_tokenizer = load_tokenizer(tokenizer)
-    for candidate in candidates:
-        candidate.length = thinking_length(candidate.trace, length_tokenizer)
-    unit = "tokens" if length_tokenizer is not None else "characters"
-    if model is None:
-        print(f"difficulty: longest thinking first ({unit}), none dropped")
-    if not candidates:
-        first = next(iter(tally.first.values()), "")
-        raise ValueError(f"none of the pool's {seen} traces passes the rules (dropped: {tally.dropped}; the first: "
-                         f"{first})")
+            length_tokenizer = load_tokenizer(tokenizer)
+        for candidate in candidates:
+            candidate.length = thinking_length(candidate.trace, length_tokenizer)
+        unit = "tokens" if length_tokenizer is not None else "characters"
+        if model is None:
+            print(f"difficulty: longest thinking first ({unit}), none dropped")
+        if not candidates:
+            first = next(iter(tally.first.values()), "")
+            raise ValueError(f"none of the pool's {seen} traces passes the rules (dropped: {tally.dropped}; the first: "
+                             f"{first})")
 
-    # 3. diversity
-    chosen = spread(candidates, n, diversity, random.Random(seed))
-    domains = len({c.domain for c in candidates})
-    for _ in range(len(candidates) - len(chosen)):
-        tally.drop("diversity", "")
-    print(f"diversity: {len(chosen)} kept over {domains} domain{'s' * (domains != 1)} ({diversity}), "
-          f"{tally.dropped.get('diversity', 0)} dropped")
-    if len(chosen) < n:
-        print(f"only {len(chosen)} traces pass the rules, fewer than --n {n}")
-    path = save_rows([c.trace.row for c in chosen], out)
-    print(f"wrote {len(chosen)} traces to {path}")
-    return {"path": str(path), "kept": len(chosen), "dropped": dict(tally.dropped)}
+        # 3. diversity
+        chosen = spread(candidates, n, diversity, random.Random(seed))
+        domains = len({c.domain for c in candidates})
+        for _ in range(len(candidates) - len(chosen)):
+            tally.drop("diversity", "")
+        print(f"diversity: {len(chosen)} kept over {domains} domain{'s' * (domains != 1)} ({diversity}), "
+              f"{tally.dropped.get('diversity', 0)} dropped")
+        if len(chosen) < n:
+            print(f"only {len(chosen)} traces pass the rules, fewer than --n {n}")
+        save_rows([c.trace.row for c in chosen], output.path)
+    print(f"wrote {len(chosen)} traces to {out}")
+    return {"path": str(out), "kept": len(chosen), "dropped": dict(tally.dropped)}
 
 
 def gold_problem(task: Task, trace: Trace, gold: str) -> Problem:
@@ -256,7 +259,8 @@ def keep_unsolved(candidates: list[Candidate], tally: Tally, model: Path, budget
     for start in range(0, len(candidates), batch_size):
         chunk = candidates[start : start + batch_size]
         prompts = [generation_prompt(tok, c.trace.question, chat_template) for c in chunk]
-        answer_tokens = max_answer_tokens or max(len(tok(c.gold, add_special_tokens=False).input_ids) for c in chunk) + 3
+        answer_tokens = (max_answer_tokens if max_answer_tokens is not None
+                         else max(len(tok(c.gold, add_special_tokens=False).input_ids) for c in chunk) + 3)
         results = budget_forced_generate(net, tok, prompts, max_thinking=budget, max_answer_tokens=answer_tokens,
                                          do_sample=False, **depth_kwargs(num_steps))
         for candidate, result in zip(chunk, results):

@@ -1,0 +1,101 @@
+"""The documented range of every numeric option, checked in one place.
+
+A command declares its ranges once, `@ranges(n=">= 1", top_p="(0, 1]")`: the range is written into the option's
+--help text (from the docstring's Args entry), and every call, from the command line or from Python, is checked
+before the function body runs, so a value outside its range (NaN and infinities included) is a one-line error
+naming the option before any work. None is always allowed (it means "the default"); it is never confused with 0.
+"""
+
+import functools
+import inspect
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of numbers; either end may be open or missing."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def parse_range(text: str) -> Range:
+    """">= 1", "> 0", "<= 5", "< 1", "[0, 1]", "(0, 1]" ..."""
+    text = text.strip()
+    bound = re.fullmatch(r"(>=|>|<=|<)\s*(\S+)", text)
+    if bound:
+        op, value = bound.group(1), float(bound.group(2))
+        return Range(low=value, low_open=op == ">") if op.startswith(">") else Range(high=value, high_open=op == "<")
+    interval = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
+    if not interval:
+        raise ValueError(f"not a range: {text!r}")
+    return Range(float(interval.group(2)), float(interval.group(3)), interval.group(1) == "(", interval.group(4) == ")")
+
+
+def check_number(name: str, value, allowed: Range) -> None:
+    """A number (or each of a list of numbers) within `allowed`; None passes. The error names the option."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is None:
+            continue
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ValueError(f"--{name} must be a number {allowed}, got {item!r}")
+        if not math.isfinite(item) or not allowed.holds(item):
+            raise ValueError(f"--{name} must be {allowed}, got {item}")
+
+
+def ranges(**declared: str) -> Callable:
+    """Decorate a command: check each named option against its range at every call, and say the range in its
+    --help text."""
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+        parsed = {name: parse_range(text) for name, text in declared.items()}
+        unknown = sorted(set(parsed) - set(signature.parameters))
+        if unknown:
+            raise TypeError(f"{function.__name__} has no options {unknown}")
+        function.__doc__ = documented(function.__doc__ or "", parsed)
+
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            for name, allowed in parsed.items():
+                check_number(name, bound.arguments[name], allowed)
+            return function(*args, **kwargs)
+
+        checked.option_ranges = parsed
+        return checked
+
+    return decorate
+
+
+def documented(doc: str, parsed: dict[str, Range]) -> str:
+    """The docstring with "(range: ...)" after each ranged option's Args entry."""
+    lines = doc.splitlines()
+    for name, allowed in parsed.items():
+        start = next((i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:")), None)
+        if start is None:
+            continue
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        end = start
+        while end + 1 < len(lines) and lines[end + 1].strip() and len(lines[end + 1]) - len(lines[end + 1].lstrip()) > indent:
+            end += 1
+        lines[end] += f" (range: {allowed})"
+    return "\n".join(lines)

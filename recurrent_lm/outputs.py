@@ -1,0 +1,189 @@
+"""Where commands write: one rule for every output path, in one place.
+
+Every `rlm` command that writes (export, sweep, compare, demo, lm-eval, label-steps, tasks export, select-traces,
+tokenizer train / tasks, retrofit, convert-huginn, and the exported model of train / finetune) claims its target
+with `claimed_output` before any work:
+
+- the target's shape is checked: a file where a folder belongs, or the reverse, is a one-line error naming the
+  option;
+- an existing non-empty target is refused unless `overwrite`, which then replaces it whole (no file of the old
+  content survives);
+- the target is never one of the command's inputs, nor a folder that holds one (replacing it would destroy it);
+- a target that a live run holds is refused (a lock file beside it names the holder's pid; a lock left by a
+  killed run is taken over);
+- everything is written into a staging path beside the target, which replaces the target only when the command
+  finished: a failure leaves the target as it was and no temporary file behind, and nothing prints "wrote" before
+  the target holds it.
+
+A command interrupted (Ctrl-C) may keep what it finished: it writes that into the staging path, marked incomplete,
+and calls `Output.keep()`; the interrupt then goes on as `Interrupted`, which the CLI reports in one line (exit 130).
+"""
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+STAGING_SUFFIX = ".partial"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a one-line account of what was kept (the CLI prints it and exits with 130)."""
+
+
+class Output:
+    """A claimed output: write into `path` (the staging path); `target` is where it lands."""
+
+    def __init__(self, path: Path, target: Path):
+        self.path, self.target, self.kept = path, target, False
+
+    def keep(self) -> None:
+        """Move what was written into the target even though the command is ending with an exception (an
+        interrupted run's finished part, marked incomplete by the command)."""
+        self.kept = True
+
+
+def check_output_path(path: Path, kind: Literal["dir", "file"], option: str) -> None:
+    """A file where a folder belongs (or the reverse), at the target or at any folder above it, is an error."""
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a folder")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path} is a file; give a folder to write into")
+    if kind == "file" and path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file path to write (e.g. {path / 'out.jsonl'})")
+
+
+def check_not_an_input(path: Path, inputs: Iterable[str | Path | None], option: str) -> None:
+    """The output may not be an input, nor a folder that holds one."""
+    target = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            what = "is" if source == target else "holds"
+            raise ValueError(f"{option} {path} {what} one of this command's inputs ({given}); write somewhere else")
+
+
+def is_nonempty(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+@contextlib.contextmanager
+def claimed_output(path: str | Path, *, option: str, kind: Literal["dir", "file"] = "dir", overwrite: bool = False,
+                   inputs: Iterable[str | Path | None] = (), command: str = "rlm") -> Iterator[Output]:
+    """Claim `path` for this run (the checks above, then its lock) and yield an Output whose staging path the
+    command writes into; on success it replaces `path` whole. `option` names the path in errors (e.g. "--out")."""
+    path = Path(path)
+    check_output_path(path, kind, option)
+    check_not_an_input(path, inputs, option)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with held_lock(path.with_name(f".{path.name}.lock"), f"{option} {path}", command):
+        if is_nonempty(path) and not overwrite:
+            raise FileExistsError(f"{option} {path} already exists and is not empty; pass --overwrite to replace "
+                                  "it, or write somewhere else")
+        remove_stale_staging(path)
+        staging = path.with_name(f".{path.name}.{os.getpid()}{STAGING_SUFFIX}")
+        if kind == "dir":
+            staging.mkdir()
+        output = Output(staging, path)
+        try:
+            yield output
+        except BaseException:
+            if not output.kept:
+                remove(staging)
+                raise
+            commit(staging, path)
+            raise
+        commit(staging, path)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """An input text file's content; a folder or a file that is not UTF-8 text is a one-line error naming it (the
+    output rule's other side: whatever a command reads, it names when it cannot)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {error.start}): give a JSONL file") from None
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """A text file written whole or not at all: a temporary file beside it, renamed into place (removed if the
+    write fails)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def commit(staging: Path, target: Path) -> None:
+    """Put the staging path in the target's place; the old target (if any) is removed whole."""
+    if not staging.exists():  # the command wrote nothing (a file output it chose not to write)
+        return
+    if target.is_dir():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)  # a file (or nothing) is replaced in one step
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Staging paths and half-swapped old targets that a killed run left beside `path` (we hold its lock, so no
+    live run owns them)."""
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        if leftover.name.endswith((STAGING_SUFFIX, ".old")):
+            remove(leftover)
+
+
+@contextlib.contextmanager
+def held_lock(lock: Path, what: str, command: str = "rlm") -> Iterator[None]:
+    """Hold `lock` (a file holding this process's pid) while the block runs. A lock that names a live process is
+    an error naming `what` and the holder; one left by a dead process is taken over."""
+    holder = lock_holder(lock)
+    if holder is not None:
+        raise FileExistsError(f"{what} is in use by another {command} (pid {holder}); wait for it, or write "
+                              "somewhere else")
+    lock.unlink(missing_ok=True)  # no live holder: a lock left by a killed run, if any
+    try:
+        with open(lock, "x") as file:  # exclusive creation: of two runs starting together, one gets the lock
+            file.write(str(os.getpid()))
+    except FileExistsError:
+        raise FileExistsError(f"{what} is in use by another {command} that has just started; wait for it, or write "
+                              "somewhere else") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The pid of the live process that holds the lock, or None (no lock, or one left by a dead process)."""
+    try:
+        pid = int(lock.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, owned by another user
+        return pid
+    return pid
