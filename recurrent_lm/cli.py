@@ -4,7 +4,6 @@ lists every option with its type, default and documentation. `rlm train` and `rl
 parsers."""
 
 import inspect
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from .eval.demo import demo
 from .eval.lm_eval import lm_eval_sweep
 from .eval.step_labels import label_steps
 from .eval.sweep import sweep
+from .options import parse_error_line
 from .retrofit import retrofit
 from .train.cli import export, train_main
 from .train.divergence import TrainingDiverged
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     reported(command, lambda: check_config_files(argv))
     try:
         config = build_parser().parse_args(argv)
-    except ArgumentError as error:  # jsonargparse's own message, on one line, with the option's name as typed
-        message = re.sub(r'Parser key "([^"]+)"', r"--\1", " ".join(str(error).split()))
-        sys.exit(f"rlm {command}: error: {message} (rlm {command} --help lists the options)".replace("rlm rlm", "rlm"))
+    except ArgumentError as error:  # jsonargparse's own message, on one line
+        sys.exit(f"rlm {command}: error: {parse_error_line(error)} (rlm {command} --help lists the options)"
+                 .replace("rlm rlm", "rlm"))
     options = config
     for name in path:
         options = options[name]

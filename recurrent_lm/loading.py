@@ -1,10 +1,6 @@
 """Loading a trained model and its tokenizer from a directory (or a shipped checkpoint's name), with clear errors
-for anything else; and writing a converted model directory all at once (written_atomically)."""
+for anything else (config.json, weights that are not safetensors or not finite)."""
 
-import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,22 +46,6 @@ def safetensors_files(directory: Path, name: str | Path, hint: str = "") -> list
         raise ValueError(f"{name} holds no safetensors weights{found}: recurrent-lm loads safetensors and never "
                          "unpickles")
     return weights
-
-
-@contextlib.contextmanager
-def written_atomically(dst: Path):
-    """A temporary directory beside `dst` to write a model directory into: when the block ends it replaces `dst`
-    (a reader never sees a half-written one); if the block fails it is removed and `dst` stays as it was."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        yield work
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def load_model(path: str | Path):

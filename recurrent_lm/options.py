@@ -99,3 +99,17 @@ def documented(doc: str, parsed: dict[str, Range]) -> str:
             end += 1
         lines[end] += f" (range: {allowed})"
     return "\n".join(lines)
+
+
+def parse_error_line(error: Exception) -> str:
+    """A command-line parser's error (jsonargparse's are several lines, and name "Parser key" for an option) as one
+    line naming the option as it is typed."""
+    message = re.sub(r'Parser key "([^"]+)"', r"--\1", " ".join(str(error).split()))
+    # an Optional option's error lists why each member of the union failed: the None member's reason says nothing
+    head, union, reasons = message.partition(" Does not validate against any of the Union subtypes")
+    if union:
+        reasons, _, given = reasons.partition(" Given value type:")
+        kept = [r.strip() for r in reasons.split(" - ")[1:] if "NoneType" not in r]
+        value = given.partition(" Given value: ")[2]
+        message = f"{head} {'; '.join(kept)}" + (f", got {value}" if value and "NestedArg" not in value else "")
+    return message

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from .config import ROPE_SCALINGS, RecurrentConfig
+from .config import ROPE_SCALINGS, RecurrentConfig, read_config_json
 from .loading import safetensors_files
 from .options import ranges
 from .outputs import claimed_output
@@ -51,7 +51,7 @@ def read_source_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{src} is not a transformers model directory: it has no config.json")
-    kind = json.loads(path.read_text()).get("model_type")
+    kind = read_config_json(path).get("model_type")
     if kind not in SUPPORTED_FAMILIES:
         raise ValueError(f"{src} holds a {kind!r} model; rlm retrofit supports decoder-only families with standard "
                          f"decoder layers: {', '.join(SUPPORTED_FAMILIES)}")

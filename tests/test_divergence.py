@@ -73,8 +73,8 @@ def test_a_nan_loss_stops_the_run_at_its_step(tmp_path):
                    "--trainer.callbacks+=tests.test_divergence.BlankLabelsAt", "--trainer.callbacks.init_args.step", "7")
     last = root / "checkpoints" / "last.ckpt"
     one_line_error(result, f"rlm train: error: the loss is nan at step 7 (the run diverged): the last good checkpoint, "
-                           f"{last} (step 5), is kept; nothing was exported; lower model.learning_rate or resume from "
-                           "it (--ckpt_path last)")
+                           f"{last} (step 5), is kept; nothing was exported; train again with a lower "
+                           "model.learning_rate (--overwrite true replaces this run)")
     assert finite_checkpoint(last) == 5
     assert not (root / "model").exists() and "exported" not in result.stdout
     assert not (root / "run.lock").exists()
@@ -106,6 +106,7 @@ def test_a_learning_rate_of_1e30_stops_rlm_train_with_exit_1(tmp_path):
     assert line.startswith("rlm train: error: the loss is ") and "(the run diverged)" in line, line
     step = int(line.split(" at step ")[1].split(" ")[0])
     assert finite_checkpoint(root / "checkpoints" / "last.ckpt") <= step
+    assert all(finite_checkpoint(path) <= step for path in (root / "checkpoints").glob("*.ckpt"))
     assert not (root / "model").exists() and not (root / "run.lock").exists()
 
 

@@ -226,11 +226,11 @@ def test_select_traces_keeps_what_the_rules_say(tmp_path):
     assert "diversity: 4 kept over 3 domains (round-robin), 2 dropped" in result.stdout
     assert json.loads(out.read_text().splitlines()[0]) == row("a2", 30, "chain")  # rows kept as they were
     # one domain: simply the longest; s1's uniform-domain sampling is a pure function of its seed
-    assert select_traces(str(pool), out, n=2, domain_field=None)["kept"] == 2
+    assert select_traces(str(pool), out, n=2, domain_field=None, overwrite=True)["kept"] == 2
     assert [json.loads(r)["question"] for r in out.read_text().splitlines()] == ["b2", "a2"]
     picks = []
     for _ in range(2):
-        select_traces(str(pool), out, n=5, diversity="uniform-domain", seed=3)
+        select_traces(str(pool), out, n=5, diversity="uniform-domain", seed=3, overwrite=True)
         picks.append([json.loads(r)["question"] for r in out.read_text().splitlines()])
     assert picks[0] == picks[1] and len(set(picks[0])) == 5 and set(picks[0]) <= {"a1", "a2", "a3", "b1", "b2", "c1"}
     # s1's rule: a domain uniformly at random, then a trace of it with weight 2^-rank (longest first)
@@ -244,7 +244,7 @@ def test_select_traces_keeps_what_the_rules_say(tmp_path):
     expected = {"a2": 1 / 3 * 4 / 7, "a3": 1 / 3 * 2 / 7, "a1": 1 / 3 * 1 / 7, "b1": 1 / 3, "c1": 1 / 3}
     assert all(abs(share[q] - expected[q]) < 0.03 for q in expected), share
     # fewer traces than asked: all that pass, said so
-    result = rlm("select-traces", "--pool", str(pool), "--out", str(out), "--n", "100")
+    result = rlm("select-traces", "--pool", str(pool), "--out", str(out), "--n", "100", "--overwrite")
     assert "only 6 traces pass the rules" in result.stdout and len(out.read_text().splitlines()) == 6
 
 
@@ -257,7 +257,7 @@ def test_select_traces_with_a_task_checks_answers(tmp_path):
     out = tmp_path / "selected.jsonl"
     kept = select_traces(str(pool), out, n=10, task="chain")
     assert kept["kept"] == 2 and kept["dropped"] == {"unparseable": 1}
-    kept = select_traces(str(pool), out, n=10, task="chain", require_correct=True)
+    kept = select_traces(str(pool), out, n=10, task="chain", require_correct=True, overwrite=True)
     assert kept["kept"] == 1 and kept["dropped"] == {"unparseable": 1, "wrong": 1}
 
 
@@ -271,7 +271,7 @@ def test_select_traces_keeps_the_problems_the_model_fails(tmp_path):
     pool = write_jsonl(tmp_path / "pool.jsonl", rows)
     out = tmp_path / "hard.jsonl"
     for checked in ({"task": "permutation"}, {}):
-        kept = select_traces(str(pool), out, n=10, model=Path("demo-cot"), budget=16, **checked)
+        kept = select_traces(str(pool), out, n=10, model=Path("demo-cot"), budget=16, overwrite=True, **checked)
         assert kept["dropped"].get("solved") == 2, kept
         assert [json.loads(r)["question"] for r in out.read_text().splitlines()] == [r["question"] for r in rows[2:]]
 

@@ -185,3 +185,21 @@ def test_ctrl_c_in_training_keeps_the_last_checkpoint_exports_nothing_and_exits_
 
 def test_interrupted_is_a_keyboard_interrupt():
     assert issubclass(Interrupted, KeyboardInterrupt)  # code that catches Ctrl-C catches it too
+
+
+def test_training_overwrite_replaces_an_earlier_run(tmp_path):
+    from .test_train import quick_train
+
+    root = tmp_path / "run"
+    assert quick_train("--trainer.default_root_dir", str(root)).returncode == 0
+    (root / "checkpoints" / "stale.ckpt").write_text("an earlier run's")
+    export = tmp_path / "elsewhere"
+    export.mkdir()
+    (export / "keep.txt").write_text("not this run's")
+    refused = quick_train("--trainer.default_root_dir", str(tmp_path / "new"), "--export_dir", str(export))
+    one_line_error(refused, "--export_dir", "already exists and is not empty")
+    assert not (tmp_path / "new" / "checkpoints").exists()  # refused before training
+    again = quick_train("--trainer.default_root_dir", str(root), "--overwrite", "true")
+    assert again.returncode == 0, again.stderr
+    assert not (root / "checkpoints" / "stale.ckpt").exists() and (root / "model" / "model.safetensors").is_file()
+    assert leftovers(root) == []

@@ -109,7 +109,7 @@ def test_bad_sources_and_splits_are_one_line_errors(tmp_path, capsys):
         (["--prelude", "1", "--core", "1", "--coda", "1"], "does not add up to the source's 4 layers"),
         (["--prelude", "1", "--core", "2", "--coda", "1", "--layers", "0-2"], "picks 3 layers"),
         (["--prelude", "1", "--core", "2", "--coda", "1", "--layers", "0-2,9"], "layer 9 does not exist"),
-        (["--prelude", "1", "--core", "0", "--coda", "1"], "--core >= 1"),
+        (["--prelude", "1", "--core", "0", "--coda", "1"], "--core must be >= 1, got 0"),
     ]
     for options, message in cases:
         with pytest.raises(SystemExit) as error:

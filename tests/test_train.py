@@ -98,17 +98,17 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert len(logged(root, "train/loss")) > 0
 
 
-def test_misspelt_or_ill_typed_config_fields_are_named(tmp_path, capsys):
-    for args, name in [(["--model.architecture.hiden_size", "64"], "hiden_size"), (["--model.learning_rate", "fast"], "learning_rate"),
-                       (["--data.batch_sise", "3"], "batch_sise")]:
-        with pytest.raises(SystemExit):
-            train(tmp_path, *args)
-        assert name in capsys.readouterr().err
+def test_misspelt_or_ill_typed_config_fields_are_named(tmp_path):
+    from .test_cli import one_line_error
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  architecture:\n    num_core_layrs: 2\n")
-    with pytest.raises(SystemExit):
-        train(tmp_path, "--config", str(bad))
-    assert "num_core_layrs" in capsys.readouterr().err
+    for args, name in [(["--model.architecture.hiden_size", "64"], "Option 'hiden_size' is not accepted"),
+                       (["--model.learning_rate", "fast"], "--model.learning_rate: Expected a <class 'float'>"),
+                       (["--data.batch_sise", "3"], "batch_sise"), (["--config", str(bad)], "num_core_layrs")]:
+        one_line_error(quick_train("--trainer.default_root_dir", str(tmp_path / "run"), *args), name, "rlm train: error")
+    with pytest.raises(ValueError, match="hiden_size"):  # from Python: a ValueError, as every bad input
+        train(tmp_path, "--model.architecture.hiden_size", "64")
 
 
 def test_resume_from_another_architecture_is_a_clear_error(tmp_path):
@@ -210,7 +210,10 @@ def test_language_model_training_leaves_a_gate_alone():
 
 @pytest.mark.parametrize("args, message", [
     (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer"),
-    (["--model.architecture.hidden_size", "63"], "model.architecture: RecurrentConfig.hidden_size (63) is not divisible"),
+    (["--model.architecture.hidden_size", "63"],
+     "model.architecture: field 'num_attention_heads': hidden_size (63) is not divisible"),
+    (["--model.architecture.rope_theta", "-1"], "model.architecture: field 'rope_theta': rope_theta must be a finite"),
+    (["--model.learning_rate", "fast"], "--model.learning_rate: Expected a <class 'float'>. Got value: fast"),
     (["--model.learning_rate", "-1"], "model.learning_rate must be > 0, got -1"),
     (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
 ])

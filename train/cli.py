@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -29,7 +30,8 @@ from lightning.pytorch.cli import LightningCLI
 from transformers import AutoTokenizer
 
 from recurrent_lm import RecurrentLM
-from recurrent_lm.loading import load_tokenizer
+from recurrent_lm.loading import load_tokenizer, require_finite_weights
+from recurrent_lm.options import parse_error_line
 from recurrent_lm.outputs import Interrupted, check_output_path, claimed_output, held_lock
 from recurrent_lm.recipes import resolve_recipe
 from recurrent_lm.tasks import task_tokenizer
@@ -79,12 +81,16 @@ class RunCLI(LightningCLI):
                 init_args.save_dir = trainer.default_root_dir
 
     def instantiate_trainer(self, **kwargs):
-        plugins = kwargs.get("plugins") or []
-        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        # kwargs replace the config's own trainer options: extend the config's plugins and callbacks, never drop them
+        configured = self._get(self.config_init, "trainer", default={})
+
+        def extended(name: str, extra) -> list:
+            given = kwargs.get(name, configured.get(name))
+            return [*([] if given is None else given if isinstance(given, list) else [given]), extra]
+
+        kwargs["plugins"] = extended("plugins", AtomicCheckpointIO())
         # a non-finite loss or gradient stops the run, whatever callbacks the config lists (train/divergence.py)
-        callbacks = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks"))
-        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
-        kwargs["callbacks"] = [*callbacks, StopOnDivergence()]
+        kwargs["callbacks"] = extended("callbacks", StopOnDivergence())
         return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -113,9 +119,11 @@ def build_cli(cli_class: type[RunCLI], module_class, data_class, argv: list[str]
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         return cli_class(module_class, data_class, args=with_recipe_paths(argv), run=False, seed_everything_default=0,
-                         save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})
+                         save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog, "exit_on_error": False})
     except MisconfigurationException as error:  # Lightning's own check of a trainer option: one line
         raise ValueError(f"trainer: {error}") from None
+    except ArgumentError as error:  # a misspelt or ill-typed option: jsonargparse's message, on one line
+        raise ValueError(f"{parse_error_line(error)} ({prog} --help lists the options)") from None
 
 
 def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
@@ -125,6 +133,8 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
     trainer = cli.trainer
     root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
     overwrite = bool(cli.config.get("overwrite"))
+    if trainer.max_steps == 0 or trainer.max_steps < -1:  # -1 is Lightning's "no limit" (the schedule refuses it)
+        raise ValueError(f"--trainer.max_steps must be >= 1, got {trainer.max_steps}")
     check_output_path(root, "dir", "--trainer.default_root_dir")
     if ckpt_path is not None and overwrite:
         raise ValueError("--overwrite replaces the run that --ckpt_path would resume: give one of them")
@@ -289,6 +299,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
     else:  # FSDP2's sharded checkpoint: the metadata above, the weights in shards beside it
         load_sharded_weights(Path(checkpoint), model)
+    require_finite_weights(model, checkpoint)  # a diverged run's weights never become a model directory
     data = state.get("datamodule_hyper_parameters", {})
     tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"]) if data.get("tokenizer") else task_tokenizer(data["tasks"])
     return save_model_dir(model, tokenizer, out)

@@ -124,13 +124,14 @@ class StopOnDivergence(Callback):
 
     def _diverged(self, trainer, what: str) -> TrainingDiverged:
         kept = self._kept_checkpoint(trainer)
+        # a resume replays the same batches and depth draws (and restores the optimizer's learning rate), so the
+        # advice is a fresh run; the kept checkpoint is for inspection or a deliberate resume
+        advice = "train again with a lower model.learning_rate (--overwrite true replaces this run)"
         if kept is None:
-            where, advice = "no checkpoint was saved before it", "lower model.learning_rate"
+            where = "no checkpoint was saved before it"
         else:
             path, step = kept
-            resume = "last" if Path(path) == Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt" else path
             where = f"the last good checkpoint, {path} (step {step}), is kept"
-            advice = f"lower model.learning_rate or resume from it (--ckpt_path {resume})"
         return TrainingDiverged(f"{what} (the run diverged): {where}; nothing was exported; {advice}")
 
     def _kept_checkpoint(self, trainer) -> tuple[str, int] | None:

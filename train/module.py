@@ -13,12 +13,11 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import StrictDataclassError
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
-from recurrent_lm.config import PRESETS
+from recurrent_lm.config import PRESETS, ConfigFieldError
 from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
 from recurrent_lm.loading import load_config, load_model
 
@@ -48,9 +47,8 @@ def build_config(spec) -> RecurrentConfig:
     fields = {name: value for name, value in dataclasses.asdict(spec).items() if value is not None and name != "preset"}
     try:
         return RecurrentConfig.preset(spec.preset, **fields) if spec.preset else RecurrentConfig(**fields)
-    except StrictDataclassError as error:  # huggingface_hub's validation error wraps the config's own message
-        cause = error.__cause__ or error
-        raise ValueError(f"model.architecture: {str(cause).strip().splitlines()[-1].strip()}") from None
+    except ConfigFieldError as error:  # named as the recipe names it
+        raise error.read_from("model.architecture") from None
 
 
 def resolved_spec(config: RecurrentConfig) -> "ArchitectureSpec":

@@ -1,0 +1,134 @@
+"""Every numeric option has a documented range (recurrent_lm.options), refused before any work when outside it;
+config files and option values that a parser would turn into a traceback are one line."""
+
+import inspect
+import typing
+
+import pytest
+
+from recurrent_lm.cli import COMMANDS
+from recurrent_lm.options import Range, check_number, parse_range, ranges
+
+from .test_cli import one_line_error, rlm
+
+NUMBERS = (int, float)
+
+
+def commands(entries=COMMANDS, prefix=""):
+    for name, entry in entries.items():
+        if isinstance(entry, dict):
+            yield from commands(entry, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", entry[0]
+
+
+def numeric(annotation) -> bool:
+    """int, float, their Optional forms and lists of them (bool is no number here)."""
+    if annotation in NUMBERS:
+        return True
+    return any(numeric(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+
+
+@pytest.mark.parametrize("name,function", list(commands()), ids=[name for name, _ in commands()])
+def test_every_numeric_option_has_a_documented_range(name, function):
+    declared = getattr(function, "option_ranges", {})
+    options = [p for p, parameter in inspect.signature(function).parameters.items() if numeric(parameter.annotation)]
+    assert sorted(options) == sorted(declared), f"rlm {name}: options without a range: {set(options) - set(declared)}"
+    doc = inspect.getdoc(function)
+    for option, allowed in declared.items():
+        assert f"(range: {allowed})" in doc, f"rlm {name} --{option}: its range is not in --help"
+
+
+def test_ranges_parse_hold_and_print():
+    assert parse_range(">= 1") == Range(low=1) and str(Range(low=1)) == ">= 1"
+    assert str(parse_range("(0, 1]")) == "in (0, 1]"
+    assert parse_range("(0, 1]").holds(1) and not parse_range("(0, 1]").holds(0)
+    assert parse_range("> 0").holds(1e-9) and not parse_range("> 0").holds(0)
+    with pytest.raises(ValueError, match="--top_p must be in \\(0, 1\\], got nan"):
+        check_number("top_p", float("nan"), parse_range("(0, 1]"))
+    with pytest.raises(ValueError, match="--thresholds must be >= 0, got inf"):
+        check_number("thresholds", [0.1, float("inf")], parse_range(">= 0"))
+    check_number("n", None, parse_range(">= 1"))  # None is the default, never a value out of range
+
+
+def test_a_range_is_checked_from_python_too():
+    @ranges(n=">= 1")
+    def count(n: int = 3) -> int:
+        """Count.
+
+        Args:
+            n: how many.
+        """
+        return n
+
+    assert count() == 3 and count(n=5) == 5
+    with pytest.raises(ValueError, match="--n must be >= 1, got 0"):
+        count(0)
+    assert "n: how many. (range: >= 1)" in count.__doc__
+    with pytest.raises(TypeError, match="no options"):
+        ranges(m=">= 1")(count)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--adaptive_max_steps", "0"),
+     "--adaptive_max_steps must be >= 1, got 0"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--dynamics", "-1"), "--dynamics must be >= 0, got -1"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--batch_size", "0"), "--batch_size must be >= 1, got 0"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_prompt_steps", "-1"),
+     "--exit_prompt_steps must be >= 1, got -1"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--difficulties", "8-1"),
+     "--difficulties: '8-1' is a descending range; write 1-8"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_thresholds", "[0.1, -1]"),
+     "--exit_thresholds must be >= 0, got -1"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--n", "x"), "--n: Expected a <class 'int'>. Got value: x"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--adaptive_max_steps", "x"),
+     "--adaptive_max_steps: Expected a <class 'int'>, got x"),
+    (("tasks", "sample", "chain", "--n", "-1"), "--n must be >= 1, got -1"),
+    (("generate", "--model", "demo-latent", "--prompt", "a", "--init_scale", "-5"), "--init_scale must be >= 0, got -5"),
+    (("generate", "--model", "demo-latent", "--prompt", "a", "--temperature", "nan"),
+     "--temperature: Expected a <class 'float'>. Got value: nan"),
+    (("generate", "--model", "demo-latent", "--prompt", "a", "--temperature", "0"), "--temperature must be > 0, got 0"),
+    (("generate", "--model", "demo-latent", "--prompt", "a", "--min_steps", "100", "--num_steps", "4"),
+     "min_steps (100) > max steps (num_steps = 4)"),
+    (("compare", "--latent", "demo-latent", "--cot", "demo-cot", "--task", "chain", "--beam_width", "0"),
+     "--beam_width must be >= 1, got 0"),
+    (("train", "--config", "debug", "--trainer.max_steps", "0"), "--trainer.max_steps must be >= 1"),
+])
+def test_out_of_range_options_are_refused_before_any_work(args, message, tmp_path):
+    result = rlm(*args, *(["--out", str(tmp_path / "out")] if args[0] in ("sweep", "compare") else []))
+    one_line_error(result, message)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_exit_criterion_none_is_what_the_help_says(tmp_path):
+    out = tmp_path / "compare"
+    result = rlm("compare", "--latent", "demo-latent", "--cot", "demo-cot", "--task", "permutation",
+                 "--difficulties", "1", "--n", "2", "--steps", "1", "--budgets", "0", "--votes", "",
+                 "--methods", "latent", "--exit_criterion", "none", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "latent-exit" not in (out / "results.csv").read_text()
+
+
+def test_bad_config_and_problem_files_are_named(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    sweep = ("sweep", "--model", "demo-latent", "--out", str(tmp_path / "out"))
+    one_line_error(rlm(*sweep, "--config", str(binary)), f"--config {binary} is not a text file")
+    one_line_error(rlm(*sweep, "--config", str(empty)), f"--config {empty} holds nothing, not a mapping of options")
+    one_line_error(rlm(*sweep, "--config", str(listed)), f"--config {listed} holds a list")
+    one_line_error(rlm("train", "--config", str(empty)), f"--config {empty} holds nothing")
+    one_line_error(rlm(*sweep, "--config", str(tmp_path)), f"--config {tmp_path} is a folder")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_bytes(bytes(range(256)))
+    one_line_error(rlm(*sweep, "--problems", str(problems)), f"problem file {problems} is not UTF-8 text")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_lm_eval_tasks_are_named():
+    pytest.importorskip("lm_eval")
+    one_line_error(rlm("lm-eval", "--model", "demo-latent", "--tasks", "no_such_task_xyz"),
+                   "--tasks: unknown lm-eval tasks ['no_such_task_xyz']")
