@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import collate, encode_step_labels, round_trip, single_token
 from recurrent_lm.flops import causal_lm_forward_flops
-from recurrent_lm.loading import load_any_causal_lm, load_tokenizer
+from recurrent_lm.loading import load_any_causal_lm, load_tokenizer, model_type, require_finite_weights
 from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 
 CONVENTIONS = ("step-tag", "token-classification", "sequence-classification")
@@ -135,6 +135,7 @@ def load_reward_model(path: str | Path, convention: Literal["auto", "step-tag", 
     path = Path(path)
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise ValueError(f"{path} holds no reward model (a config.json and safetensors weights)")
+    model_type(path)  # a config.json that does not parse is one line naming it
     if convention == "auto":
         architectures = " ".join(AutoConfig.from_pretrained(path).architectures or [])
         convention = ("token-classification" if "ForTokenClassification" in architectures else
@@ -146,10 +147,12 @@ def load_reward_model(path: str | Path, convention: Literal["auto", "step-tag", 
         return StepTagRewardModel(load_any_causal_lm(path), tokenizer, tag, good, bad, batch_size)
     if convention == "token-classification":
         single_token(tokenizer, tag, "step separator")
-        return TokenClassificationRewardModel(AutoModelForTokenClassification.from_pretrained(path), tokenizer, tag,
-                                              batch_size)
-    return SequenceClassificationRewardModel(AutoModelForSequenceClassification.from_pretrained(path), tokenizer, tag,
-                                             batch_size)
+        model = AutoModelForTokenClassification.from_pretrained(path)
+        require_finite_weights(model, path)
+        return TokenClassificationRewardModel(model, tokenizer, tag, batch_size)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    require_finite_weights(model, path)
+    return SequenceClassificationRewardModel(model, tokenizer, tag, batch_size)
 
 
 

@@ -31,7 +31,7 @@ def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bo
     print(f"wrote {out}")
 
 
-@ranges(num_steps=">= 1", max_new_tokens=">= 1", exit_threshold=">= 0", min_steps=">= 1", draft_steps=">= 1", draft_length=">= 1",
+@ranges(num_steps=">= 1", max_new_tokens=">= 0", exit_threshold=">= 0", min_steps=">= 1", draft_steps=">= 1", draft_length=">= 1",
         core_slots=">= 1", temperature="> 0", top_p="(0, 1]", init_scale=">= 0", seed=">= 0")
 def generate(
     model: Path,

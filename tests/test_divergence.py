@@ -190,3 +190,16 @@ def test_a_weight_overflowed_by_finite_gradients_is_never_checkpointed(tmp_path)
     for hook in (callback.on_save_checkpoint, lambda trainer, module, _: callback.on_train_end(trainer, module)):
         with pytest.raises(TrainingDiverged, match=r"^the weight layer\.bias is inf after step 3 \(the run diverged\)"):
             hook(trainer, module, {})
+
+
+def test_export_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
+    result = rlm("train", "--config", DEBUG, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                 "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    name = next(iter(state["state_dict"]))
+    state["state_dict"][name].view(-1)[0] = float("nan")
+    broken = tmp_path / "broken.ckpt"
+    torch.save(state, broken)
+    one_line_error(rlm("export", str(broken), str(tmp_path / "model")), f"{broken} holds non-finite weights")
+    assert not (tmp_path / "model").exists()

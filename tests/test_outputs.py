@@ -203,3 +203,34 @@ def test_training_overwrite_replaces_an_earlier_run(tmp_path):
     assert again.returncode == 0, again.stderr
     assert not (root / "checkpoints" / "stale.ckpt").exists() and (root / "model" / "model.safetensors").is_file()
     assert leftovers(root) == []
+
+
+def test_ctrl_c_in_compare_keeps_the_finished_cells(tmp_path, monkeypatch):
+    import recurrent_lm.eval.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "LatentDepth", lambda *args: InterruptedAfter())
+    out = tmp_path / "compare"
+    result = rlm("compare", "--latent", "demo-latent", "--cot", "demo-cot", "--task", "permutation", "--difficulties",
+                 "1", "--n", "2", "--methods", "latent", "--exit_criterion", "none", "--votes", "", "--out", str(out))
+    assert result.returncode == 130 and "rlm compare: interrupted: kept the 1 of 3 cells" in result.stderr
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["complete"] is False and kept["methods"] == ["latent"] and len(kept["rows"]) == 1
+
+
+def test_ctrl_c_in_the_demo_keeps_the_finished_studies(tmp_path, monkeypatch):
+    import recurrent_lm.eval.demo as demo_module
+
+    def run_study(study, out, *args):
+        if study.name != demo_module.STUDIES[0].name:
+            raise KeyboardInterrupt
+        (out / study.name).mkdir()
+        return {"findings": ["measured"]}
+
+    monkeypatch.setattr(demo_module, "run_study", run_study)
+    out = tmp_path / "demo"
+    result = rlm("demo", "--out", str(out))
+    assert result.returncode == 130
+    assert f"rlm demo: interrupted: kept the 1 of {len(demo_module.STUDIES)} studies" in result.stderr
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["complete"] is False and list(kept["studies"]) == [demo_module.STUDIES[0].name]
+    assert not (out / "report.md").exists() and leftovers(tmp_path) == []
