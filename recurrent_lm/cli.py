@@ -100,7 +100,8 @@ def argument_help(doc: str, name: str) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="rlm", exit_on_error=False, description="recurrent-lm: recurrent-depth language models. "
+    parser = ArgumentParser(prog="rlm", exit_on_error=False,  # its errors become one line in main
+                            description="recurrent-lm: recurrent-depth language models. "
                             "Every subcommand takes --config FILE.yaml; `rlm SUBCOMMAND --help` lists its options.")
     _add_commands(parser, COMMANDS, dest="command")
     return parser

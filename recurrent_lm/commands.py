@@ -31,8 +31,8 @@ def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bo
     print(f"wrote {out}")
 
 
-@ranges(num_steps=">= 1", max_new_tokens=">= 0", exit_threshold=">= 0", min_steps=">= 1", draft_steps=">= 1", draft_length=">= 1",
-        core_slots=">= 1", temperature="> 0", top_p="(0, 1]", init_scale=">= 0", seed=">= 0")
+@ranges(num_steps=">= 1", max_new_tokens=">= 0", exit_threshold=">= 0", min_steps=">= 1", draft_steps=">= 1",
+        draft_length=">= 1", core_slots=">= 1", temperature="> 0", top_p="(0, 1]", init_scale=">= 0", seed=">= 0")
 def generate(
     model: Path,
     prompt: str,
@@ -186,7 +186,8 @@ def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency
         overwrite: replace an existing `out`.
     """
     paths = [match for pattern in files.split(",") for match in (sorted(glob.glob(pattern.strip())) or [pattern.strip()])]
-    with claimed_output(out, option="--out", overwrite=overwrite, inputs=paths, command="rlm tokenizer train") as output:
+    with claimed_output(out, option="--out", overwrite=overwrite, inputs=paths,
+                        command="rlm tokenizer train") as output:
         tokenizer = train_bpe_tokenizer(paths, vocab_size, min_frequency)
         tokenizer.save_pretrained(output.path)
     print(f"wrote a {len(tokenizer)}-token BPE tokenizer to {out}")

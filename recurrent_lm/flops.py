@@ -72,7 +72,8 @@ def generation_flops(config: RecurrentConfig, prompt_length: int, steps_per_toke
         return FlopCount(0, 0)
     lens = list(lens_decodes) if lens_decodes is not None else [0] * len(steps)
     gates = list(gate_checks) if gate_checks is not None else [0] * len(steps)
-    total = forward_flops(config, prompt_steps if prompt_steps is not None else steps[0], prompt_length, 0, batch_size, logit_tokens=1,
+    prompt_depth = prompt_steps if prompt_steps is not None else steps[0]
+    total = forward_flops(config, prompt_depth, prompt_length, 0, batch_size, logit_tokens=1,
                           lens_decodes=prompt_lens_decodes, gate_checks=prompt_gate_checks)
     for i, token_steps in enumerate(steps[1:]):
         total = total + forward_flops(config, token_steps, 1, prompt_length + i, batch_size, lens_decodes=lens[i + 1],

@@ -93,12 +93,16 @@ def documented(doc: str, parsed: dict[str, Range]) -> str:
         start = next((i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:")), None)
         if start is None:
             continue
-        indent = len(lines[start]) - len(lines[start].lstrip())
+        indent = indent_of(lines[start])
         end = start
-        while end + 1 < len(lines) and lines[end + 1].strip() and len(lines[end + 1]) - len(lines[end + 1].lstrip()) > indent:
+        while end + 1 < len(lines) and lines[end + 1].strip() and indent_of(lines[end + 1]) > indent:
             end += 1
         lines[end] += f" (range: {allowed})"
     return "\n".join(lines)
+
+
+def indent_of(line: str) -> int:
+    return len(line) - len(line.lstrip())
 
 
 def parse_error_line(error: Exception) -> str:
