@@ -60,27 +60,32 @@ def check_number(name: str, value, allowed: Range) -> None:
             raise ValueError(f"--{name} must be {allowed}, got {item}")
 
 
-def ranges(**declared: str) -> Callable:
-    """Decorate a command: check each named option against its range at every call, and say the range in its
-    --help text."""
+def ranges(prefix: str = "", **declared: str) -> Callable:
+    """Decorate a command (or a class whose __init__ takes options, as LightningCLI's modules do): check each named
+    option against its range at every call, and say the range in its --help text. `prefix` is how the command line
+    spells the options' section (e.g. "model." for `--model.learning_rate`)."""
 
-    def decorate(function: Callable) -> Callable:
+    def decorate(target: Callable) -> Callable:
+        function = target.__init__ if isinstance(target, type) else target
         signature = inspect.signature(function)
         parsed = {name: parse_range(text) for name, text in declared.items()}
         unknown = sorted(set(parsed) - set(signature.parameters))
         if unknown:
-            raise TypeError(f"{function.__name__} has no options {unknown}")
-        function.__doc__ = documented(function.__doc__ or "", parsed)
+            raise TypeError(f"{target.__name__} has no options {unknown}")
+        target.__doc__ = documented(target.__doc__ or "", parsed)
 
         @functools.wraps(function)
         def checked(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             for name, allowed in parsed.items():
-                check_number(name, bound.arguments[name], allowed)
+                check_number(prefix + name, bound.arguments[name], allowed)
             return function(*args, **kwargs)
 
         checked.option_ranges = parsed
+        if isinstance(target, type):
+            target.__init__ = checked
+            return target
         return checked
 
     return decorate
@@ -97,7 +102,7 @@ def documented(doc: str, parsed: dict[str, Range]) -> str:
         end = start
         while end + 1 < len(lines) and lines[end + 1].strip() and indent_of(lines[end + 1]) > indent:
             end += 1
-        lines[end] += f" (range: {allowed})"
+        lines[end] += f" (range: {str(allowed).removeprefix('in ')})"
     return "\n".join(lines)
 
 

@@ -29,14 +29,26 @@ def numeric(annotation) -> bool:
     return any(numeric(arg) for arg in typing.get_args(annotation) if arg is not type(None))
 
 
-@pytest.mark.parametrize("name,function", list(commands()), ids=[name for name, _ in commands()])
-def test_every_numeric_option_has_a_documented_range(name, function):
+def option_takers():
+    """Every command function, and the classes whose __init__ options `rlm train` and `rlm finetune` take."""
+    from recurrent_lm.train.data import RecurrentDataModule
+    from recurrent_lm.train.finetune import FinetuneModule, TraceDataModule
+    from recurrent_lm.train.module import RecurrentLMModule
+
+    yield from commands()
+    for cls in (RecurrentLMModule, RecurrentDataModule, FinetuneModule, TraceDataModule):
+        yield cls.__name__, cls
+
+
+@pytest.mark.parametrize("name,taker", list(option_takers()), ids=[name for name, _ in option_takers()])
+def test_every_numeric_option_has_a_documented_range(name, taker):
+    function = taker.__init__ if isinstance(taker, type) else taker
     declared = getattr(function, "option_ranges", {})
     options = [p for p, parameter in inspect.signature(function).parameters.items() if numeric(parameter.annotation)]
-    assert sorted(options) == sorted(declared), f"rlm {name}: options without a range: {set(options) - set(declared)}"
-    doc = inspect.getdoc(function)
+    assert sorted(options) == sorted(declared), f"{name}: options without a range: {set(options) - set(declared)}"
+    doc = inspect.getdoc(taker)
     for option, allowed in declared.items():
-        assert f"(range: {allowed})" in doc, f"rlm {name} --{option}: its range is not in --help"
+        assert f"(range: {str(allowed).removeprefix('in ')})" in doc, f"{name} --{option}: its range is not in --help"
 
 
 def test_ranges_parse_hold_and_print():
@@ -65,6 +77,21 @@ def test_a_range_is_checked_from_python_too():
     with pytest.raises(ValueError, match="--n must be >= 1, got 0"):
         count(0)
     assert "n: how many. (range: >= 1)" in count.__doc__
+
+    @ranges("model.", rate="(0, 1]")
+    class Module:
+        """A module.
+
+        Args:
+            rate: a rate.
+        """
+
+        def __init__(self, rate: float = 0.5):
+            self.rate = rate
+
+    assert Module().rate == 0.5 and "rate: a rate. (range: (0, 1])" in Module.__doc__
+    with pytest.raises(ValueError, match="--model.rate must be in \\(0, 1\\], got 2"):
+        Module(rate=2)
     with pytest.raises(TypeError, match="no options"):
         ranges(m=">= 1")(count)
 

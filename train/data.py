@@ -10,10 +10,14 @@ import random
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, encode_step_labels,
                                heldout_problems, labelled_chain, load_step_chains, text_source)
 from recurrent_lm.loading import load_tokenizer
+from recurrent_lm.options import ranges
 from recurrent_lm.special_tokens import BAD_STEP, BUDGET_ALPHABET, GOOD_STEP, STEP_TAG
 from recurrent_lm.tasks import get_task, load_jsonl, task_tokenizer
 
 
+@ranges("data.", batch_size=">= 1", seq_len=">= 2", min_difficulty=">= 1", max_difficulty=">= 1",
+        curriculum_batches=">= 0", seed=">= 0", val_difficulties=">= 1", val_problems_per_difficulty=">= 1",
+        num_workers=">= 0", step_error_rate="[0, 1]", step_chains_share="[0, 1]")
 class RecurrentDataModule(L.LightningDataModule):
     """Training and validation data.
 
@@ -67,10 +71,6 @@ class RecurrentDataModule(L.LightningDataModule):
             raise ValueError("training on text needs a tokenizer directory (rlm tokenizer train ...)")
         if text_files:
             text_source(text_files)  # a missing file fails now, not after the model and trainer are set up
-        if batch_size < 1:  # checked here, before any set-up, rather than when the first batch is drawn
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if seq_len < 2:
-            raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
         self.save_hyperparameters()
         self.curriculum = Curriculum(min_difficulty, max_difficulty, curriculum_batches)
         self.tokenizer = self._load_tokenizer()

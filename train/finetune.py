@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from recurrent_lm import RecurrentLM
 from recurrent_lm.data import HUB_PREFIX, collate
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer, model_type
+from recurrent_lm.options import ranges
 from recurrent_lm.traces import (ANSWER_FIELD, QUESTION_FIELD, THINKING_FIELD, add_thinking_delimiters, encode_trace,
                                  load_traces, pack_examples)
 
@@ -30,6 +31,8 @@ from .cli import RunCLI, build_cli, fit_and_export, keep_last_checkpoint
 from .module import lr_factor
 
 
+@ranges("model.", learning_rate="> 0", weight_decay=">= 0", betas="[0, 1)", warmup_ratio="[0, 1)", min_lr_ratio="[0, 1]",
+        num_steps=">= 1", seed=">= 0")
 class FinetuneModule(L.LightningModule):
     """Fine-tunes a causal LM (any transformers AutoModelForCausalLM directory, or a RecurrentLM) on traces.
 
@@ -54,14 +57,6 @@ class FinetuneModule(L.LightningModule):
                  weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.05,
                  min_lr_ratio: float = 0.0, num_steps: int | None = None, seed: int = 0):
         super().__init__()
-        for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
-                                         ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-                                         ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1, "in [0, 1)"),
-                                         ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]")]:
-            if not valid:
-                raise ValueError(f"model.{name} must be {rule}, got {value}")
-        if num_steps is not None and num_steps < 1:
-            raise ValueError(f"model.num_steps must be >= 1, got {num_steps}")
         self.save_hyperparameters()
         kind = model_type(model)  # checked, with the tokenizer, before the model loads (which may take minutes)
         if num_steps is not None and kind != "recurrent_lm":
@@ -109,6 +104,7 @@ class FinetuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+@ranges("data.", max_length=">= 2", batch_size=">= 1", num_workers=">= 0")
 class TraceDataModule(L.LightningDataModule):
     """Reasoning traces, rendered and encoded with the model's tokenizer (the module's, handed over by
     `rlm finetune` before training: `use_tokenizer`).
@@ -140,10 +136,6 @@ class TraceDataModule(L.LightningDataModule):
                  answer_field: str = ANSWER_FIELD, chat_template: bool = True, max_length: int = 32768,
                  pack: bool = False, batch_size: int = 16, num_workers: int = 0):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
         self.save_hyperparameters()
         fields = dict(question_field=question_field, thinking_field=thinking_field, answer_field=answer_field)
         self.train_traces = load_traces(train_files, **fields)  # a bad row fails now, before any set-up

@@ -20,6 +20,7 @@ from recurrent_lm.answering import accuracy, answer_problems
 from recurrent_lm.config import PRESETS, ConfigFieldError
 from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
 from recurrent_lm.loading import load_config, load_model
+from recurrent_lm.options import ranges
 
 from .parallel import ShardingPlan, compile_blocks, is_sharded, shard_model, uses_fsdp2
 
@@ -63,6 +64,9 @@ def saved_architecture(checkpoint: dict) -> dict | None:
     return hyper_parameters.get("architecture", hyper_parameters.get("model"))
 
 
+@ranges("model.", learning_rate="> 0", weight_decay=">= 0", betas="[0, 1)", warmup_steps=">= 0", min_lr_ratio="[0, 1]",
+        decay_fraction="(0, 1]", fixed_num_steps=">= 1", steps_per_difficulty=">= 1", extra_steps=">= 0",
+        seed=">= 0", eval_depths=">= 1", exit_gate_depth=">= 2")
 class RecurrentLMModule(L.LightningModule):
     """Trains a RecurrentLM.
 
@@ -121,21 +125,8 @@ class RecurrentLMModule(L.LightningModule):
                  recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
                  sharding: ShardingPlan = ShardingPlan(), compile: bool = False):
         super().__init__()
-        for name, value, valid, rule in [("learning_rate", learning_rate, learning_rate > 0, "> 0"),
-                                         ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
-                                         ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
-                                         ("decay_fraction", decay_fraction, 0 < decay_fraction <= 1, "in (0, 1]")]:
-            if not valid:
-                raise ValueError(f"model.{name} must be {rule}, got {value}")
-        if fixed_num_steps is not None and fixed_num_steps < 1:
-            raise ValueError(f"fixed_num_steps must be >= 1, got {fixed_num_steps}")
-        if steps_per_difficulty is not None and (steps_per_difficulty < 1 or fixed_num_steps is not None):
-            raise ValueError(f"model.steps_per_difficulty must be >= 1 and excludes fixed_num_steps, got "
-                             f"{steps_per_difficulty}")
-        if extra_steps < 0:
-            raise ValueError(f"model.extra_steps must be >= 0, got {extra_steps}")
-        if any(d < 1 for d in eval_depths):
-            raise ValueError(f"eval_depths must be >= 1, got {list(eval_depths)}")
+        if steps_per_difficulty is not None and fixed_num_steps is not None:
+            raise ValueError("model.steps_per_difficulty ties the depth to the difficulty: it excludes fixed_num_steps")
         config = self._architecture(architecture, init_from)
         if fixed_num_steps is not None:  # the model's default (eval) depth, and its init, follow the fixed depth
             config = build_config(dataclasses.replace(
@@ -161,8 +152,6 @@ class RecurrentLMModule(L.LightningModule):
                 raise ValueError("model.objective exit_gate trains a gate on a trained model: set model.init_from")
             if self.model.exit_gate is None:
                 raise ValueError("model.objective exit_gate trains an exit gate: set model.architecture.exit_gate_width")
-            if exit_gate_depth < 2:
-                raise ValueError(f"model.exit_gate_depth must be >= 2, got {exit_gate_depth}")
             for name, parameter in self.model.named_parameters():  # the language model stays as it is
                 parameter.requires_grad_(name.startswith("exit_gate."))
         elif self.model.exit_gate is not None:  # the LM loss never reaches a gate: keep it as it is (DDP, export)
