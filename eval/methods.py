@@ -46,10 +46,15 @@ def run_methods(methods: Sequence[Method], by_difficulty: dict[int, list[Problem
     except KeyboardInterrupt:
         if output is None:
             raise
-        write_results(output.path, rows, {**(meta or {}), "finished_cells": finished, "cells": len(cells)},
-                      complete=False)
-        output.keep()
-        raise Interrupted(f"kept the {finished} of {len(cells)} cells that finished in "
-                          f"{output.target / 'results.json'} (\"complete\": false); rerun with --overwrite for the "
-                          "whole result") from None
+        keep_interrupted(output, rows, meta or {}, finished, len(cells))
     return rows
+
+
+def keep_interrupted(output: Output, rows: list[dict[str, Any]], meta: dict[str, Any], finished: int,
+                     cells: int) -> None:
+    """Ctrl-C: the rows of the cells that finished go to the output as results.json/.csv, marked incomplete, and
+    the run ends as Interrupted, saying so."""
+    write_results(output.path, rows, {**meta, "finished_cells": finished, "cells": cells}, complete=False)
+    output.keep()
+    raise Interrupted(f"kept the {finished} of {cells} cells that finished in {output.target / 'results.json'} "
+                      "(\"complete\": false); rerun with --overwrite for the whole result") from None

@@ -21,7 +21,7 @@ from recurrent_lm.outputs import claimed_output
 from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
 
 from .latent import AdaptiveDepth, LatentDepth
-from .methods import run_methods
+from .methods import keep_interrupted, run_methods
 from .report import line_plot, markdown_table, panel_plot, select, write_results, write_summary
 
 
@@ -110,7 +110,12 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         meta = {"model": str(model), "task": task, "problems": str(problems) if problems else None, "seed": seed,
                 "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps}
         rows = run_methods(methods, by_difficulty, desc="sweep", output=output, meta=meta)
-        traces = latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps) if dynamics else []
+        try:
+            traces = (latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps)
+                      if dynamics else [])
+        except KeyboardInterrupt:  # every cell finished: keep them, without the traced dynamics
+            cells = sum(len(method.budgets) for method in methods) * len(by_difficulty)
+            keep_interrupted(output, rows, {**meta, "dynamics": "interrupted"}, cells, cells)
         write_sweep(output.path, model, rows, traces, meta)
     return {"rows": rows, "out": str(out)}
 
