@@ -31,7 +31,7 @@ from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import round_trip, single_token
 from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
-from recurrent_lm.options import ranges
+from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.special_tokens import THINK_END, THINK_START
 from recurrent_lm.tasks import Problem, get_task, parse_int_list
@@ -73,7 +73,7 @@ def parse_methods(text: str, reward_model: Path | None) -> list[str]:
     return methods
 
 
-@ranges(n=">= 1", exit_thresholds=">= 0", exit_prompt_steps=">= 1", vote_budget=">= 0", temperature="> 0", seed=">= 0",
+@ranges(n=PROBLEMS, exit_thresholds="> 0", exit_prompt_steps=DEPTH, vote_budget=">= 0", temperature="> 0", seed=">= 0",
         batch_size=">= 1", trained_max_difficulty=">= 1", beam_width=">= 1", rebase_temperature="> 0",
         search_max_steps=">= 1", rejection_tries=">= 1")
 def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str = "1,2,4", n: int = 100,
@@ -143,12 +143,14 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     chosen = parse_methods(methods, reward_model)
     budget_list = parse_int_list(budgets, "--budgets")
     depth_list = check_depths(parse_int_list(steps, "--steps"), "--steps")
-    vote_list = parse_int_list(votes, "--votes")
+    vote_list = parse_int_list(votes, "--votes", allow_empty=True)  # "" skips voting and search
     if any(b < 0 for b in budget_list) or (vote_budget is not None and vote_budget < 0):
         raise ValueError(f"thinking budgets must be >= 0, got {budgets!r}")
     if any(v < 1 for v in vote_list):
         raise ValueError(f"vote counts must be >= 1, got {votes!r}")
-    by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
+    # with a problem file, "" keeps every difficulty in it
+    chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
+    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed)
     inputs = [latent, cot, problems, latent_tokenizer, cot_tokenizer, reward_model, token_conditional_cot]
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=inputs, command="rlm compare") as output:
         latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)

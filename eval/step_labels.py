@@ -18,7 +18,7 @@ import random
 
 from recurrent_lm.data import labelled_chain, prompt_ids
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer
-from recurrent_lm.options import ranges
+from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.problem import Problem
 from recurrent_lm.special_tokens import THINK_END
@@ -83,7 +83,7 @@ def judge_reward_model(scorer: RewardModel, policy, tokenizer, problems: list[Pr
     return rows
 
 
-@ranges(n=">= 1", samples=">= 1", temperature="> 0", budget=">= 0", rollouts=">= 1", depth=">= 1", seed=">= 0")
+@ranges(n=PROBLEMS, samples=">= 1", temperature="> 0", budget=">= 0", rollouts=">= 1", depth=DEPTH, seed=">= 0")
 def label_steps(policy: Path, task: str, difficulties: str = "1-4", n: int = 64, samples: int = 4,
                 temperature: float = 1.0, budget: int = 128, labels: Literal["exact", "rollouts"] = "exact",
                 rollouts: int = 4, depth: int | None = None, seed: int = 0, out: Path = Path("step-labels"),

@@ -16,7 +16,7 @@ from recurrent_lm.adaptive import CRITERIA
 from recurrent_lm.data import prompt_ids
 from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_model, load_tokenizer
-from recurrent_lm.options import ranges
+from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
 
@@ -35,8 +35,6 @@ def sweep_problems(task: str | None, problems: Path | None, difficulties: list[i
                 grouped[p.difficulty].append(p)
         result = {d: grouped[d][:n] for d in sorted(grouped)}
     elif task is not None:
-        if not difficulties:
-            raise ValueError("--difficulties: none given; give a list such as 1,2,4-8")
         result = {d: get_task(task).problems(d, n, seed=seed) for d in difficulties}
     else:
         raise ValueError("give a task (--task NAME) or a problem file (--problems FILE)")
@@ -63,7 +61,7 @@ def latent_dynamics(model, tokenizer, problems: list[Problem], steps: int) -> li
     return traces
 
 
-@ranges(n=">= 1", exit_thresholds=">= 0", adaptive_max_steps=">= 1", exit_prompt_steps=">= 1", seed=">= 0",
+@ranges(n=PROBLEMS, exit_thresholds="> 0", adaptive_max_steps=DEPTH, exit_prompt_steps=DEPTH, seed=">= 0",
         batch_size=">= 1", dynamics=">= 0")
 def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", steps: str = "1,2,4,8,16,32,64",
           n: int = 200, out: Path = Path("sweep"), problems: Path | None = None, exit_criteria: list[str] | None = None,
@@ -97,10 +95,12 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
     unknown = sorted(set(exit_criteria or []) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
-    by_difficulty = sweep_problems(task, problems, parse_int_list(difficulties, "--difficulties"), n, seed)
+    # with a problem file, "" keeps every difficulty in it
+    chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
+    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed)
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
                         command="rlm sweep") as output:
-        net, tok = load_model(model), load_tokenizer(tokenizer or model)
+        tok, net = load_tokenizer(tokenizer or model), load_model(model)
         criteria = list(exit_criteria) if exit_criteria is not None else [
             criterion for criterion in CRITERIA if criterion != "gate" or net.exit_gate is not None]
         max_steps = max(depths) if adaptive_max_steps is None else adaptive_max_steps

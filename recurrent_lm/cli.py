@@ -4,6 +4,7 @@ lists every option with its type, default and documentation. `rlm train` and `rl
 parsers."""
 
 import inspect
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is a KeyboardInterrupt again
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OWN_PARSER:
         reported(argv[0], lambda: check_config_files(argv) or OWN_PARSER[argv[0]][0](argv[1:]))
@@ -159,9 +162,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote the results to {result['out']}")
 
 
+class NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (*name): options never need them, and nested aliases can expand a small file into
+    billions of nodes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*{self.peek_event().anchor}) are not accepted in an options file")
+        return super().compose_node(parent, index)
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every `--config FILE` is a YAML mapping of options: anything else (a folder, a binary or empty file, broken
-    YAML, a list) is one line naming the file, not a parser's traceback."""
+    YAML, aliases, a list; for train and finetune, a trainer / model / data section that is not a mapping) is one
+    line naming the file, not a parser's traceback."""
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] \
             if arg.startswith("--config=") else None
@@ -171,7 +185,7 @@ def check_config_files(argv: list[str]) -> None:
         if path.is_dir():
             raise IsADirectoryError(f"--config {path} is a folder; give a YAML file")
         try:
-            options = yaml.safe_load(path.read_text(encoding="utf-8"))
+            options = yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliasLoader)
         except UnicodeDecodeError:
             raise ValueError(f"--config {path} is not a text file; give a YAML file of options") from None
         except yaml.YAMLError as error:
@@ -179,6 +193,11 @@ def check_config_files(argv: list[str]) -> None:
         if not isinstance(options, dict):
             held = "nothing" if options is None else f"a {type(options).__name__}"
             raise ValueError(f"--config {path} holds {held}, not a mapping of options (option: value lines)")
+        if argv[0] in OWN_PARSER:  # LightningCLI's sections
+            for section in ("trainer", "model", "data"):
+                if options.get(section) is not None and not isinstance(options[section], dict):
+                    raise ValueError(f"--config {path}: {section} must be a mapping of options, got "
+                                     f"{options[section]!r}")
 
 
 def reported(command: str, run: Callable[[], object]) -> object:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
 from .loading import load_model, load_tokenizer
-from .options import ranges
+from .options import DEPTH, PROBLEMS, ranges
 from .outputs import claimed_output
 from .tasks import TASKS, get_task, parse_int_list, save_jsonl, task_tokenizer
 from .tokenization import train_bpe_tokenizer
@@ -31,7 +31,7 @@ def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bo
     print(f"wrote {out}")
 
 
-@ranges(num_steps=">= 1", max_new_tokens=">= 0", exit_threshold=">= 0", min_steps=">= 1", draft_steps=">= 1",
+@ranges(num_steps=DEPTH, max_new_tokens=">= 0", exit_threshold="> 0", min_steps=DEPTH, draft_steps=DEPTH,
         draft_length=">= 1", core_slots=">= 1", temperature="> 0", top_p="(0, 1]", init_scale=">= 0", seed=">= 0")
 def generate(
     model: Path,
@@ -77,8 +77,8 @@ def generate(
     """
     check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                           draft_length)  # before the model loads: bad settings fail at once
+    tok = load_tokenizer(tokenizer or model)  # the cheaper one first: a broken tokenizer fails at once
     net = load_model(model)
-    tok = load_tokenizer(tokenizer or model)
     torch.manual_seed(seed)
     encoded = tok(prompt, return_tensors="pt")
     if encoded.input_ids.shape[1] + max_new_tokens > net.config.max_position_embeddings:
@@ -127,7 +127,7 @@ def tasks_list() -> None:
     print("reasoning-gym:NAME  (any reasoning-gym dataset, with the reasoning-gym extra installed)")
 
 
-@ranges(difficulty=">= 1", n=">= 1", seed=">= 0")
+@ranges(difficulty=">= 1", n=PROBLEMS, seed=">= 0")
 def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, seed: int = 0) -> None:
     """Print problems as the model sees them: the prompt, then the completion it learns after "|".
 
@@ -143,8 +143,8 @@ def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, 
         print(f"{task.prompt(problem, cot)} | {task.completion(problem, cot)}")
 
 
-@ranges(n=">= 1", seed=">= 0")
-def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, seed: int = 0,
+@ranges(n=PROBLEMS, seed=">= 0")
+def tasks_export(name: str, out: str, difficulties: str = "1-4", n: int = 100, seed: int = 0,
                  format: Literal["problems", "traces"] = "problems", overwrite: bool = False) -> None:
     """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere), or as
     reasoning traces with exact answers (a pool for `rlm select-traces`, data for `rlm finetune`).
@@ -173,7 +173,7 @@ def tasks_export(name: str, out: Path, difficulties: str = "1-4", n: int = 100, 
     print(f"wrote {len(problems)} {format} to {out}")
 
 
-@ranges(vocab_size=">= 1", min_frequency=">= 1")
+@ranges(vocab_size="[1, 1048576]", min_frequency=">= 1")
 def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency: int = 2,
                     overwrite: bool = False) -> None:
     """Train a byte-level BPE tokenizer on text files and save it as a transformers fast tokenizer.

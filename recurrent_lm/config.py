@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, get_args
 
+import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
@@ -253,6 +254,10 @@ class RecurrentConfig(PreTrainedConfig):
                 if name not in config_dict:
                     raise ConfigFieldError(name, f"{name} is missing (the default, {getattr(cls, name)}, is "
                                                  "Huginn-0125's, not this model's)")
+            for name in ("dtype", "torch_dtype"):  # transformers would look it up in torch and fail obscurely
+                value = config_dict.get(name)
+                if value is not None and not isinstance(getattr(torch, str(value), None), torch.dtype):
+                    raise ConfigFieldError(name, f"{name} {value!r} is not a torch dtype (e.g. float32, bfloat16)")
             return super().from_dict(config_dict, **kwargs)
         except ConfigFieldError as error:
             raise error.read_from(file) from None

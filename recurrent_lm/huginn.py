@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import RecurrentConfig
+from .config import ConfigFieldError, RecurrentConfig, read_config_json
 from .outputs import claimed_output
 from .model import RecurrentLM
 
@@ -61,10 +61,7 @@ def huginn_config(src: Path) -> RecurrentConfig:
     path = src / "config.json"
     if not path.is_file():
         raise NotAHuginnCheckpoint(f"{src} is not a Huginn checkpoint: it has no config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise NotAHuginnCheckpoint(f"{path} is not valid JSON: {error}") from error
+    raw = read_config_json(path)
     missing = [name for name in REQUIRED_FIELDS if name not in raw]
     if missing:
         raise NotAHuginnCheckpoint(f"{src} is not a Huginn checkpoint: config.json lacks {missing} "
@@ -77,8 +74,12 @@ def huginn_config(src: Path) -> RecurrentConfig:
     if "padded_vocab_size" not in raw:
         raw["padded_vocab_size"] = raw["vocab_size"]
     fields = {ours: raw[theirs] for theirs, ours in CONFIG_FIELDS.items() if raw.get(theirs) is not None}
-    fields["rope_theta"] = float(fields.get("rope_theta", 50000.0))
-    return RecurrentConfig(**fields)
+    fields["rope_theta"] = fields.get("rope_theta", 50000.0)
+    try:
+        return RecurrentConfig(**fields)
+    except ConfigFieldError as error:  # named as the reference's config.json names it
+        theirs = next((t for t, ours in CONFIG_FIELDS.items() if ours == error.field and t in raw), error.field)
+        raise ConfigFieldError(theirs, error.problem, path) from None
 
 
 def rename(name: str) -> str | None:

@@ -19,7 +19,10 @@ def model_type(path: str | Path) -> str | None:
     if not config.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (shipped checkpoints, "
                                 f"usable by name: {', '.join(checkpoint_names())})")
-    return read_config_json(config).get("model_type")
+    kind = read_config_json(config).get("model_type")
+    if kind is None:
+        raise ValueError(f"{config}: field 'model_type' is missing (a RecurrentLM's is 'recurrent_lm')")
+    return kind
 
 
 def require_recurrent(path: str | Path) -> Path:
@@ -51,12 +54,20 @@ def safetensors_files(directory: Path, name: str | Path, hint: str = "") -> list
 def load_model(path: str | Path):
     """A RecurrentLM from a directory, in eval mode."""
     directory = require_recurrent(path)
+    shapes = {}
     for file in safetensors_files(directory, path):  # a truncated or garbled file: say which, not safetensors' own
         try:
-            with safe_open(file, framework="pt"):
-                pass
+            with safe_open(file, framework="pt") as reader:
+                shapes.update({name: list(reader.get_slice(name).get_shape()) for name in reader.keys()})
         except Exception as error:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {error}") from None
+    config = load_config(directory)
+    with torch.device("meta"):  # the shapes the config implies, without allocating them
+        expected = {name: list(tensor.shape) for name, tensor in RecurrentLM(config).state_dict().items()}
+    for name, shape in shapes.items():
+        if name in expected and expected[name] != shape:
+            raise ValueError(f"{directory / 'config.json'} does not match the weights: {name} is {shape} in the "
+                             f"safetensors files, the config implies {expected[name]}")
     model = RecurrentLM.from_pretrained(directory).eval()
     require_finite_weights(model, path)
     return model
@@ -90,4 +101,9 @@ def load_tokenizer(path: str | Path):
         raise FileNotFoundError(f"no tokenizer.json in {path}: pass --tokenizer DIR")
     if (path / "config.json").is_file():  # AutoTokenizer reads a model directory's config too, failing obscurely
         read_config_json(path / "config.json")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # a truncated or garbled tokenizer file: name it, not the parser's position alone
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path / 'tokenizer.json'} (or the tokenizer files beside it) cannot be read: {reason}") \
+            from None

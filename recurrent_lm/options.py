@@ -13,6 +13,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .depth import MAX_NUM_STEPS
+
+# Ranges that many options share: a depth (core steps per token) and a count of problems per difficulty; beyond
+# these a value is a typo, not a plan (raise the constants if you mean it)
+MAX_PROBLEMS = 1_000_000
+DEPTH = f"[1, {MAX_NUM_STEPS}]"
+PROBLEMS = f"[1, {MAX_PROBLEMS}]"
+
 
 @dataclass(frozen=True)
 class Range:
@@ -29,11 +37,17 @@ class Range:
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
 
     def __str__(self) -> str:
+        low, high = written(self.low), written(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def written(bound: float | None) -> str:
+    """1000000, not 1e+06; 0.5 as 0.5."""
+    return "" if bound is None else str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def parse_range(text: str) -> Range:
@@ -56,7 +70,9 @@ def check_number(name: str, value, allowed: Range) -> None:
             continue
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise ValueError(f"--{name} must be a number {allowed}, got {item!r}")
-        if not math.isfinite(item) or not allowed.holds(item):
+        if not math.isfinite(item):
+            raise ValueError(f"--{name} must be a finite number {allowed}, got {item}")
+        if not allowed.holds(item):
             raise ValueError(f"--{name} must be {allowed}, got {item}")
 
 

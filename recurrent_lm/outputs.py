@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
+from .recipes import resolve_model_dir
+
 STAGING_SUFFIX = ".partial"
 
 
@@ -45,8 +47,17 @@ class Output:
         self.kept = True
 
 
-def check_output_path(path: Path, kind: Literal["dir", "file"], option: str) -> None:
-    """A file where a folder belongs (or the reverse), at the target or at any folder above it, is an error."""
+def check_output_path(path: str | Path, kind: Literal["dir", "file"], option: str) -> None:
+    """A file where a folder belongs (or the reverse), at the target or at any folder above it, is an error; so is
+    a target that is a symbolic link, the current folder or a folder above it (replacing it would pull the floor
+    from under the command)."""
+    if kind == "file" and str(path).endswith(("/", os.sep)):
+        raise IsADirectoryError(f"{option} {path} names a folder (it ends in /); give a file path to write")
+    path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"{option} {path} is a symbolic link; give the real path to write")
+    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+        raise ValueError(f"{option} {path} is the current folder or holds it; give an output a folder of its own")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a folder")
@@ -57,14 +68,15 @@ def check_output_path(path: Path, kind: Literal["dir", "file"], option: str) -> 
 
 
 def check_not_an_input(path: Path, inputs: Iterable[str | Path | None], option: str) -> None:
-    """The output may not be an input, nor a folder that holds one."""
+    """The output may not be an input, a folder that holds one, or a path inside an input folder (a model
+    directory, say). A shipped checkpoint's name counts as its folder."""
     target = path.resolve()
     for given in inputs:
         if given is None:
             continue
-        source = Path(given).resolve()
-        if source == target or target in source.parents:
-            what = "is" if source == target else "holds"
+        source = resolve_model_dir(given).resolve()
+        if source == target or target in source.parents or (source.is_dir() and source in target.parents):
+            what = "is" if source == target else "holds" if target in source.parents else "lies inside"
             raise ValueError(f"{option} {path} {what} one of this command's inputs ({given}); write somewhere else")
 
 
@@ -77,8 +89,8 @@ def claimed_output(path: str | Path, *, option: str, kind: Literal["dir", "file"
                    inputs: Iterable[str | Path | None] = (), command: str = "rlm") -> Iterator[Output]:
     """Claim `path` for this run (the checks above, then its lock) and yield an Output whose staging path the
     command writes into; on success it replaces `path` whole. `option` names the path in errors (e.g. "--out")."""
-    path = Path(path)
     check_output_path(path, kind, option)
+    path = Path(os.path.normpath(path))  # "out/../x" is x: its lock and staging path sit beside x
     check_not_an_input(path, inputs, option)
     path.parent.mkdir(parents=True, exist_ok=True)
     with held_lock(path.with_name(f".{path.name}.lock"), f"{option} {path}", command):
@@ -86,6 +98,7 @@ def claimed_output(path: str | Path, *, option: str, kind: Literal["dir", "file"
             raise FileExistsError(f"{option} {path} already exists and is not empty; pass --overwrite to replace "
                                   "it, or write somewhere else")
         remove_stale_staging(path)
+        path = path.absolute()  # a later chdir moves nothing
         staging = path.with_name(f".{path.name}.{os.getpid()}{STAGING_SUFFIX}")
         if kind == "dir":
             staging.mkdir()
@@ -129,16 +142,25 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
 
 
 def commit(staging: Path, target: Path) -> None:
-    """Put the staging path in the target's place; the old target (if any) is removed whole."""
+    """Put the staging path in the target's place; the old target (if any) is removed whole. If the swap fails (a
+    folder the user may not change), the target stays as it was and the staging path goes."""
     if not staging.exists():  # the command wrote nothing (a file output it chose not to write)
         return
-    if target.is_dir():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, target)  # a file (or nothing) is replaced in one step
+    try:
+        if target.is_dir():
+            old = target.with_name(f".{target.name}.{os.getpid()}.old")
+            os.replace(target, old)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)  # a file (or nothing) is replaced in one step
+    except OSError:
+        remove(staging)
+        raise
 
 
 def remove(path: Path) -> None:
@@ -162,14 +184,15 @@ def held_lock(lock: Path, what: str, command: str = "rlm") -> Iterator[None]:
     an error naming `what` and the holder; one left by a dead process is taken over."""
     holder = lock_holder(lock)
     if holder is not None:
-        raise FileExistsError(f"{what} is in use by another {command} (pid {holder}); wait for it, or write "
+        pid, holding = holder
+        raise FileExistsError(f"{what} is in use by another {holding} (pid {pid}); wait for it, or write "
                               "somewhere else")
     lock.unlink(missing_ok=True)  # no live holder: a lock left by a killed run, if any
     try:
         with open(lock, "x") as file:  # exclusive creation: of two runs starting together, one gets the lock
-            file.write(str(os.getpid()))
+            file.write(f"{os.getpid()} {command}")
     except FileExistsError:
-        raise FileExistsError(f"{what} is in use by another {command} that has just started; wait for it, or write "
+        raise FileExistsError(f"{what} is in use by another run that has just started; wait for it, or write "
                               "somewhere else") from None
     try:
         yield
@@ -177,13 +200,15 @@ def held_lock(lock: Path, what: str, command: str = "rlm") -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def lock_holder(lock: Path) -> int | None:
-    """The pid of the live process that holds the lock, or None (no lock, or one left by a dead process)."""
+def lock_holder(lock: Path) -> tuple[int, str] | None:
+    """The pid and command of the live process that holds the lock ("PID COMMAND" in it), or None (no lock, or
+    one left by a dead process)."""
     try:
-        pid = int(lock.read_text().strip())
+        pid, _, command = lock.read_text().strip().partition(" ")
+        pid = int(pid)
         os.kill(pid, 0)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
     except PermissionError:  # alive, owned by another user
-        return pid
-    return pid
+        pass
+    return pid, command or "run"

@@ -27,7 +27,7 @@ from transformers import AutoConfig
 
 from .config import ROPE_SCALINGS, RecurrentConfig, read_config_json
 from .loading import safetensors_files
-from .options import ranges
+from .options import DEPTH, ranges
 from .outputs import claimed_output
 from .model import RecurrentLM
 from .tasks import parse_int_list
@@ -158,7 +158,7 @@ def map_weights(weights: dict[str, torch.Tensor], picked: list[int], config: Rec
     return out
 
 
-@ranges(prelude=">= 0", core=">= 1", coda=">= 0", mean_recurrence=">= 1", mean_backprop_depth=">= 1")
+@ranges(prelude=">= 0", core=">= 1", coda=">= 0", mean_recurrence=DEPTH, mean_backprop_depth=DEPTH)
 def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers: str | None = None,
              mean_recurrence: int = 4, mean_backprop_depth: int = 4, skip_first_injection: bool = False,
              overwrite: bool = False) -> Path:

@@ -189,9 +189,10 @@ def load_jsonl(path: str | Path) -> list[Problem]:
 MAX_LIST_LENGTH = 10_000  # a command-line list longer than this is a typo, not a plan
 
 
-def parse_int_list(text: str, name: str = "list") -> list[int]:
+def parse_int_list(text: str, name: str = "list", allow_empty: bool = False) -> list[int]:
     """'1,2,4-6' -> [1, 2, 4, 5, 6] (for command-line difficulty and depth lists); `name` (e.g. "--steps") is
-    named in the error for anything else, or for a list of more than MAX_LIST_LENGTH values."""
+    named in the error for anything else: a descending range, a value given twice (it would be measured twice), an
+    empty list (unless `allow_empty`: "" then means none), or more than MAX_LIST_LENGTH values."""
     values = []
     for part in filter(None, re.split(r"\s*,\s*", str(text).strip())):
         try:
@@ -204,7 +205,12 @@ def parse_int_list(text: str, name: str = "list") -> list[int]:
         if len(values) + high - low + 1 > MAX_LIST_LENGTH:
             raise ValueError(f"{name}: {text!r} holds more than {MAX_LIST_LENGTH} values "
                              "(recurrent_lm.tasks.MAX_LIST_LENGTH)")
+        repeated = sorted(set(values) & set(range(low, high + 1)))
+        if repeated:
+            raise ValueError(f"{name}: {text!r} gives {repeated[0]} twice; give each value once")
         values += range(low, high + 1)
+    if not values and not allow_empty:
+        raise ValueError(f"{name}: {text!r} holds no values; give a list such as 1,2,4-8")
     return values
 
 

@@ -192,3 +192,57 @@ def test_non_finite_weights_are_refused_in_a_state_dict_and_any_causal_lm(tmp_pa
     poisoned(llama, "model.layers.0.mlp.up_proj.weight").save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match=r"llama holds non-finite weights \(model.layers.0.mlp.up_proj.weight: 3 "):
         load_any_causal_lm(tmp_path / "llama")
+
+
+# --- a directory whose parts disagree, or are damaged ----------------------------------------------------------------
+
+
+def test_a_config_that_does_not_match_its_weights_or_lacks_model_type_is_named(tmp_path):
+    model_dir = tiny_model_dir(tmp_path)
+    file = edited_config(model_dir, vocab_size=8)
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
+                   f"{file} does not match the weights: embed_tokens.weight is [")
+    edited_config(model_dir, vocab_size=48, intermediate_size=10**9)  # the meta device allocates nothing
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), f"{file} does not match the weights")
+    file.write_text("{}")
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
+                   f"{file}: field 'model_type' is missing")
+
+
+def test_a_bad_dtype_and_a_damaged_tokenizer_are_named(tmp_path):
+    model_dir = tiny_model_dir(tmp_path)
+    tokenizer = model_dir / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:100])
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), f"{tokenizer} (or the tokenizer")
+    file = edited_config(model_dir, dtype="float99")
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
+                   f"{file}: field 'dtype': dtype 'float99' is not a torch dtype")
+
+
+def test_a_huginn_config_is_named_in_its_own_fields(tmp_path):
+    import shutil
+
+    from .conftest import HUGINN_TINY
+
+    source = tmp_path / "huginn"
+    shutil.copytree(HUGINN_TINY, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "n_embd": -5}))
+    one_line_error(rlm("convert-huginn", str(source), str(tmp_path / "out")),
+                   f"{source / 'config.json'}: field 'n_embd': hidden_size must be at least 1, got -5")
+
+
+def test_a_checkpoint_that_is_no_checkpoint_or_holds_non_finite_weights_is_named(tmp_path):
+    from .test_train import quick_train
+
+    text = tmp_path / "config.yaml"
+    text.write_text("model:\n  a: 1\n")
+    one_line_error(rlm("export", str(text), str(tmp_path / "out")), f"{text} is not a checkpoint")
+    root = tmp_path / "run"
+    assert quick_train("--trainer.default_root_dir", str(root)).returncode == 0
+    last = root / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    next(iter(state["state_dict"].values())).view(-1)[0] = float("inf")
+    torch.save(state, last)
+    one_line_error(quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last",
+                               "--trainer.max_steps", "4"), f"{last} holds non-finite weights")

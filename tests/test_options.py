@@ -56,9 +56,9 @@ def test_ranges_parse_hold_and_print():
     assert str(parse_range("(0, 1]")) == "in (0, 1]"
     assert parse_range("(0, 1]").holds(1) and not parse_range("(0, 1]").holds(0)
     assert parse_range("> 0").holds(1e-9) and not parse_range("> 0").holds(0)
-    with pytest.raises(ValueError, match="--top_p must be in \\(0, 1\\], got nan"):
+    with pytest.raises(ValueError, match="--top_p must be a finite number in \\(0, 1\\], got nan"):
         check_number("top_p", float("nan"), parse_range("(0, 1]"))
-    with pytest.raises(ValueError, match="--thresholds must be >= 0, got inf"):
+    with pytest.raises(ValueError, match="--thresholds must be a finite number >= 0, got inf"):
         check_number("thresholds", [0.1, float("inf")], parse_range(">= 0"))
     check_number("n", None, parse_range(">= 1"))  # None is the default, never a value out of range
 
@@ -98,19 +98,19 @@ def test_a_range_is_checked_from_python_too():
 
 @pytest.mark.parametrize("args,message", [
     (("sweep", "--model", "demo-latent", "--task", "chain", "--adaptive_max_steps", "0"),
-     "--adaptive_max_steps must be >= 1, got 0"),
+     "--adaptive_max_steps must be in [1, 100000], got 0"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--dynamics", "-1"), "--dynamics must be >= 0, got -1"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--batch_size", "0"), "--batch_size must be >= 1, got 0"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_prompt_steps", "-1"),
-     "--exit_prompt_steps must be >= 1, got -1"),
+     "--exit_prompt_steps must be in [1, 100000], got -1"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--difficulties", "8-1"),
      "--difficulties: '8-1' is a descending range; write 1-8"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_thresholds", "[0.1, -1]"),
-     "--exit_thresholds must be >= 0, got -1"),
+     "--exit_thresholds must be > 0, got -1"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--n", "x"), "--n: Expected a <class 'int'>. Got value: x"),
     (("sweep", "--model", "demo-latent", "--task", "chain", "--adaptive_max_steps", "x"),
      "--adaptive_max_steps: Expected a <class 'int'>, got x"),
-    (("tasks", "sample", "chain", "--n", "-1"), "--n must be >= 1, got -1"),
+    (("tasks", "sample", "chain", "--n", "-1"), "--n must be in [1, 1000000], got -1"),
     (("generate", "--model", "demo-latent", "--prompt", "a", "--init_scale", "-5"), "--init_scale must be >= 0, got -5"),
     (("generate", "--model", "demo-latent", "--prompt", "a", "--temperature", "nan"),
      "--temperature: Expected a <class 'float'>. Got value: nan"),
@@ -159,3 +159,50 @@ def test_unknown_lm_eval_tasks_are_named():
     pytest.importorskip("lm_eval")
     one_line_error(rlm("lm-eval", "--model", "demo-latent", "--tasks", "no_such_task_xyz"),
                    "--tasks: unknown lm-eval tasks ['no_such_task_xyz']")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("tasks", "export", "chain", "OUT", "--difficulties", "2,2,2"), "--difficulties: '2,2,2' gives 2 twice"),
+    (("tasks", "export", "chain", "OUT", "--difficulties", ""), "--difficulties: '' holds no values"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--steps", "4,4,1"), "--steps: '4,4,1' gives 4 twice"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--n", "1000000000"), "--n must be in [1, 1000000]"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--adaptive_max_steps", "1000000000"),
+     "--adaptive_max_steps must be in [1, 100000]"),
+    (("generate", "--model", "demo-latent", "--prompt", "a", "--exit_criterion", "kl", "--exit_threshold", "0"),
+     "--exit_threshold must be > 0, got 0"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_thresholds", "[1e400]"),
+     "--exit_thresholds must be a finite number > 0, got inf"),
+    (("tokenizer", "train", "--files", "x", "--out", "OUT", "--vocab_size", "99999999999"),
+     "--vocab_size must be in [1, 1048576]"),
+    (("train", "--config", "debug", "--trainer.val_check_interval", "0"), "--trainer.val_check_interval must be > 0"),
+    (("train", "--config", "debug", "--trainer.log_every_n_steps", "-3"), "--trainer.log_every_n_steps must be >= 1"),
+])
+def test_lists_and_bounds_are_refused_before_any_work(args, message, tmp_path):
+    args = tuple(str(tmp_path / "out") if a == "OUT" else a for a in args)
+    extra = ["--out", str(tmp_path / "out")] if args[0] == "sweep" else []
+    extra += ["--trainer.default_root_dir", str(tmp_path / "out")] if args[0] == "train" else []
+    one_line_error(rlm(*args, *extra), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_files_with_aliases_or_sections_of_the_wrong_kind_are_named(tmp_path):
+    aliases = tmp_path / "aliases.yaml"
+    aliases.write_text("a: &a [1, 2]\nb: [*a, *a]\n")
+    one_line_error(rlm("sweep", "--config", str(aliases), "--model", "demo-latent"), "aliases (*a) are not accepted")
+    section = tmp_path / "section.yaml"
+    section.write_text("trainer: 5\n")
+    one_line_error(rlm("train", "--config", str(section)), f"--config {section}: trainer must be a mapping")
+
+
+def test_ctrl_c_while_rlm_starts_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = str(__import__("pathlib").Path(sys.executable).with_name("rlm"))
+    process = subprocess.Popen([script, "tasks", "list"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch and transformers takes longer
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "rlm: interrupted while starting"

@@ -71,8 +71,8 @@ def test_a_target_held_by_a_live_run_is_refused_and_a_dead_runs_leftovers_are_ta
     target = tmp_path / "out"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / ".out.lock").write_text(str(live.pid))
-        with pytest.raises(FileExistsError, match=f"in use by another rlm sweep \\(pid {live.pid}\\)"):
+        (tmp_path / ".out.lock").write_text(str(live.pid))  # a lock of an older release: a pid alone
+        with pytest.raises(FileExistsError, match=f"in use by another run \\(pid {live.pid}\\)"):
             with claimed_output(target, option="--out", command="rlm sweep"):
                 pass
     finally:
@@ -132,7 +132,7 @@ def test_export_refuses_another_models_folder_and_a_file(tmp_path):
                    "holds one of this command's inputs")
     empty = tmp_path / "empty.ckpt"
     empty.write_text("")
-    one_line_error(rlm("export", str(empty), str(tmp_path / "m")), "is not a readable checkpoint")
+    one_line_error(rlm("export", str(empty), str(tmp_path / "m")), "is not a checkpoint")
     replaced = rlm("export", str(checkpoint), str(other), "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert not (other / "manifest.json").exists() and (other / "model.safetensors").is_file()  # replaced whole
@@ -234,3 +234,72 @@ def test_ctrl_c_in_the_demo_keeps_the_finished_studies(tmp_path, monkeypatch):
     kept = json.loads((out / "results.json").read_text())
     assert kept["complete"] is False and list(kept["studies"]) == [demo_module.STUDIES[0].name]
     assert not (out / "report.md").exists() and leftovers(tmp_path) == []
+
+
+def test_outputs_inside_an_input_a_link_or_the_current_folder_are_refused(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="lies inside one of this command's inputs"):
+        with claimed_output(model / "model.safetensors", option="--out", kind="file", overwrite=True,
+                            inputs=[model]):
+            pass
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        with claimed_output(tmp_path / "link", option="--out", overwrite=True):
+            pass
+    monkeypatch.chdir(model)
+    for here in (".", "sub/..", ".."):
+        with pytest.raises(ValueError, match="is the current folder or holds it"):
+            with claimed_output(here, option="--out", overwrite=True):
+                pass
+    with pytest.raises(IsADirectoryError, match="names a folder \\(it ends in /\\)"):
+        with claimed_output(str(tmp_path / "new") + "/", option="--out", kind="file"):
+            pass
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+
+
+def test_a_lock_names_the_command_that_holds_it(tmp_path):
+    target = tmp_path / "out"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".out.lock").write_text(f"{live.pid} rlm sweep")
+        with pytest.raises(FileExistsError, match=f"in use by another rlm sweep \\(pid {live.pid}\\)"):
+            with claimed_output(target, option="--out", command="rlm compare"):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_swap_that_fails_leaves_the_target_and_no_staging(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    real_replace = os.replace
+
+    def refused(src, dst):
+        if str(src).endswith(".partial"):
+            raise PermissionError(f"[Errno 1] Operation not permitted: {src!r} -> {dst!r}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError):
+        with claimed_output(target, option="--out", overwrite=True) as output:
+            (output.path / "new.json").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["old.json"] and leftovers(tmp_path) == []
+
+
+def test_training_never_exports_over_its_inputs_or_its_own_run(tmp_path):
+    from .test_train import quick_train
+
+    root = tmp_path / "run"
+    one_line_error(quick_train("--trainer.default_root_dir", str(root), "--export_dir", str(root)),
+                   "is (or holds) the run's own directory")
+    model = tmp_path / "start"
+    assert quick_train("--trainer.default_root_dir", str(tmp_path / "first"), "--export_dir", str(model)).returncode == 0
+    one_line_error(quick_train("--trainer.default_root_dir", str(tmp_path / "second"), "--model.init_from", str(model),
+                               "--data.tokenizer", str(model), "--export_dir", str(model), "--overwrite", "true"),
+                   "is one of this command's inputs")
+    assert (model / "model.safetensors").is_file()

@@ -209,7 +209,8 @@ def test_language_model_training_leaves_a_gate_alone():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer"),
+    (["--trainer.max_steps", "-5"], "--trainer.max_steps must be >= 1, got -5"),
+    (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be >= 1, got 0"),
     (["--model.architecture.hidden_size", "63"],
      "model.architecture: field 'num_attention_heads': hidden_size (63) is not divisible"),
     (["--model.architecture.rope_theta", "-1"], "model.architecture: field 'rope_theta': rope_theta must be a finite"),

@@ -31,8 +31,8 @@ from transformers import AutoTokenizer
 
 from recurrent_lm import RecurrentLM
 from recurrent_lm.loading import load_tokenizer, require_finite_weights
-from recurrent_lm.options import parse_error_line
-from recurrent_lm.outputs import Interrupted, check_output_path, claimed_output, held_lock
+from recurrent_lm.options import check_number, parse_error_line, parse_range
+from recurrent_lm.outputs import Interrupted, check_not_an_input, check_output_path, claimed_output, held_lock
 from recurrent_lm.recipes import resolve_recipe
 from recurrent_lm.tasks import task_tokenizer
 
@@ -62,6 +62,14 @@ def keep_last_checkpoint(**init_args) -> list[dict]:
     return [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, **init_args}}]
 
 
+# The Lightning trainer's numeric options that `rlm train` and `rlm finetune` check before any set-up (max_steps,
+# -1 or >= 1, apart); the others are Lightning's own to check
+TRAINER_RANGES = {"accumulate_grad_batches": ">= 1", "val_check_interval": "> 0", "log_every_n_steps": ">= 1",
+                  "check_val_every_n_epoch": ">= 1", "gradient_clip_val": ">= 0", "max_epochs": ">= -1",
+                  "min_steps": ">= -1", "limit_train_batches": "> 0", "limit_val_batches": ">= 0",
+                  "num_sanity_val_steps": ">= -1", "num_nodes": ">= 1"}
+
+
 class RunCLI(LightningCLI):
     """What every `rlm` command that trains with Lightning shares (`rlm train`, `rlm finetune`): logs under the run's
     own root, checkpoints written atomically, --ckpt_path and --export_dir, and the defaults of `run_defaults`
@@ -72,13 +80,44 @@ class RunCLI(LightningCLI):
                                              "init_args": {"project": "recurrent-lm", "save_dir": "runs"}}}
 
     def before_instantiate_classes(self) -> None:
-        """Logs go under the run's own root, whatever directory the recipe's logger names."""
+        """The trainer's numeric options are in range (TRAINER_RANGES: Lightning would fail later, some with a
+        ZeroDivisionError, or ignore them); logs go under the run's own root, whatever directory the recipe's
+        logger names."""
         trainer = self.config.trainer
+        for name, allowed in TRAINER_RANGES.items():
+            check_number(f"trainer.{name}", trainer.get(name), parse_range(allowed))
+        if trainer.get("max_steps") is not None and trainer.max_steps != -1 and trainer.max_steps < 1:
+            raise ValueError(f"--trainer.max_steps must be >= 1, got {trainer.max_steps}")
+        self.check_outputs()
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args:
                 init_args.save_dir = trainer.default_root_dir
+
+    # the options naming files or folders the run reads (never written over), as "section.option"
+    input_options: tuple[str, ...] = ()
+
+    def inputs(self) -> list:
+        """What the run reads, from its options: the model it starts from, tokenizer, data files."""
+        found = []
+        for option in self.input_options:
+            section, name = option.split(".")
+            value = (self.config.get(section) or {}).get(name)
+            found += value if isinstance(value, list) else [value]
+        return [value for value in found if value is not None]
+
+    def check_outputs(self) -> None:
+        """Before the model loads (minutes, for a large one): the run's directory and its export folder have the
+        right shape, the export is no input and not the run itself, and holds nothing unless overwritten."""
+        root = Path(self.config.trainer.default_root_dir)
+        check_output_path(root, "dir", "--trainer.default_root_dir")
+        export_dir = Path(self.config.get("export_dir") or root / "model")
+        if export_dir.resolve() == root.resolve() or export_dir.resolve() in root.resolve().parents:
+            raise ValueError(f"--export_dir {export_dir} is (or holds) the run's own directory {root}: its "
+                             "checkpoints would go; give the model a folder of its own")
+        check_output_path(export_dir, "dir", "--export_dir")
+        check_not_an_input(export_dir, self.inputs(), "--export_dir")
 
     def instantiate_trainer(self, **kwargs):
         # kwargs replace the config's own trainer options: extend the config's plugins and callbacks, never drop them
@@ -105,6 +144,7 @@ class RunCLI(LightningCLI):
 
 
 class TrainCLI(RunCLI):
+    input_options = ("model.init_from", "data.tokenizer", "data.text_files", "data.val_problems", "data.step_chains")
     run_defaults = {**RunCLI.run_defaults, "trainer.max_steps": 1000, "trainer.log_every_n_steps": 10,
                     "trainer.default_root_dir": "runs/default",
                     "trainer.callbacks": keep_last_checkpoint(every_n_train_steps=100)}
@@ -129,13 +169,10 @@ def build_cli(cli_class: type[RunCLI], module_class, data_class, argv: list[str]
 def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
     """Fit cli.model on cli.datamodule in the run's own directory (checkpoints in {root}/checkpoints, so that
     `--ckpt_path last` finds them), then export `model` and `tokenizer` as a transformers directory (on rank 0;
-    returns its path there, None elsewhere)."""
+    returns its path there, None elsewhere). What the run reads (cli.inputs()) is never written over."""
     trainer = cli.trainer
     root, ckpt_path = Path(trainer.default_root_dir), cli.config.get("ckpt_path")
     overwrite = bool(cli.config.get("overwrite"))
-    if trainer.max_steps == 0 or trainer.max_steps < -1:  # -1 is Lightning's "no limit" (the schedule refuses it)
-        raise ValueError(f"--trainer.max_steps must be >= 1, got {trainer.max_steps}")
-    check_output_path(root, "dir", "--trainer.default_root_dir")
     if ckpt_path is not None and overwrite:
         raise ValueError("--overwrite replaces the run that --ckpt_path would resume: give one of them")
     if ckpt_path == "last" and not (root / "checkpoints" / "last.ckpt").exists():
@@ -151,11 +188,13 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
                          "it into a model directory")
     if resume is not None and resume.is_dir():  # its shards load before any hook: check its metadata first
         cli.model.on_load_checkpoint(load_checkpoint(resume))
+    elif resume is not None and resume.is_file():  # a diverged run's checkpoint would only diverge again
+        require_finite_weights(load_checkpoint(resume).get("state_dict", {}), resume)
     export_dir = Path(cli.config.get("export_dir") or root / "model")
     own_export = export_dir == root / "model"  # the run's own: replaced by a resumed run
     with own_run_dir(root, resuming=ckpt_path is not None, command=command, overwrite=overwrite), \
             claimed_by_rank_zero(export_dir, option="--export_dir", overwrite=overwrite or own_export,
-                                 inputs=[resume], command=command) as export:
+                                 inputs=[resume, *cli.inputs()], command=command) as export:
         try:
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
@@ -266,13 +305,16 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / SHARDED_METADATA
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as file:
+        if not file.read(2).startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (or a bare pickle)
+            raise ValueError(f"{path} is not a checkpoint (a file that `rlm train` wrote with torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise unsafe_checkpoint(path) from None
     except Exception as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]  # an empty file's error has no text
-        raise ValueError(f"{path} is not a readable checkpoint: {reason}") from None
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or damaged): {reason}") from None
 
 
 def load_sharded_weights(path: Path, model: RecurrentLM) -> None:

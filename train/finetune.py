@@ -179,6 +179,8 @@ class TraceDataModule(L.LightningDataModule):
 
 
 class FinetuneCLI(RunCLI):
+    input_options = ("model.model", "model.tokenizer", "data.train_files", "data.val_files")
+
     def before_instantiate_classes(self) -> None:
         """Local trace files are read and checked before the model loads (which may take minutes); a hub dataset
         is read once, by the data module."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from recurrent_lm.options import ranges
+from recurrent_lm.options import DEPTH, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.problem import Problem, Task
 from recurrent_lm.tasks import get_task
@@ -64,10 +64,10 @@ class Tally:
         return f"  {what}: {count} dropped" + (f" (first: {self.first[rule]})" if count else "")
 
 
-@ranges(n=">= 1", budget=">= 0", num_steps=">= 1", batch_size=">= 1", max_answer_tokens=">= 1", seed=">= 0")
+@ranges(n=">= 1", budget=">= 0", num_steps=DEPTH, batch_size=">= 1", max_answer_tokens=">= 1", seed=">= 0")
 def select_traces(
     pool: str,
-    out: Path,
+    out: str,
     n: int = 1000,
     question_field: str = QUESTION_FIELD,
     thinking_field: str = THINKING_FIELD,
