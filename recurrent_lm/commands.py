@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
-from .loading import load_model, load_tokenizer
+from .loading import load_config, load_model, load_tokenizer
 from .options import DEPTH, PROBLEMS, ranges
 from .outputs import claimed_output
 from .tasks import TASKS, get_task, parse_int_list, save_jsonl, task_tokenizer
@@ -77,7 +77,8 @@ def generate(
     """
     check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                           draft_length)  # before the model loads: bad settings fail at once
-    tok = load_tokenizer(tokenizer or model)  # the cheaper one first: a broken tokenizer fails at once
+    load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
+    tok = load_tokenizer(tokenizer or model)
     net = load_model(model)
     torch.manual_seed(seed)
     encoded = tok(prompt, return_tensors="pt")

@@ -119,7 +119,7 @@ def test_bad_generation_and_sweep_input_gets_one_line(tmp_path):
     one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab", "--do-sample", "--top-p", "2"),
                    "--top_p must be in (0, 1]")
     one_line_error(rlm("generate", "--model", str(model), "--prompt", "ab", "--num-steps", "1000000000"),
-                   "num_steps = 1000000000 exceeds", "MAX_NUM_STEPS")
+                   "--num_steps must be in [1, 100000], got 1000000000")
     one_line_error(rlm("sweep", "--model", "demo-latent", "--task", "permutation", "--steps", "1,x",
                        "--out", str(tmp_path / "s1")), "--steps: '1,x' is not a list of integers")
     one_line_error(rlm("sweep", "--model", "demo-latent", "--task", "permutation", "--steps", "1-200000000",
