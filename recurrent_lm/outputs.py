@@ -68,14 +68,16 @@ def check_output_path(path: str | Path, kind: Literal["dir", "file"], option: st
 
 
 def check_not_an_input(path: Path, inputs: Iterable[str | Path | None], option: str) -> None:
-    """The output may not be an input, a folder that holds one, or a path inside an input folder (a model
-    directory, say). A shipped checkpoint's name counts as its folder."""
+    """The output may not be an input, a folder that holds one, or a file or folder that exists inside an input
+    folder (a model directory's weights, say; a new path there harms nothing). A shipped checkpoint's name counts as
+    its folder."""
     target = path.resolve()
     for given in inputs:
         if given is None:
             continue
         source = resolve_model_dir(given).resolve()
-        if source == target or target in source.parents or (source.is_dir() and source in target.parents):
+        inside = source.is_dir() and source in target.parents and target.exists()
+        if source == target or target in source.parents or inside:
             what = "is" if source == target else "holds" if target in source.parents else "lies inside"
             raise ValueError(f"{option} {path} {what} one of this command's inputs ({given}); write somewhere else")
 

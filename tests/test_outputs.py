@@ -240,6 +240,7 @@ def test_outputs_inside_an_input_a_link_or_the_current_folder_are_refused(tmp_pa
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_text("weights")
     with pytest.raises(ValueError, match="lies inside one of this command's inputs"):
         with claimed_output(model / "model.safetensors", option="--out", kind="file", overwrite=True,
                             inputs=[model]):
@@ -257,7 +258,7 @@ def test_outputs_inside_an_input_a_link_or_the_current_folder_are_refused(tmp_pa
     with pytest.raises(IsADirectoryError, match="names a folder \\(it ends in /\\)"):
         with claimed_output(str(tmp_path / "new") + "/", option="--out", kind="file"):
             pass
-    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_a_lock_names_the_command_that_holds_it(tmp_path):

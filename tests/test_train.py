@@ -195,7 +195,7 @@ def test_a_run_never_takes_another_runs_directory(tmp_path, monkeypatch):
     assert len(second.stderr.strip().splitlines()) == 1
     (root / "run.lock").write_text(str(os.getpid()))  # a live run holds it
     third = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last")
-    assert third.returncode != 0 and f"in use by another rlm train (pid {os.getpid()})" in third.stderr
+    assert third.returncode != 0 and f"in use by another run (pid {os.getpid()})" in third.stderr
     (root / "run.lock").write_text("999999999")  # left by a killed run: taken over
     resumed = quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last", "--trainer.max_steps", "4")
     assert resumed.returncode == 0, resumed.stderr
