@@ -30,11 +30,11 @@ import torch
 from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import round_trip, single_token
 from recurrent_lm.depth import check_depths
-from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
+from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer, require_fitting_tokenizer
 from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.special_tokens import THINK_END, THINK_START
-from recurrent_lm.tasks import Problem, get_task, parse_int_list
+from recurrent_lm.tasks import IntList, Problem, get_task, parse_int_list
 
 from .cot import BudgetForcing, ChainPool, ParallelSampling, RejectionSampling, TokenConditional
 from .latent import AdaptiveDepth, LatentDepth
@@ -42,7 +42,7 @@ from .methods import run_methods
 from .reward_models import AGGREGATIONS, load_reward_model
 from .search import STRATEGIES
 from .report import RESULT_COLUMNS, line_plot, markdown_table, panel_plot, select, write_results, write_summary
-from .sweep import sweep_problems
+from .sweep import check_thresholds, sweep_problems
 
 
 def check_tokenizer(tokenizer, problem: Problem, cot: bool, which: str, thinking_budget: int | None = None) -> None:
@@ -76,13 +76,13 @@ def parse_methods(text: str, reward_model: Path | None) -> list[str]:
 @ranges(n=PROBLEMS, exit_thresholds="> 0", exit_prompt_steps=DEPTH, vote_budget=">= 0", temperature="> 0", seed=">= 0",
         batch_size=">= 1", trained_max_difficulty=">= 1", beam_width=">= 1", rebase_temperature="> 0",
         search_max_steps=">= 1", rejection_tries=">= 1")
-def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str = "1,2,4", n: int = 100,
-            out: Path = Path("compare"), problems: Path | None = None, steps: str = "1,2,4,8,16,32",
+def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntList = "1,2,4", n: int = 100,
+            out: Path = Path("compare"), problems: Path | None = None, steps: IntList = "1,2,4,8,16,32",
             exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate", "none"]
             | None = "kl",
             exit_thresholds: list[float] | None = None, exit_prompt_steps: int | None = None,
-            budgets: str = "0,8,16,32,64,128", votes: str = "1,2,4,8",
-            vote_budget: int | None = None, temperature: float = 0.7, cot_steps: str | None = None, seed: int = 1234,
+            budgets: IntList = "0,8,16,32,64,128", votes: IntList = "1,2,4,8",
+            vote_budget: int | None = None, temperature: float = 0.7, cot_steps: IntList | None = None, seed: int = 1234,
             batch_size: int = 32, trained_max_difficulty: int | None = None, latent_tokenizer: Path | None = None,
             cot_tokenizer: Path | None = None, methods: str = "latent,budget,majority,best-of-n",
             reward_model: Path | None = None,
@@ -144,6 +144,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     budget_list = parse_int_list(budgets, "--budgets")
     depth_list = check_depths(parse_int_list(steps, "--steps"), "--steps")
     vote_list = parse_int_list(votes, "--votes", allow_empty=True)  # "" skips voting and search
+    check_thresholds(exit_thresholds)
     if any(b < 0 for b in budget_list) or (vote_budget is not None and vote_budget < 0):
         raise ValueError(f"thinking budgets must be >= 0, got {budgets!r}")
     if any(v < 1 for v in vote_list):
@@ -155,6 +156,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: str 
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=inputs, command="rlm compare") as output:
         latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)
         cot_model, cot_tok = load_any_causal_lm(cot), load_tokenizer(cot_tokenizer or cot)
+        require_fitting_tokenizer(latent_tok, latent_model.config, latent_tokenizer or latent)
+        require_fitting_tokenizer(cot_tok, cot_model.config, cot_tokenizer or cot)
         sample = next(iter(by_difficulty.values()))[0]
         check_tokenizer(latent_tok, sample, cot=False, which="latent")
         check_tokenizer(cot_tok, sample, cot=True, which="CoT")

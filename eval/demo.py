@@ -168,8 +168,8 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
             (output.path / "results.json").write_text(json.dumps(results, indent=1, default=str))
             output.keep()
             raise Interrupted(f"kept the {len(results['studies'])} of {len(STUDIES)} studies that finished in "
-                              f"{out / 'results.json'} (\"complete\": false), and the interrupted study's finished "
-                              f"part under {out}; rerun with --overwrite for the whole demo") from None
+                              f"{output.landing / 'results.json'} (\"complete\": false), and the interrupted "
+                              f"study's finished part beside it; rerun with --overwrite for the whole demo") from None
         results["findings"] = [f"{study.title}: {line}" for study in STUDIES
                                for line in results["studies"][study.name]["findings"]
                                + results["studies"][study.name].get("search", {}).get("findings", [])]

@@ -19,13 +19,13 @@ from recurrent_lm.depth import check_depths
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.options import ranges
 from recurrent_lm.outputs import claimed_output
-from recurrent_lm.tasks import parse_int_list
+from recurrent_lm.tasks import IntList, parse_int_list
 
 from .report import line_plot, markdown_table, write_results, write_summary
 
 
 @ranges(limit=">= 1", batch_size=">= 1")
-def lm_eval_sweep(model: Path, tasks: str, steps: str = "1,4,8,16,32", out: Path = Path("lm-eval"),
+def lm_eval_sweep(model: Path, tasks: str, steps: IntList = "1,4,8,16,32", out: Path = Path("lm-eval"),
                   include_path: Path | None = None, limit: int | None = None, batch_size: int = 8,
                   tokenizer: Path | None = None, overwrite: bool = False) -> dict:
     """Run lm-evaluation-harness tasks at every depth and write the metrics per depth.

@@ -56,5 +56,5 @@ def keep_interrupted(output: Output, rows: list[dict[str, Any]], meta: dict[str,
     the run ends as Interrupted, saying so."""
     write_results(output.path, rows, {**meta, "finished_cells": finished, "cells": cells}, complete=False)
     output.keep()
-    raise Interrupted(f"kept the {finished} of {cells} cells that finished in {output.target / 'results.json'} "
+    raise Interrupted(f"kept the {finished} of {cells} cells that finished in {output.landing / 'results.json'} "
                       "(\"complete\": false); rerun with --overwrite for the whole result") from None

@@ -22,7 +22,7 @@ from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.problem import Problem
 from recurrent_lm.special_tokens import THINK_END
-from recurrent_lm.tasks import get_task, parse_int_list
+from recurrent_lm.tasks import IntList, get_task, parse_int_list
 
 from .budget_forcing import generate_until
 from .cot import chain_steps, cot_runs, depth_kwargs
@@ -84,7 +84,7 @@ def judge_reward_model(scorer: RewardModel, policy, tokenizer, problems: list[Pr
 
 
 @ranges(n=PROBLEMS, samples=">= 1", temperature="> 0", budget=">= 0", rollouts=">= 1", depth=DEPTH, seed=">= 0")
-def label_steps(policy: Path, task: str, difficulties: str = "1-4", n: int = 64, samples: int = 4,
+def label_steps(policy: Path, task: str, difficulties: IntList = "1-4", n: int = 64, samples: int = 4,
                 temperature: float = 1.0, budget: int = 128, labels: Literal["exact", "rollouts"] = "exact",
                 rollouts: int = 4, depth: int | None = None, seed: int = 0, out: Path = Path("step-labels"),
                 overwrite: bool = False) -> dict:

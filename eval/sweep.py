@@ -15,14 +15,21 @@ import torch
 from recurrent_lm.adaptive import CRITERIA
 from recurrent_lm.data import prompt_ids
 from recurrent_lm.depth import check_depths
-from recurrent_lm.loading import load_config, load_model, load_tokenizer
+from recurrent_lm.loading import load_config, load_model, load_tokenizer, require_fitting_tokenizer
 from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
-from recurrent_lm.tasks import Problem, get_task, load_jsonl, parse_int_list
+from recurrent_lm.tasks import IntList, Problem, get_task, load_jsonl, parse_int_list
 
 from .latent import AdaptiveDepth, LatentDepth
 from .methods import keep_interrupted, run_methods
 from .report import line_plot, markdown_table, panel_plot, select, write_results, write_summary
+
+
+def check_thresholds(exit_thresholds: list[float] | None) -> None:
+    """An empty list is neither the default grid (leave the option out) nor no adaptive exit (--exit_criteria [])."""
+    if exit_thresholds is not None and not exit_thresholds:
+        raise ValueError("--exit_thresholds []: give thresholds, leave the option out for the default grid, or skip "
+                         "adaptive exit (sweep: --exit_criteria []; compare: --exit_criterion none)")
 
 
 def sweep_problems(task: str | None, problems: Path | None, difficulties: list[int], n: int, seed: int) -> dict[int, list[Problem]]:
@@ -63,7 +70,7 @@ def latent_dynamics(model, tokenizer, problems: list[Problem], steps: int) -> li
 
 @ranges(n=PROBLEMS, exit_thresholds="> 0", adaptive_max_steps=DEPTH, exit_prompt_steps=DEPTH, seed=">= 0",
         batch_size=">= 1", dynamics=">= 0")
-def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", steps: str = "1,2,4,8,16,32,64",
+def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8", steps: IntList = "1,2,4,8,16,32,64",
           n: int = 200, out: Path = Path("sweep"), problems: Path | None = None, exit_criteria: list[str] | None = None,
           exit_thresholds: list[float] | None = None, adaptive_max_steps: int | None = None,
           exit_prompt_steps: int | None = None, seed: int = 1234, batch_size: int = 64, tokenizer: Path | None = None,
@@ -92,6 +99,7 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
         overwrite: replace an earlier run in `out`.
     """
     depths = check_depths(parse_int_list(steps, "--steps"))
+    check_thresholds(exit_thresholds)
     unknown = sorted(set(exit_criteria or []) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
@@ -100,8 +108,10 @@ def sweep(model: Path, task: str | None = None, difficulties: str = "1,2,4,8", s
     by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed)
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
                         command="rlm sweep") as output:
-        load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
-        tok, net = load_tokenizer(tokenizer or model), load_model(model)
+        config = load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
+        tok = load_tokenizer(tokenizer or model)
+        require_fitting_tokenizer(tok, config, tokenizer or model)
+        net = load_model(model)
         criteria = list(exit_criteria) if exit_criteria is not None else [
             criterion for criterion in CRITERIA if criterion != "gate" or net.exit_gate is not None]
         max_steps = max(depths) if adaptive_max_steps is None else adaptive_max_steps

@@ -10,10 +10,11 @@ from tqdm.auto import tqdm
 
 from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
-from .loading import load_config, load_model, load_tokenizer
+from .loading import load_config, load_model, load_tokenizer, require_fitting_tokenizer
 from .options import DEPTH, PROBLEMS, ranges
 from .outputs import claimed_output
-from .tasks import TASKS, get_task, parse_int_list, save_jsonl, task_tokenizer
+from .special_tokens import SPECIAL_TOKENS
+from .tasks import TASKS, IntList, get_task, parse_int_list, save_jsonl, task_tokenizer
 from .tokenization import train_bpe_tokenizer
 from .traces import save_rows, trace_row
 
@@ -77,11 +78,12 @@ def generate(
     """
     check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                           draft_length)  # before the model loads: bad settings fail at once
-    load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
+    config = load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
     tok = load_tokenizer(tokenizer or model)
+    require_fitting_tokenizer(tok, config, tokenizer or model)
     net = load_model(model)
     torch.manual_seed(seed)
-    encoded = tok(prompt, return_tensors="pt")
+    encoded = tok(prompt, return_tensors="pt", return_token_type_ids=False)  # ids and mask: what the model reads
     if encoded.input_ids.shape[1] + max_new_tokens > net.config.max_position_embeddings:
         raise ValueError(f"prompt ({encoded.input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's max_position_embeddings ({net.config.max_position_embeddings})")
@@ -145,7 +147,7 @@ def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, 
 
 
 @ranges(n=PROBLEMS, seed=">= 0")
-def tasks_export(name: str, out: str, difficulties: str = "1-4", n: int = 100, seed: int = 0,
+def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 100, seed: int = 0,
                  format: Literal["problems", "traces"] = "problems", overwrite: bool = False) -> None:
     """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere), or as
     reasoning traces with exact answers (a pool for `rlm select-traces`, data for `rlm finetune`).
@@ -174,7 +176,7 @@ def tasks_export(name: str, out: str, difficulties: str = "1-4", n: int = 100, s
     print(f"wrote {len(problems)} {format} to {out}")
 
 
-@ranges(vocab_size="[1, 1048576]", min_frequency=">= 1")
+@ranges(vocab_size=f"[{len(SPECIAL_TOKENS) + 256}, 1048576]", min_frequency=">= 1")  # specials + 256 bytes
 def tokenizer_train(files: str, out: Path, vocab_size: int = 8192, min_frequency: int = 2,
                     overwrite: bool = False) -> None:
     """Train a byte-level BPE tokenizer on text files and save it as a transformers fast tokenizer.

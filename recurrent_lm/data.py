@@ -304,6 +304,9 @@ def text_source(source: str | Sequence[str]) -> tuple[str, list[Path] | str]:
     if len(files) == 1 and str(files[0]).startswith(HUB_PREFIX):
         return "hub", str(files[0])[len(HUB_PREFIX):]
     local = [Path(f) for f in files]
+    folders = [str(p) for p in local if p.is_dir()]
+    if folders:
+        raise IsADirectoryError(f"data files {folders} are folders; give the files in them (JSONL, text, parquet)")
     missing = [str(p) for p in local if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"data files not found: {missing} (a hub dataset is named {HUB_PREFIX}NAME)")

@@ -149,7 +149,7 @@ def truncated(depth: int, backprop_depth: int) -> StepCounts:
 
 def check_depths(depths: list[int], option: str = "--steps") -> list[int]:
     """Test-time depths to evaluate, as an option gives them: at least one, each >= 1."""
-    depths = [_step_count(depth, option) for depth in depths]  # integers within MAX_NUM_STEPS
     if not depths or min(depths) < 1:
         raise ValueError(f"{option} must all be >= 1 (at least one depth), got {depths}")
+    depths = [_step_count(depth, option) for depth in depths]  # integers within MAX_NUM_STEPS
     return depths

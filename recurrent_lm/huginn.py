@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigFieldError, RecurrentConfig, read_config_json
+from .loading import require_finite_weights
 from .outputs import claimed_output
 from .model import RecurrentLM
 
@@ -141,8 +142,8 @@ def convert_huginn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dt
     config = huginn_config(src)
     expected = _expected_shapes(config)
     cast = getattr(torch, dtype, None) if dtype else None
-    if cast is not None and not isinstance(cast, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+    if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
+        raise ValueError(f"--dtype {dtype!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
 
     with claimed_output(dst, option="DST", overwrite=overwrite, inputs=[src], command="rlm convert-huginn") as output:
         work = output.path
@@ -165,6 +166,7 @@ def convert_huginn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dt
                         raise NotAHuginnCheckpoint(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config "
                                                    f"implies {tuple(expected[ours])}")
                     tensors[ours] = tensor.to(cast) if cast is not None else tensor
+            require_finite_weights(tensors, shard)  # a diverged checkpoint never becomes a model directory
             save_file(tensors, work / out_name, metadata={"format": "pt"})
             total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update({name: out_name for name in tensors})

@@ -64,6 +64,12 @@ def load_model(path: str | Path):
     config = load_config(directory)
     with torch.device("meta"):  # the shapes the config implies, without allocating them
         expected = {name: list(tensor.shape) for name, tensor in RecurrentLM(config).state_dict().items()}
+    missing = sorted(set(expected) - set(shapes) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        what = (f"lacks {missing[:5]}" if missing else "") + (" and " if missing and unexpected else "") + \
+            (f"holds tensors its config has no place for, {unexpected[:5]}" if unexpected else "")
+        raise ValueError(f"the weights of {directory} do not match its config.json: the safetensors files {what}")
     for name, shape in shapes.items():
         if name in expected and expected[name] != shape:
             raise ValueError(f"{directory / 'config.json'} does not match the weights: {name} is {shape} in the "
@@ -92,6 +98,14 @@ def require_finite_weights(model_or_state_dict: torch.nn.Module | Mapping[str, t
             count = int(tensor.numel() - torch.isfinite(tensor).sum())
             raise ValueError(f"{name} holds non-finite weights ({key}: {count} NaN/inf values of {tensor.numel()}): "
                              "the run that wrote it diverged")
+
+
+def require_fitting_tokenizer(tokenizer, config, name: str | Path) -> None:
+    """A tokenizer whose ids reach past the model's embedding would feed it ids it has no row for."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= config.vocab_size:
+        raise ValueError(f"the tokenizer of {name} has ids up to {largest}, past the model's vocab_size "
+                         f"({config.vocab_size}): a tokenizer of another model?")
 
 
 def load_tokenizer(path: str | Path):

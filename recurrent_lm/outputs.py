@@ -36,13 +36,22 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Output:
-    """A claimed output: write into `path` (the staging path); `target` is where it lands."""
+    """A claimed output: write into `path` (the staging path); `target` is where it lands, `replaces` whether an
+    earlier result is there (which only a finished run replaces)."""
 
-    def __init__(self, path: Path, target: Path):
-        self.path, self.target, self.kept = path, target, False
+    def __init__(self, path: Path, target: Path, replaces: bool):
+        self.path, self.target, self.replaces, self.kept = path, target, replaces, False
+
+    @property
+    def landing(self) -> Path:
+        """Where what was written lands: the target, or, for a kept partial result that would replace an earlier
+        finished one, a folder beside it (an interrupted run never destroys a finished result)."""
+        if self.kept and self.replaces:
+            return self.target.with_name(f"{self.target.name}.interrupted-{os.getpid()}")
+        return self.target
 
     def keep(self) -> None:
-        """Move what was written into the target even though the command is ending with an exception (an
+        """Move what was written to `landing` even though the command is ending with an exception (an
         interrupted run's finished part, marked incomplete by the command)."""
         self.kept = True
 
@@ -104,14 +113,14 @@ def claimed_output(path: str | Path, *, option: str, kind: Literal["dir", "file"
         staging = path.with_name(f".{path.name}.{os.getpid()}{STAGING_SUFFIX}")
         if kind == "dir":
             staging.mkdir()
-        output = Output(staging, path)
+        output = Output(staging, path, replaces=is_nonempty(path))
         try:
             yield output
         except BaseException:
             if not output.kept:
                 remove(staging)
                 raise
-            commit(staging, path)
+            commit(staging, output.landing)
             raise
         commit(staging, path)
 

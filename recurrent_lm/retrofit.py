@@ -30,7 +30,7 @@ from .loading import safetensors_files
 from .options import DEPTH, ranges
 from .outputs import claimed_output
 from .model import RecurrentLM
-from .tasks import parse_int_list
+from .tasks import IntList, parse_int_list
 
 # model_type -> what distinguishes the family within the shared Llama layer layout
 SUPPORTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -159,7 +159,7 @@ def map_weights(weights: dict[str, torch.Tensor], picked: list[int], config: Rec
 
 
 @ranges(prelude=">= 0", core=">= 1", coda=">= 0", mean_recurrence=DEPTH, mean_backprop_depth=DEPTH)
-def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers: str | None = None,
+def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers: IntList | None = None,
              mean_recurrence: int = 4, mean_backprop_depth: int = 4, skip_first_injection: bool = False,
              overwrite: bool = False) -> Path:
     """Turn a local Llama-family checkpoint (Llama, Mistral, Qwen2) into a RecurrentLM directory.

@@ -189,10 +189,16 @@ def load_jsonl(path: str | Path) -> list[Problem]:
 MAX_LIST_LENGTH = 10_000  # a command-line list longer than this is a typo, not a plan
 
 
-def parse_int_list(text: str, name: str = "list", allow_empty: bool = False) -> list[int]:
+# A list option (--steps, --difficulties ...): "1,2,4-8" on the command line; 4 or [1, 2] in a YAML config too
+IntList = str | int | list[int]
+
+
+def parse_int_list(text: IntList, name: str = "list", allow_empty: bool = False) -> list[int]:
     """'1,2,4-6' -> [1, 2, 4, 5, 6] (for command-line difficulty and depth lists); `name` (e.g. "--steps") is
     named in the error for anything else: a descending range, a value given twice (it would be measured twice), an
     empty list (unless `allow_empty`: "" then means none), or more than MAX_LIST_LENGTH values."""
+    if isinstance(text, (int, list, tuple)) and not isinstance(text, bool):
+        text = ",".join(map(str, text if isinstance(text, (list, tuple)) else [text]))
     values = []
     for part in filter(None, re.split(r"\s*,\s*", str(text).strip())):
         try:

@@ -199,7 +199,9 @@ def test_non_finite_weights_are_refused_in_a_state_dict_and_any_causal_lm(tmp_pa
 
 def test_a_config_that_does_not_match_its_weights_or_lacks_model_type_is_named(tmp_path):
     model_dir = tiny_model_dir(tmp_path)
-    file = edited_config(model_dir, vocab_size=8)
+    file = edited_config(model_dir, vocab_size=8)  # the tokenizer's ids no longer fit: said first
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), "past the model's vocab_size (8)")
+    edited_config(model_dir, vocab_size=64)
     one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
                    f"{file} does not match the weights: embed_tokens.weight is [")
     edited_config(model_dir, vocab_size=48, intermediate_size=10**9)  # the meta device allocates nothing
@@ -246,3 +248,40 @@ def test_a_checkpoint_that_is_no_checkpoint_or_holds_non_finite_weights_is_named
     torch.save(state, last)
     one_line_error(quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last",
                                "--trainer.max_steps", "4"), f"{last} holds non-finite weights")
+
+
+def test_weights_with_missing_or_extra_tensors_and_a_tokenizer_of_another_model_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tiny_model_dir(tmp_path)
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if k != "adapter.weight"}, weights, metadata={"format": "pt"})
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), "lacks ['adapter.weight']")
+    save_file({**tensors, "bogus.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), "has no place for, ['bogus.weight']")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = {token: i + 100 for token, i in tokenizer["model"]["vocab"].items()}
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "", "--max-new-tokens", "1"),
+                   "past the model's vocab_size")
+
+
+def test_convert_huginn_refuses_integer_dtypes_and_non_finite_weights(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import HUGINN_TINY
+
+    one_line_error(rlm("convert-huginn", str(HUGINN_TINY), str(tmp_path / "int"), "--dtype", "int8"),
+                   "--dtype 'int8' is not a floating-point torch dtype")
+    source = tmp_path / "huginn"
+    shutil.copytree(HUGINN_TINY, source)
+    shard = source / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["transformer.ln_f.weight"].view(-1)[0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    one_line_error(rlm("convert-huginn", str(source), str(tmp_path / "out")), "holds non-finite weights")
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 config files and option values that a parser would turn into a traceback are one line."""
 
 import inspect
+import json
 import typing
 
 import pytest
@@ -23,9 +24,12 @@ def commands(entries=COMMANDS, prefix=""):
 
 
 def numeric(annotation) -> bool:
-    """int, float, their Optional forms and lists of them (bool is no number here)."""
+    """int, float, their Optional forms and lists of them (bool is no number here; a list option that also takes
+    text, recurrent_lm.tasks.IntList, is checked by parse_int_list)."""
     if annotation in NUMBERS:
         return True
+    if str in typing.get_args(annotation) or any(str in typing.get_args(arg) for arg in typing.get_args(annotation)):
+        return False
     return any(numeric(arg) for arg in typing.get_args(annotation) if arg is not type(None))
 
 
@@ -173,7 +177,7 @@ def test_unknown_lm_eval_tasks_are_named():
     (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_thresholds", "[1e400]"),
      "--exit_thresholds must be a finite number > 0, got inf"),
     (("tokenizer", "train", "--files", "x", "--out", "OUT", "--vocab_size", "99999999999"),
-     "--vocab_size must be in [1, 1048576]"),
+     "--vocab_size must be in [261, 1048576]"),
     (("train", "--config", "debug", "--trainer.val_check_interval", "0"), "--trainer.val_check_interval must be > 0"),
     (("train", "--config", "debug", "--trainer.log_every_n_steps", "-3"), "--trainer.log_every_n_steps must be >= 1"),
 ])
@@ -206,3 +210,32 @@ def test_ctrl_c_while_rlm_starts_is_one_line(tmp_path):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "rlm: interrupted while starting"
+
+
+@pytest.mark.parametrize("args,message", [
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--exit_thresholds", "[]"),
+     "--exit_thresholds []: give thresholds, leave the option out for the default grid"),
+    (("sweep", "--model", "demo-latent", "--task", "chain", "--steps", "-3"), "--steps must all be >= 1"),
+    (("tokenizer", "train", "--files", "x", "--out", "OUT", "--vocab_size", "50"), "--vocab_size must be in [261,"),
+])
+def test_more_options_are_refused_before_any_work(args, message, tmp_path):
+    test_lists_and_bounds_are_refused_before_any_work(args, message, tmp_path)
+
+
+def test_list_options_take_yaml_numbers_and_lists(tmp_path):
+    from recurrent_lm.tasks import parse_int_list
+
+    assert parse_int_list(4) == [4] and parse_int_list([1, 2]) == [1, 2] and parse_int_list("1-3") == [1, 2, 3]
+    config = tmp_path / "sweep.yaml"
+    config.write_text("steps: 1\ndifficulties: [1, 2]\n")
+    result = rlm("sweep", "--config", str(config), "--model", "demo-latent", "--task", "permutation", "--n", "2",
+                 "--exit_criteria", "[]", "--dynamics", "0", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["difficulties"] == [1, 2]
+
+
+def test_a_folder_given_as_a_data_file_is_named(tmp_path):
+    from recurrent_lm.data import text_source
+
+    with pytest.raises(IsADirectoryError, match="are folders; give the files in them"):
+        text_source([str(tmp_path)])

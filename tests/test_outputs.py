@@ -304,3 +304,26 @@ def test_training_never_exports_over_its_inputs_or_its_own_run(tmp_path):
                                "--data.tokenizer", str(model), "--export_dir", str(model), "--overwrite", "true"),
                    "is one of this command's inputs")
     assert (model / "model.safetensors").is_file()
+
+
+def test_an_interrupted_overwrite_keeps_the_earlier_result(tmp_path, monkeypatch):
+    import recurrent_lm.eval.sweep as sweep_module
+
+    out = tmp_path / "sweep"
+    assert rlm(*SWEEP, "--out", str(out)).returncode == 0
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(sweep_module, "LatentDepth", lambda *args: InterruptedAfter())
+    result = rlm(*SWEEP, "--out", str(out), "--overwrite")
+    kept = tmp_path / f"sweep.interrupted-{os.getpid()}"
+    assert result.returncode == 130 and f"finished in {kept / 'results.json'}" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == before and json.loads((out / "results.json").read_text())["complete"]
+    assert json.loads((kept / "results.json").read_text())["complete"] is False
+
+
+def test_resuming_a_run_that_is_already_past_max_steps_is_refused(tmp_path):
+    from .test_train import quick_train
+
+    root = tmp_path / "run"
+    assert quick_train("--trainer.default_root_dir", str(root), "--trainer.max_steps", "4").returncode == 0
+    one_line_error(quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last"),
+                   "the checkpoint is at step 4, --trainer.max_steps is 2: nothing is left to train")

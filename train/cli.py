@@ -188,8 +188,13 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
                          "it into a model directory")
     if resume is not None and resume.is_dir():  # its shards load before any hook: check its metadata first
         cli.model.on_load_checkpoint(load_checkpoint(resume))
-    elif resume is not None and resume.is_file():  # a diverged run's checkpoint would only diverge again
-        require_finite_weights(load_checkpoint(resume).get("state_dict", {}), resume)
+    elif resume is not None and resume.is_file():
+        state = load_checkpoint(resume)
+        require_finite_weights(state.get("state_dict", {}), resume)  # a diverged run's would only diverge again
+        done = state.get("global_step", 0)
+        if trainer.max_steps != -1 and done >= trainer.max_steps:  # Lightning would train nothing, and export
+            raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint is at step {done}, --trainer.max_steps is "
+                             f"{trainer.max_steps}: nothing is left to train; raise --trainer.max_steps")
     export_dir = Path(cli.config.get("export_dir") or root / "model")
     own_export = export_dir == root / "model"  # the run's own: replaced by a resumed run
     with own_run_dir(root, resuming=ckpt_path is not None, command=command, overwrite=overwrite), \
