@@ -30,7 +30,8 @@ import torch
 from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import round_trip, single_token
 from recurrent_lm.depth import check_depths
-from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer, require_fitting_tokenizer
+from recurrent_lm.loading import (load_any_causal_lm, load_model, load_tokenizer, model_type,
+                                  require_fitting_tokenizer)
 from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.special_tokens import THINK_END, THINK_START
@@ -145,6 +146,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
     depth_list = check_depths(parse_int_list(steps, "--steps"), "--steps")
     vote_list = parse_int_list(votes, "--votes", allow_empty=True)  # "" skips voting and search
     check_thresholds(exit_thresholds)
+    if token_conditional_cot is not None:
+        model_type(token_conditional_cot)  # given: it must be a model directory, whatever --methods runs
     if any(b < 0 for b in budget_list) or (vote_budget is not None and vote_budget < 0):
         raise ValueError(f"thinking budgets must be >= 0, got {budgets!r}")
     if any(v < 1 for v in vote_list):

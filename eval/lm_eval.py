@@ -46,6 +46,8 @@ def lm_eval_sweep(model: Path, tasks: str, steps: IntList = "1,4,8,16,32", out: 
     from lm_eval.tasks import TaskManager
 
     depths = check_depths(parse_int_list(steps, "--steps"))
+    if include_path is not None and not Path(include_path).is_dir():
+        raise NotADirectoryError(f"--include_path {include_path} is not a folder (of task YAMLs)")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     unknown = [name for name in names if name not in manager.all_tasks]

@@ -59,13 +59,13 @@ def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
     subcommands = parser.add_subcommands(dest=dest)
     for name, entry in commands.items():
         if isinstance(entry, dict):
-            group = ArgumentParser(description=f"rlm {name} subcommands")
+            group = ArgumentParser(description=f"rlm {name} subcommands", exit_on_error=False)
             subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")
             _add_commands(group, entry, dest="subcommand")  # jsonargparse wants levels added top-down
             continue
         function, positional = entry
         doc = inspect.getdoc(function)
-        sub = ArgumentParser(description=doc.split("\n\n")[0])
+        sub = ArgumentParser(description=doc.split("\n\n")[0], exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
         required_options = keyword_only_required(function)
         sub.add_function_arguments(function, as_positional=positional, skip=set(required_options))
@@ -193,6 +193,10 @@ def check_config_files(argv: list[str]) -> None:
         if not isinstance(options, dict):
             held = "nothing" if options is None else f"a {type(options).__name__}"
             raise ValueError(f"--config {path} holds {held}, not a mapping of options (option: value lines)")
+        function, command_path = _resolve(argv)
+        unknown = sorted(set(options) - set(inspect.signature(function).parameters)) if function else []
+        if unknown:  # said here: jsonargparse's own message for a nested subcommand is only its name
+            raise ValueError(f"--config {path}: rlm {' '.join(command_path)} has no options {unknown}")
         if argv[0] in OWN_PARSER:  # LightningCLI's sections
             for section in ("trainer", "model", "data"):
                 if options.get(section) is not None and not isinstance(options[section], dict):

@@ -32,7 +32,7 @@ def convert_huginn(src: Path, dst: Path, dtype: str | None = None, overwrite: bo
     print(f"wrote {out}")
 
 
-@ranges(num_steps=DEPTH, max_new_tokens=">= 0", exit_threshold="> 0", min_steps=DEPTH, draft_steps=DEPTH,
+@ranges(num_steps=DEPTH, max_new_tokens=">= 1", exit_threshold="> 0", min_steps=DEPTH, draft_steps=DEPTH,
         draft_length=">= 1", core_slots=">= 1", temperature="> 0", top_p="(0, 1]", init_scale=">= 0", seed=">= 0")
 def generate(
     model: Path,
@@ -163,9 +163,12 @@ def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 10
             rendered without a chat template, exactly the task's chain-of-thought text).
         overwrite: replace an existing `out`.
     """
-    tasks = [get_task(part.strip()) for part in name.split(",") if part.strip()]
-    if not tasks:
+    names = [part.strip() for part in name.split(",") if part.strip()]
+    if not names:
         raise ValueError("give a task name (see `rlm tasks list`)")
+    if len(set(names)) < len(names):
+        raise ValueError(f"name: {name!r} names a task twice; name each once")
+    tasks = [get_task(part) for part in names]
     difficulty_list = parse_int_list(difficulties, "--difficulties")
     with claimed_output(out, option="OUT", kind="file", overwrite=overwrite, command="rlm tasks export") as output:
         problems = [p for task in tasks for d in difficulty_list for p in task.problems(d, n, seed=seed)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .config import RecurrentConfig, read_config_json
 from .model import RecurrentLM
@@ -58,9 +58,13 @@ def load_model(path: str | Path):
     for file in safetensors_files(directory, path):  # a truncated or garbled file: say which, not safetensors' own
         try:
             with safe_open(file, framework="pt") as reader:
-                shapes.update({name: list(reader.get_slice(name).get_shape()) for name in reader.keys()})
+                slices = {name: reader.get_slice(name) for name in reader.keys()}
+                shapes.update({name: list(piece.get_shape()) for name, piece in slices.items()})
+                integer = [name for name, piece in slices.items() if not piece.get_dtype().startswith(("F", "BF"))]
         except Exception as error:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {error}") from None
+        if integer:  # every weight of a RecurrentLM is floating point: these would be read as numbers they are not
+            raise ValueError(f"{file} holds non-floating-point weights: {integer[:5]}")
     config = load_config(directory)
     with torch.device("meta"):  # the shapes the config implies, without allocating them
         expected = {name: list(tensor.shape) for name, tensor in RecurrentLM(config).state_dict().items()}
@@ -74,6 +78,13 @@ def load_model(path: str | Path):
         if name in expected and expected[name] != shape:
             raise ValueError(f"{directory / 'config.json'} does not match the weights: {name} is {shape} in the "
                              f"safetensors files, the config implies {expected[name]}")
+    generation = directory / "generation_config.json"
+    if generation.is_file():  # transformers would skip a broken one silently, or blame its values on the command
+        read_config_json(generation)
+        try:
+            GenerationConfig.from_pretrained(directory).validate(strict=True)
+        except Exception as error:
+            raise ValueError(f"{generation}: {' '.join(str(error).split())}") from None
     model = RecurrentLM.from_pretrained(directory).eval()
     require_finite_weights(model, path)
     return model
@@ -113,8 +124,9 @@ def load_tokenizer(path: str | Path):
     path = resolve_model_dir(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: pass --tokenizer DIR")
-    if (path / "config.json").is_file():  # AutoTokenizer reads a model directory's config too, failing obscurely
-        read_config_json(path / "config.json")
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):  # AutoTokenizer reads these
+        if (path / name).is_file():  # too, and its errors name none of them
+            read_config_json(path / name)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # a truncated or garbled tokenizer file: name it, not the parser's position alone

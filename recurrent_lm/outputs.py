@@ -63,6 +63,9 @@ def check_output_path(path: str | Path, kind: Literal["dir", "file"], option: st
     if kind == "file" and str(path).endswith(("/", os.sep)):
         raise IsADirectoryError(f"{option} {path} names a folder (it ends in /); give a file path to write")
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{option} {path} is not a regular file or folder (a device, pipe or socket); give a path "
+                         "to write")
     if path.is_symlink():
         raise ValueError(f"{option} {path} is a symbolic link; give the real path to write")
     if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
@@ -92,7 +95,7 @@ def check_not_an_input(path: Path, inputs: Iterable[str | Path | None], option: 
 
 
 def is_nonempty(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ def test_generate_command_bad_input(tmp_path):
         (["--num-steps", "4", "--draft-steps", "5"], "draft_steps (5) > verify steps"),
         (["--exit-criterion", "kl", "--exit-threshold", "0"], "threshold must be > 0"),
         (["--num-steps", "2", "--exit-criterion", "kl", "--min-steps", "3"], "min_steps (3) > max steps"),
-        (["--max-new-tokens", "-1"], "max_new_tokens must be >= 0"),
+        (["--max-new-tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
         (["--max-new-tokens", "1000"], "exceeds the model's max_position_embeddings"),
     ]:
         result = rlm("generate", "--model", str(model), "--prompt", "ab", *args)

@@ -285,3 +285,23 @@ def test_convert_huginn_refuses_integer_dtypes_and_non_finite_weights(tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     one_line_error(rlm("convert-huginn", str(source), str(tmp_path / "out")), "holds non-finite weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_integer_weights_and_broken_generation_or_tokenizer_configs_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tiny_model_dir(tmp_path)
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, "adapter.weight": tensors["adapter.weight"].to(torch.int32)}, weights,
+              metadata={"format": "pt"})
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
+                   "holds non-floating-point weights: ['adapter.weight']")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    generation = model_dir / "generation_config.json"
+    generation.write_text('{"max_new_tokens": -5')
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), f"{generation} is not valid JSON")
+    generation.unlink()
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    tokenizer_config.write_text("[1,2")
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), f"{tokenizer_config} is not valid")

@@ -239,3 +239,14 @@ def test_a_folder_given_as_a_data_file_is_named(tmp_path):
 
     with pytest.raises(IsADirectoryError, match="are folders; give the files in them"):
         text_source([str(tmp_path)])
+
+
+def test_repeats_and_unknown_config_keys_of_nested_commands_are_named(tmp_path):
+    one_line_error(rlm("tasks", "export", "chain,chain", str(tmp_path / "x.jsonl")), "names a task twice")
+    config = tmp_path / "unknown.yaml"
+    config.write_text("nosuch_option: 1\n")
+    one_line_error(rlm("tasks", "export", "chain", str(tmp_path / "y.jsonl"), "--config", str(config)),
+                   "rlm tasks export has no options ['nosuch_option']")
+    one_line_error(rlm("train", "--config", "debug", "--model.eval_depths", "[4,4]",
+                       "--trainer.default_root_dir", str(tmp_path / "run")), "gives a depth twice")
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "run").exists()

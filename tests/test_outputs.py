@@ -327,3 +327,12 @@ def test_resuming_a_run_that_is_already_past_max_steps_is_refused(tmp_path):
     assert quick_train("--trainer.default_root_dir", str(root), "--trainer.max_steps", "4").returncode == 0
     one_line_error(quick_train("--trainer.default_root_dir", str(root), "--ckpt_path", "last"),
                    "the checkpoint is at step 4, --trainer.max_steps is 2: nothing is left to train")
+
+
+def test_a_pipe_or_device_is_never_written_over(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    one_line_error(rlm("tasks", "export", "chain", str(fifo), "--n", "2", "--overwrite"),
+                   "is not a regular file or folder (a device, pipe or socket)")
+    one_line_error(rlm("tasks", "export", "chain", os.devnull, "--n", "2", "--overwrite"), "is not a regular file")
+    assert not fifo.is_file() and not os.path.isfile(os.devnull)

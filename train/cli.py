@@ -188,18 +188,13 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
                          "it into a model directory")
     if resume is not None and resume.is_dir():  # its shards load before any hook: check its metadata first
         cli.model.on_load_checkpoint(load_checkpoint(resume))
-    elif resume is not None and resume.is_file():
-        state = load_checkpoint(resume)
-        require_finite_weights(state.get("state_dict", {}), resume)  # a diverged run's would only diverge again
-        done = state.get("global_step", 0)
-        if trainer.max_steps != -1 and done >= trainer.max_steps:  # Lightning would train nothing, and export
-            raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint is at step {done}, --trainer.max_steps is "
-                             f"{trainer.max_steps}: nothing is left to train; raise --trainer.max_steps")
     export_dir = Path(cli.config.get("export_dir") or root / "model")
     own_export = export_dir == root / "model"  # the run's own: replaced by a resumed run
     with own_run_dir(root, resuming=ckpt_path is not None, command=command, overwrite=overwrite), \
             claimed_by_rank_zero(export_dir, option="--export_dir", overwrite=overwrite or own_export,
                                  inputs=[resume, *cli.inputs()], command=command) as export:
+        if resume is not None and resume.is_file():  # read once the run holds its directory
+            check_resumable(resume, ckpt_path, trainer.max_steps)
         try:
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         except pickle.UnpicklingError:  # torch's advice (load with weights_only=False) would run the file's code
@@ -220,6 +215,17 @@ def fit_and_export(cli: RunCLI, model, tokenizer, command: str) -> Path | None:
         save_model_dir(model, tokenizer, export.path)
     print(f"exported the trained model to {export_dir}")
     return export_dir
+
+
+def check_resumable(resume: Path, ckpt_path: str, max_steps: int) -> None:
+    """A checkpoint to resume holds finite weights (a diverged run's would only diverge again) and leaves steps to
+    train (Lightning would train nothing, then export)."""
+    state = load_checkpoint(resume)
+    require_finite_weights(state.get("state_dict", {}), resume)
+    done = state.get("global_step", 0)
+    if max_steps != -1 and done >= max_steps:
+        raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint is at step {done}, --trainer.max_steps is "
+                         f"{max_steps}: nothing is left to train; raise --trainer.max_steps")
 
 
 def kept_checkpoint(root: Path) -> str:

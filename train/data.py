@@ -65,6 +65,8 @@ class RecurrentDataModule(L.LightningDataModule):
                  step_labels: bool = False, step_error_rate: float = 0.5, step_chains: list[str] | None = None,
                  step_chains_share: float = 0.5, state_thinking_length: bool = False):
         super().__init__()
+        if val_difficulties is not None and len(set(val_difficulties)) < len(val_difficulties):
+            raise ValueError(f"data.val_difficulties {list(val_difficulties)} gives a difficulty twice; give each once")
         if bool(tasks) == bool(text_files):
             raise ValueError("give either tasks or text_files to train on")
         if text_files and tokenizer is None:

@@ -125,6 +125,8 @@ class RecurrentLMModule(L.LightningModule):
                  recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
                  sharding: ShardingPlan = ShardingPlan(), compile: bool = False):
         super().__init__()
+        if len(set(eval_depths)) < len(eval_depths):
+            raise ValueError(f"model.eval_depths {list(eval_depths)} gives a depth twice; give each once")
         if steps_per_difficulty is not None and fixed_num_steps is not None:
             raise ValueError("model.steps_per_difficulty ties the depth to the difficulty: it excludes fixed_num_steps")
         config = self._architecture(architecture, init_from)
