@@ -67,18 +67,26 @@ def test_an_output_is_never_an_input(tmp_path):
     assert pool.read_text() == "{}\n"
 
 
-def test_a_target_held_by_a_live_run_is_refused_and_a_dead_runs_leftovers_are_taken_over(tmp_path):
-    target = tmp_path / "out"
+def refused_while_a_live_process_holds(tmp_path, lock_text: str, holder: str, command: str) -> int:
+    """Claim tmp_path/out while its lock names a live process (`lock_text` with {pid}); that process's pid, dead
+    by the time this returns."""
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / ".out.lock").write_text(str(live.pid))  # a lock of an older release: a pid alone
-        with pytest.raises(FileExistsError, match=f"in use by another run \\(pid {live.pid}\\)"):
-            with claimed_output(target, option="--out", command="rlm sweep"):
+        (tmp_path / ".out.lock").write_text(lock_text.format(pid=live.pid))
+        with pytest.raises(FileExistsError, match=f"in use by another {holder} \\(pid {live.pid}\\)"):
+            with claimed_output(tmp_path / "out", option="--out", command=command):
                 pass
     finally:
         live.kill()
         live.wait()
-    dead = live.pid  # its lock and its staging folder are left behind, as after a kill
+    return live.pid
+
+
+def test_a_target_held_by_a_live_run_is_refused_and_a_dead_runs_leftovers_are_taken_over(tmp_path):
+    target = tmp_path / "out"
+    # a lock of an older release holds a pid alone
+    dead = refused_while_a_live_process_holds(tmp_path, "{pid}", "run", command="rlm sweep")
+    # its lock and its staging folder are left behind, as after a kill
     (tmp_path / f".out.{dead}.partial").mkdir()
     with claimed_output(target, option="--out") as output:
         (output.path / "results.json").write_text("{}")
@@ -262,16 +270,7 @@ def test_outputs_inside_an_input_a_link_or_the_current_folder_are_refused(tmp_pa
 
 
 def test_a_lock_names_the_command_that_holds_it(tmp_path):
-    target = tmp_path / "out"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / ".out.lock").write_text(f"{live.pid} rlm sweep")
-        with pytest.raises(FileExistsError, match=f"in use by another rlm sweep \\(pid {live.pid}\\)"):
-            with claimed_output(target, option="--out", command="rlm compare"):
-                pass
-    finally:
-        live.kill()
-        live.wait()
+    refused_while_a_live_process_holds(tmp_path, "{pid} rlm sweep", "rlm sweep", command="rlm compare")
 
 
 def test_a_swap_that_fails_leaves_the_target_and_no_staging(tmp_path, monkeypatch):
