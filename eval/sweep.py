@@ -41,6 +41,9 @@ def sweep_problems(task: str | None, problems: Path | None, difficulties: list[i
             if not difficulties or p.difficulty in difficulties:
                 grouped[p.difficulty].append(p)
         result = {d: grouped[d][:n] for d in sorted(grouped)}
+        if not result and loaded:
+            raise ValueError(f"{problems} holds difficulties {sorted({p.difficulty for p in loaded})}, none of "
+                             f"--difficulties {difficulties}")
     elif task is not None:
         result = {d: get_task(task).problems(d, n, seed=seed) for d in difficulties}
     else:

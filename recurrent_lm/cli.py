@@ -164,12 +164,19 @@ def main(argv: list[str] | None = None) -> None:
 
 class NoAliasLoader(yaml.SafeLoader):
     """YAML without aliases (*name): options never need them, and nested aliases can expand a small file into
-    billions of nodes."""
+    billions of nodes; and without a key given twice (YAML would keep the last silently)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             raise yaml.YAMLError(f"aliases (*{self.peek_event().anchor}) are not accepted in an options file")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise yaml.YAMLError(f"the key {repeated!r} is given twice (line {node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
 
 
 def check_config_files(argv: list[str]) -> None:

@@ -83,7 +83,13 @@ def generate(
     require_fitting_tokenizer(tok, config, tokenizer or model)
     net = load_model(model)
     torch.manual_seed(seed)
-    encoded = tok(prompt, return_tensors="pt", return_token_type_ids=False)  # ids and mask: what the model reads
+    try:
+        encoded = tok(prompt, return_tensors="pt", return_token_type_ids=False)  # ids and mask: what the model reads
+    except ValueError:
+        raise
+    except Exception as error:  # a damaged tokenizer fails only when it encodes (tokenizers' own Exception)
+        raise ValueError(f"the tokenizer of {tokenizer or model} cannot encode the prompt: "
+                         f"{(str(error).splitlines() or [type(error).__name__])[0]}") from None
     if encoded.input_ids.shape[1] + max_new_tokens > net.config.max_position_embeddings:
         raise ValueError(f"prompt ({encoded.input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's max_position_embeddings ({net.config.max_position_embeddings})")

@@ -43,6 +43,9 @@ def safetensors_files(directory: Path, name: str | Path, hint: str = "") -> list
     """The safetensors weight files of a model directory (`name` in the error); a directory with only pickled
     weights (or none) is an error: they are never unpickled."""
     weights = sorted(directory.glob("*.safetensors"))
+    folders = [str(w) for w in weights if not w.is_file()]
+    if folders:
+        raise IsADirectoryError(f"{folders[0]} is a folder, not a weights file")
     if not weights:
         pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
         found = f" (only pickled {', '.join(pickled)}{hint})" if pickled else ""

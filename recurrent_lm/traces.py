@@ -53,6 +53,9 @@ def trace_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
     sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     if not sources:
         raise ValueError("no trace files given")
+    repeated = sorted({s for s in sources if sources.count(s) > 1})
+    if repeated:  # its traces would count twice
+        raise ValueError(f"trace files {repeated} are given twice; give each once")
     for source in sources:
         if source.startswith(HUB_PREFIX) and len(sources) > 1:
             raise ValueError(f"a hub dataset ({source}) is read alone, not beside other files")

@@ -250,3 +250,18 @@ def test_repeats_and_unknown_config_keys_of_nested_commands_are_named(tmp_path):
     one_line_error(rlm("train", "--config", "debug", "--model.eval_depths", "[4,4]",
                        "--trainer.default_root_dir", str(tmp_path / "run")), "gives a depth twice")
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "run").exists()
+
+
+def test_repeated_yaml_keys_pools_and_folders_given_as_files_are_named(tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("trainer:\n  max_steps: 1\ntrainer:\n  max_steps: 2\n")
+    one_line_error(rlm("train", "--config", str(config)), "the key 'trainer' is given twice")
+    pool = tmp_path / "pool.jsonl"
+    assert rlm("tasks", "export", "chain", str(pool), "--n", "2", "--format", "traces").returncode == 0
+    one_line_error(rlm("select-traces", "--pool", f"{pool},{pool}", "--out", str(tmp_path / "s.jsonl")),
+                   "are given twice; give each once")
+    one_line_error(rlm("export", str(tmp_path), str(tmp_path / "m")), "is a folder: give a .ckpt file")
+    problems = tmp_path / "problems.jsonl"
+    assert rlm("tasks", "export", "parity", str(problems), "--n", "1", "--difficulties", "1").returncode == 0
+    one_line_error(rlm("sweep", "--model", "demo-latent", "--problems", str(problems), "--difficulties", "5",
+                       "--out", str(tmp_path / "sw")), "holds difficulties [1], none of --difficulties [5]")

@@ -314,6 +314,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir() and (path / SHARDED_METADATA).is_file():
         path = path / SHARDED_METADATA
+    elif path.is_dir():
+        kind = "a model folder, which needs no export" if (path / "config.json").is_file() else "a folder"
+        raise IsADirectoryError(f"checkpoint {path} is {kind}: give a .ckpt file (or a sharded checkpoint folder) "
+                                "that `rlm train` wrote")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with open(path, "rb") as file:
