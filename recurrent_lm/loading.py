@@ -15,6 +15,8 @@ from .recipes import checkpoint_names, resolve_model_dir
 
 def model_type(path: str | Path) -> str | None:
     """The model_type of a model directory's config.json."""
+    if resolve_model_dir(path).is_file():
+        raise NotADirectoryError(f"{path} is a file, not a model directory; give its folder ({Path(path).parent})")
     config = resolve_model_dir(path) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (shipped checkpoints, "
@@ -69,6 +71,12 @@ def load_model(path: str | Path):
         if integer:  # every weight of a RecurrentLM is floating point: these would be read as numbers they are not
             raise ValueError(f"{file} holds non-floating-point weights: {integer[:5]}")
     config = load_config(directory)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # an id past the vocabulary never comes out
+        ids = getattr(config, name, None)
+        for token in ids if isinstance(ids, list) else [ids]:
+            if token is not None and not 0 <= token < config.vocab_size:
+                raise ValueError(f"{directory / 'config.json'}: field {name!r}: {token} is outside the vocabulary "
+                                 f"[0, {config.vocab_size})")
     with torch.device("meta"):  # the shapes the config implies, without allocating them
         expected = {name: list(tensor.shape) for name, tensor in RecurrentLM(config).state_dict().items()}
     missing = sorted(set(expected) - set(shapes) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
@@ -125,6 +133,8 @@ def require_fitting_tokenizer(tokenizer, config, name: str | Path) -> None:
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a directory (a model directory, or one written by `rlm tokenizer`)."""
     path = resolve_model_dir(path)
+    if path.is_file():
+        raise NotADirectoryError(f"{path} is a file, not a tokenizer folder (one holding tokenizer.json)")
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: pass --tokenizer DIR")
     for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):  # AutoTokenizer reads these

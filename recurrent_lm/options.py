@@ -130,6 +130,9 @@ def parse_error_line(error: Exception) -> str:
     """A command-line parser's error (jsonargparse's are several lines, and name "Parser key" for an option) as one
     line naming the option as it is typed."""
     message = re.sub(r'Parser key "([^"]+)"', r"--\1", " ".join(str(error).split()))
+    # jsonargparse refuses nan and inf as floats: say what is wrong with them
+    message = re.sub(r"Expected a <class 'float'>(\. Got value:|, got) (-?(?:nan|inf))\b", r"must be a finite number, got \2",
+                     message)
     # an Optional option's error lists why each member of the union failed: the None member's reason says nothing
     head, union, reasons = message.partition(" Does not validate against any of the Union subtypes")
     if union:

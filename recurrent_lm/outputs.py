@@ -60,6 +60,8 @@ def check_output_path(path: str | Path, kind: Literal["dir", "file"], option: st
     """A file where a folder belongs (or the reverse), at the target or at any folder above it, is an error; so is
     a target that is a symbolic link, the current folder or a folder above it (replacing it would pull the floor
     from under the command)."""
+    if not str(path).strip():
+        raise ValueError(f"{option} is empty; give a path to write")
     if kind == "file" and str(path).endswith(("/", os.sep)):
         raise IsADirectoryError(f"{option} {path} names a folder (it ends in /); give a file path to write")
     path = Path(path)

@@ -200,7 +200,10 @@ def parse_int_list(text: IntList, name: str = "list", allow_empty: bool = False)
     if isinstance(text, (int, list, tuple)) and not isinstance(text, bool):
         text = ",".join(map(str, text if isinstance(text, (list, tuple)) else [text]))
     values = []
-    for part in filter(None, re.split(r"\s*,\s*", str(text).strip())):
+    parts = re.split(r"\s*,\s*", str(text).strip()) if str(text).strip() else []
+    if "" in parts:
+        raise ValueError(f"{name}: {text!r} has an empty item; give a list such as 1,2,4-8")
+    for part in parts:
         try:
             low, high = part.split("-", 1) if "-" in part[1:] else (part, part)
             low, high = int(low), int(high)

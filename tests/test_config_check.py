@@ -305,3 +305,10 @@ def test_integer_weights_and_broken_generation_or_tokenizer_configs_are_named(tm
     tokenizer_config = model_dir / "tokenizer_config.json"
     tokenizer_config.write_text("[1,2")
     one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), f"{tokenizer_config} is not valid")
+
+
+def test_a_special_token_id_outside_the_vocabulary_is_named(tmp_path):
+    model_dir = tiny_model_dir(tmp_path)
+    file = edited_config(model_dir, eos_token_id=99999)
+    one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
+                   f"{file}: field 'eos_token_id': 99999 is outside the vocabulary [0,")

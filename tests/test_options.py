@@ -117,7 +117,7 @@ def test_a_range_is_checked_from_python_too():
     (("tasks", "sample", "chain", "--n", "-1"), "--n must be in [1, 1000000], got -1"),
     (("generate", "--model", "demo-latent", "--prompt", "a", "--init_scale", "-5"), "--init_scale must be >= 0, got -5"),
     (("generate", "--model", "demo-latent", "--prompt", "a", "--temperature", "nan"),
-     "--temperature: Expected a <class 'float'>. Got value: nan"),
+     "--temperature: must be a finite number, got nan"),
     (("generate", "--model", "demo-latent", "--prompt", "a", "--temperature", "0"), "--temperature must be > 0, got 0"),
     (("generate", "--model", "demo-latent", "--prompt", "a", "--min_steps", "100", "--num_steps", "4"),
      "min_steps (100) > max steps (num_steps = 4)"),
@@ -265,3 +265,17 @@ def test_repeated_yaml_keys_pools_and_folders_given_as_files_are_named(tmp_path)
     assert rlm("tasks", "export", "parity", str(problems), "--n", "1", "--difficulties", "1").returncode == 0
     one_line_error(rlm("sweep", "--model", "demo-latent", "--problems", str(problems), "--difficulties", "5",
                        "--out", str(tmp_path / "sw")), "holds difficulties [1], none of --difficulties [5]")
+
+
+def test_empty_items_non_finite_floats_and_files_given_as_folders_are_named(tmp_path):
+    one_line_error(rlm("tasks", "export", "chain", str(tmp_path / "p.jsonl"), "--difficulties", "1,,2"),
+                   "has an empty item")
+    one_line_error(rlm("generate", "--model", "demo-latent", "--prompt", "0", "--temperature", "nan"),
+                   "--temperature: must be a finite number, got nan")
+    one_line_error(rlm("tasks", "export", "chain", ""), "OUT is empty; give a path to write")
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    one_line_error(rlm("generate", "--model", str(config), "--prompt", "0"), "is a file, not a model directory")
+    one_line_error(rlm("generate", "--model", "demo-latent", "--prompt", "0", "--tokenizer", str(config)),
+                   "is a file, not a tokenizer folder")
+    assert not (tmp_path / "p.jsonl").exists()
