@@ -140,4 +140,6 @@ def parse_error_line(error: Exception) -> str:
         kept = [r.strip() for r in reasons.split(" - ")[1:] if "NoneType" not in r]
         value = given.partition(" Given value: ")[2]
         message = f"{head} {'; '.join(kept)}" + (f", got {value}" if value and "NestedArg" not in value else "")
+    if "Expected a <class 'list'>" in message:  # --steps takes 1,2 but a list of floats is written in brackets
+        message += "; write a list in brackets, e.g. [0.5, 1.5]"
     return message

@@ -273,6 +273,8 @@ def test_empty_items_non_finite_floats_and_files_given_as_folders_are_named(tmp_
     one_line_error(rlm("generate", "--model", "demo-latent", "--prompt", "0", "--temperature", "nan"),
                    "--temperature: must be a finite number, got nan")
     one_line_error(rlm("tasks", "export", "chain", ""), "OUT is empty; give a path to write")
+    one_line_error(rlm("sweep", "--model", "demo-latent", "--task", "chain", "--exit_thresholds", "0.5,1.5",
+                       "--out", str(tmp_path / "s")), "write a list in brackets, e.g. [0.5, 1.5]")
     config = tmp_path / "config.json"
     config.write_text("{}")
     one_line_error(rlm("generate", "--model", str(config), "--prompt", "0"), "is a file, not a model directory")
