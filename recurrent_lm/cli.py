@@ -3,6 +3,7 @@ parsed by jsonargparse (litgpt's shape: a dict of functions), so each takes `--c
 lists every option with its type, default and documentation. `rlm train` and `rlm finetune` are LightningCLI's own
 parsers."""
 
+from argparse import ArgumentError  # what jsonargparse raises for a bad option (with exit_on_error=False)
 import inspect
 import signal
 import sys
@@ -10,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .commands import (convert_huginn, generate, tasks_export, tasks_list, tasks_sample, tokenizer_tasks,
                        tokenizer_train)

@@ -65,7 +65,8 @@ def load_model(path: str | Path):
             with safe_open(file, framework="pt") as reader:
                 slices = {name: reader.get_slice(name) for name in reader.keys()}
                 shapes.update({name: list(piece.get_shape()) for name, piece in slices.items()})
-                integer = [name for name, piece in slices.items() if not piece.get_dtype().startswith(("F", "BF"))]
+                integer = [name for name, piece in slices.items()
+                           if not getattr(piece, "get_dtype", lambda: "F")().startswith(("F", "BF"))]
         except Exception as error:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {error}") from None
         if integer:  # every weight of a RecurrentLM is floating point: these would be read as numbers they are not

@@ -12,6 +12,7 @@ run in a directory that a live run holds, or that already holds a run it does no
 """
 
 import contextlib
+from argparse import ArgumentError  # what jsonargparse raises for a bad option (with exit_on_error=False)
 import os
 import pickle
 import shutil
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
