@@ -153,6 +153,11 @@ def test_every_config_parses(name, capsys):
         train_main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
     assert exit.value.code == 0
     assert "model:" in capsys.readouterr().out
+    import yaml
+
+    strategy = (yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()).get("trainer") or {}).get("strategy")
+    if name != "s1":  # rlm train refuses Lightning's FSDP1 (FSDPStrategy): a shipped recipe never names it
+        assert strategy != "fsdp" and "FSDPStrategy" not in str(strategy), strategy
 
 
 def test_demo_models_have_equal_unique_parameters():
