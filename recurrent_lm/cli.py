@@ -3,9 +3,10 @@ parsed by jsonargparse (litgpt's shape: a dict of functions), so each takes `--c
 lists every option with its type, default and documentation. `rlm train` and `rlm finetune` are LightningCLI's own
 parsers."""
 
-from argparse import ArgumentError  # what jsonargparse raises for a bad option (with exit_on_error=False)
+import importlib
 import inspect
 import signal
+from argparse import ArgumentError  # what jsonargparse raises for a bad option (with exit_on_error=False)
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,42 +15,63 @@ import yaml
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from .commands import (convert_huginn, generate, tasks_export, tasks_list, tasks_sample, tokenizer_tasks,
-                       tokenizer_train)
-from .eval.compare import compare
-from .eval.demo import demo
-from .eval.lm_eval import lm_eval_sweep
-from .eval.step_labels import label_steps
-from .eval.sweep import sweep
 from .options import parse_error_line
-from .retrofit import retrofit
-from .train.cli import export, train_main
-from .train.divergence import TrainingDiverged
-from .train.finetune import finetune_main
-from .train.selection import select_traces
+from .outputs import TrainingDiverged
 
-# name -> (function, whether its required arguments are positional), or a group of subcommands
+# name -> ("module:function", whether its required arguments are positional), or a group of subcommands. The
+# function is imported only when its command runs (or lists its options): `rlm --help` and the light commands never
+# wait for Lightning or matplotlib.
 COMMANDS: dict = {
-    "convert-huginn": (convert_huginn, True),
-    "retrofit": (retrofit, True),
-    "generate": (generate, False),
-    "export": (export, True),
-    "sweep": (sweep, False),
-    "lm-eval": (lm_eval_sweep, False),
-    "compare": (compare, False),
-    "label-steps": (label_steps, False),
-    "select-traces": (select_traces, False),
-    "demo": (demo, False),
-    "tasks": {"list": (tasks_list, False), "sample": (tasks_sample, True), "export": (tasks_export, True)},
-    "tokenizer": {"train": (tokenizer_train, False), "tasks": (tokenizer_tasks, False)},
+    "convert-huginn": ("recurrent_lm.commands:convert_huginn", True),
+    "retrofit": ("recurrent_lm.retrofit:retrofit", True),
+    "generate": ("recurrent_lm.commands:generate", False),
+    "export": ("recurrent_lm.train.cli:export", True),
+    "sweep": ("recurrent_lm.eval.sweep:sweep", False),
+    "lm-eval": ("recurrent_lm.eval.lm_eval:lm_eval_sweep", False),
+    "compare": ("recurrent_lm.eval.compare:compare", False),
+    "label-steps": ("recurrent_lm.eval.step_labels:label_steps", False),
+    "select-traces": ("recurrent_lm.train.selection:select_traces", False),
+    "demo": ("recurrent_lm.eval.demo:demo", False),
+    "tasks": {"list": ("recurrent_lm.commands:tasks_list", False),
+              "sample": ("recurrent_lm.commands:tasks_sample", True),
+              "export": ("recurrent_lm.commands:tasks_export", True)},
+    "tokenizer": {"train": ("recurrent_lm.commands:tokenizer_train", False),
+                  "tasks": ("recurrent_lm.commands:tokenizer_tasks", False)},
 }
 
-# Commands with a parser of their own (LightningCLI), given the rest of argv: name -> (function, help line)
-OWN_PARSER: dict[str, tuple[Callable[[list[str]], object], str]] = {
-    "train": (train_main, "Train a model with Lightning: rlm train --config FILE.yaml (rlm train --help lists every "
-                          "option)"),
-    "finetune": (finetune_main, "Fine-tune any causal LM on reasoning traces (s1): rlm finetune --config s1 "
-                                "--model.model DIR --data.train_files [FILE] (rlm finetune --help lists every option)"),
+# `rlm --help`'s line per command, so that listing them imports none of them (tests/test_cli.py keeps each equal to
+# the first line of its function's docstring)
+HELP = {
+    "convert-huginn": "Convert a Huginn-0125 checkpoint directory (reference config.json + safetensors) into a "
+                      "RecurrentLM directory.",
+    "retrofit": "Turn a local Llama-family checkpoint (Llama, Mistral, Qwen2) into a RecurrentLM directory.",
+    "generate": "Generate text from a prompt and print it with the core steps each generated token used.",
+    "export": "Export a training checkpoint (from `rlm train`) as a transformers directory: weights, config, "
+              "tokenizer.",
+    "sweep": "Evaluate a RecurrentLM on the same fixed problems at every test-time depth, and with adaptive exit.",
+    "lm-eval": "Run lm-evaluation-harness tasks at every depth and write the metrics per depth.",
+    "compare": "Compare thinking deeper in latent space with thinking longer in tokens, on the same problems and one",
+    "label-steps": "Sample chains of thought from a policy and label their steps, for training or judging a process "
+                   "reward",
+    "select-traces": "Select N reasoning traces from a pool by s1's three rules (quality, difficulty, diversity) and "
+                     "write them as JSONL.",
+    "demo": "Train (or load) the two studies' tiny latent and CoT models, compare depth, budget and votes on "
+            "held-out",
+    "tasks list": "List the reasoning tasks with their difficulty ranges.",
+    "tasks sample": "Print problems as the model sees them: the prompt, then the completion it learns after \"|\".",
+    "tasks export": "Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` "
+                    "elsewhere), or as",
+    "tokenizer train": "Train a byte-level BPE tokenizer on text files and save it as a transformers fast tokenizer.",
+    "tokenizer tasks": "Save the character tokenizer of the synthetic tasks (all of them by default).",
+}
+
+# Commands with a parser of their own (LightningCLI), given the rest of argv: name -> ("module:function", help line)
+OWN_PARSER: dict[str, tuple[str, str]] = {
+    "train": ("recurrent_lm.train.cli:train_main", "Train a model with Lightning: rlm train --config FILE.yaml "
+              "(rlm train --help lists every option)"),
+    "finetune": ("recurrent_lm.train.finetune:finetune_main", "Fine-tune any causal LM on reasoning traces (s1): "
+                 "rlm finetune --config s1 --model.model DIR --data.train_files [FILE] (rlm finetune --help lists "
+                 "every option)"),
 }
 
 # reported as one line, no traceback: bad values, paths (missing, taken, of the wrong shape, unreadable: OSError), a
@@ -57,15 +79,27 @@ OWN_PARSER: dict[str, tuple[Callable[[list[str]], object], str]] = {
 BAD_INPUT = (ValueError, OSError, ImportError, TrainingDiverged)
 
 
-def _add_commands(parser: ArgumentParser, commands: dict, dest: str) -> None:
+def command_function(target: str) -> Callable:
+    """The function a "module:function" entry names, imported now."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_commands(parser: ArgumentParser, commands: dict, dest: str, named: list[str], prefix: str = "") -> None:
+    """Subcommands under `parser`: the one `named` (the command line's path) with all its options, each other one
+    as a name and a help line (its module is not imported)."""
     subcommands = parser.add_subcommands(dest=dest)
     for name, entry in commands.items():
         if isinstance(entry, dict):
             group = ArgumentParser(description=f"rlm {name} subcommands", exit_on_error=False)
             subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")
-            _add_commands(group, entry, dest="subcommand")  # jsonargparse wants levels added top-down
+            _add_commands(group, entry, "subcommand", named[1:] if named[:1] == [name] else [], f"{name} ")  # top-down
             continue
-        function, positional = entry
+        target, positional = entry
+        if named[:1] != [name]:
+            subcommands.add_subcommand(name, ArgumentParser(exit_on_error=False), help=HELP[prefix + name])
+            continue
+        function = command_function(target)
         doc = inspect.getdoc(function)
         sub = ArgumentParser(description=doc.split("\n\n")[0], exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
@@ -102,21 +136,22 @@ def argument_help(doc: str, name: str) -> str:
     return ""
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(named: list[str] = ()) -> ArgumentParser:
+    """The parser of `rlm`, with the options of the command `named` (a path such as ["tasks", "export"])."""
     parser = ArgumentParser(prog="rlm", exit_on_error=False,  # its errors become one line in main
                             description="recurrent-lm: recurrent-depth language models. "
                             "Every subcommand takes --config FILE.yaml; `rlm SUBCOMMAND --help` lists its options.")
-    _add_commands(parser, COMMANDS, dest="command")
+    _add_commands(parser, COMMANDS, "command", list(named))
     return parser
 
 
 def _resolve(argv: list[str]) -> tuple[Callable | None, list[str]]:
-    """The command function that argv names (None before a full command is named), and its path."""
+    """The command function that argv names, imported (None before a full command is named), and its path."""
     entry, path = COMMANDS, []
     for arg in argv:
         if isinstance(entry, dict) and arg in entry:
             entry, path = entry[arg], path + [arg]
-    return (entry[0] if isinstance(entry, tuple) else None), path
+    return (command_function(entry[0]) if isinstance(entry, tuple) else None), path
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -144,14 +179,14 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is a KeyboardInterrupt again
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OWN_PARSER:
-        reported(argv[0], lambda: check_config_files(argv) or OWN_PARSER[argv[0]][0](argv[1:]))
+        reported(argv[0], lambda: check_config_files(argv) or command_function(OWN_PARSER[argv[0]][0])(argv[1:]))
         return
     argv = normalize_argv(argv)
     function, path = _resolve(argv)
     command = " ".join(path) or "rlm"
     reported(command, lambda: check_config_files(argv))
     try:
-        config = build_parser().parse_args(argv)
+        config = build_parser(path).parse_args(argv)
     except ArgumentError as error:  # jsonargparse's own message, on one line
         sys.exit(f"rlm {command}: error: {parse_error_line(error)} (rlm {command} --help lists the options)"
                  .replace("rlm rlm", "rlm"))

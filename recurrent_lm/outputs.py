@@ -35,6 +35,12 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with a one-line account of what was kept (the CLI prints it and exits with 130)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or a weight of a training run is not finite (NaN or inf): the run stopped
+    (recurrent_lm.train.divergence); defined here, with Interrupted, so that `rlm` reports it without importing
+    Lightning."""
+
+
 class Output:
     """A claimed output: write into `path` (the staging path); `target` is where it lands, `replaces` whether an
     earlier result is there (which only a finished run replaces)."""

@@ -176,3 +176,21 @@ def test_generate_feeds_a_shipped_model_the_bos_it_was_trained_with():
                  "--init-scale", "0", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-4] == "02431.31420.12403?03142<eos>"  # 40123 without bos
+
+
+def test_listing_the_commands_imports_neither_lightning_nor_matplotlib():
+    """`rlm --help` names every command from its registry; each command's module is imported only when it runs."""
+    import inspect
+
+    from recurrent_lm.cli import HELP, command_function
+
+    def entries(commands, prefix=""):
+        for name, entry in commands.items():
+            yield from entries(entry, f"{prefix}{name} ") if isinstance(entry, dict) else [(prefix + name, entry[0])]
+
+    for name, target in entries(COMMANDS):  # the help line is the docstring's first line
+        assert HELP[name] == inspect.getdoc(command_function(target)).split("\n")[0], name
+    code = ("import sys; from recurrent_lm.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:] + result.stderr[-500:]

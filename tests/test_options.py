@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from recurrent_lm.cli import COMMANDS
+from recurrent_lm.cli import COMMANDS, command_function
 from recurrent_lm.options import Range, check_number, parse_range, ranges
 
 from .test_cli import one_line_error, rlm
@@ -20,7 +20,7 @@ def commands(entries=COMMANDS, prefix=""):
         if isinstance(entry, dict):
             yield from commands(entry, f"{prefix}{name} ")
         else:
-            yield f"{prefix}{name}", entry[0]
+            yield f"{prefix}{name}", command_function(entry[0])
 
 
 def numeric(annotation) -> bool:

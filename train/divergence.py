@@ -12,14 +12,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from recurrent_lm.outputs import TrainingDiverged
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support
     DTensor = None
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, a gradient or a weight of a training run is not finite (NaN or inf): the run stopped."""
 
 
 class StopOnDivergence(Callback):
