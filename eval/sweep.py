@@ -15,7 +15,7 @@ import torch
 from recurrent_lm.adaptive import CRITERIA
 from recurrent_lm.data import prompt_ids
 from recurrent_lm.depth import check_depths
-from recurrent_lm.loading import load_config, load_model, load_tokenizer, require_fitting_tokenizer
+from recurrent_lm.loading import load_model_and_tokenizer
 from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.tasks import IntList, Problem, get_task, load_jsonl, parse_int_list
@@ -111,10 +111,7 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
     by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed)
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
                         command="rlm sweep") as output:
-        config = load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
-        tok = load_tokenizer(tokenizer or model)
-        require_fitting_tokenizer(tok, config, tokenizer or model)
-        net = load_model(model)
+        net, tok = load_model_and_tokenizer(model, tokenizer)
         criteria = list(exit_criteria) if exit_criteria is not None else [
             criterion for criterion in CRITERIA if criterion != "gate" or net.exit_gate is not None]
         max_steps = max(depths) if adaptive_max_steps is None else adaptive_max_steps

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
-from .loading import load_config, load_model, load_tokenizer, require_fitting_tokenizer
+from .loading import load_model_and_tokenizer
 from .options import DEPTH, PROBLEMS, ranges
 from .outputs import claimed_output
 from .special_tokens import SPECIAL_TOKENS
@@ -78,10 +78,7 @@ def generate(
     """
     check_generation_args(num_steps, max_new_tokens, exit_criterion, exit_threshold, min_steps, draft_steps,
                           draft_length)  # before the model loads: bad settings fail at once
-    config = load_config(model)  # the cheap checks first: the config, then the tokenizer, then the weights
-    tok = load_tokenizer(tokenizer or model)
-    require_fitting_tokenizer(tok, config, tokenizer or model)
-    net = load_model(model)
+    net, tok = load_model_and_tokenizer(model, tokenizer)
     torch.manual_seed(seed)
     try:
         encoded = tok(prompt, return_tensors="pt", return_token_type_ids=False)  # ids and mask: what the model reads

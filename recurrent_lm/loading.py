@@ -131,6 +131,15 @@ def require_fitting_tokenizer(tokenizer, config, name: str | Path) -> None:
                          f"({config.vocab_size}): a tokenizer of another model?")
 
 
+def load_model_and_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
+    """A RecurrentLM and its tokenizer (from `tokenizer`, or the model's directory), the cheap checks first: the
+    config, then the tokenizer and whether its ids fit the model, then the weights."""
+    config = load_config(path)
+    tok = load_tokenizer(tokenizer or path)
+    require_fitting_tokenizer(tok, config, tokenizer or path)
+    return load_model(path), tok
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a directory (a model directory, or one written by `rlm tokenizer`)."""
     path = resolve_model_dir(path)
