@@ -14,6 +14,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 HUGINN_TINY = FIXTURES / "huginn-tiny"
 
 
+def weights_in_memory(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors read into memory, for a test that then rewrites the file in place.
+
+    safetensors' load_file maps the file (older releases lazily): writing the same path while its tensors live
+    would truncate the mapping under them, and reading one is then a SIGBUS that kills the whole test run."""
+    from safetensors.torch import load
+
+    return load(path.read_bytes())
+
+
 @pytest.fixture
 def tiny_config() -> RecurrentConfig:
     return RecurrentConfig.preset("debug")

@@ -13,6 +13,7 @@ from recurrent_lm.loading import (load_any_causal_lm, load_config, load_model, l
                                   require_finite_weights)
 from recurrent_lm.recipes import checkpoint_names
 
+from .conftest import weights_in_memory
 from .test_cli import one_line_error, rlm, tiny_model_dir
 
 NAN, INF = float("nan"), float("inf")
@@ -251,11 +252,11 @@ def test_a_checkpoint_that_is_no_checkpoint_or_holds_non_finite_weights_is_named
 
 
 def test_weights_with_missing_or_extra_tensors_and_a_tokenizer_of_another_model_are_named(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     model_dir = tiny_model_dir(tmp_path)
     weights = model_dir / "model.safetensors"
-    tensors = load_file(weights)
+    tensors = weights_in_memory(weights)
     save_file({k: v for k, v in tensors.items() if k != "adapter.weight"}, weights, metadata={"format": "pt"})
     one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"), "lacks ['adapter.weight']")
     save_file({**tensors, "bogus.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
@@ -271,7 +272,7 @@ def test_weights_with_missing_or_extra_tensors_and_a_tokenizer_of_another_model_
 def test_convert_huginn_refuses_integer_dtypes_and_non_finite_weights(tmp_path):
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from .conftest import HUGINN_TINY
 
@@ -280,7 +281,7 @@ def test_convert_huginn_refuses_integer_dtypes_and_non_finite_weights(tmp_path):
     source = tmp_path / "huginn"
     shutil.copytree(HUGINN_TINY, source)
     shard = source / "model.safetensors"
-    tensors = load_file(shard)
+    tensors = weights_in_memory(shard)
     tensors["transformer.ln_f.weight"].view(-1)[0] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
     one_line_error(rlm("convert-huginn", str(source), str(tmp_path / "out")), "holds non-finite weights")
@@ -288,11 +289,11 @@ def test_convert_huginn_refuses_integer_dtypes_and_non_finite_weights(tmp_path):
 
 
 def test_integer_weights_and_broken_generation_or_tokenizer_configs_are_named(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     model_dir = tiny_model_dir(tmp_path)
     weights = model_dir / "model.safetensors"
-    tensors = load_file(weights)
+    tensors = weights_in_memory(weights)
     save_file({**tensors, "adapter.weight": tensors["adapter.weight"].to(torch.int32)}, weights,
               metadata={"format": "pt"})
     one_line_error(rlm("generate", "--model", str(model_dir), "--prompt", "ab"),
