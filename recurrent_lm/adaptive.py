@@ -13,12 +13,16 @@ gate's own (small) cost.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .depth import check_count
+
+if TYPE_CHECKING:
+    from .active import ActiveSet
 
 CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate")
 DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5,
@@ -89,21 +93,27 @@ class ExitTracker:
 
     def __init__(self, rule: AdaptiveExit, gate=None):
         self.rule, self.gate = rule, gate
-        self.previous: Tensor | None = None  # previous state (latent criteria) or log-probs (logit criteria)
-        self.stable_steps: Tensor | None = None
+        self.previous: Tensor | None = None  # every position's previous state (latent) or log-probs (logit criteria)
+        self.stable_steps: Tensor | None = None  # (batch, seq) steps the argmax has held
 
-    def converged(self, step: int, state: Tensor, logits: Tensor | None) -> Tensor:
-        """step is 1-based; returns a (batch, seq) bool mask."""
+    def converged(self, step: int, state: Tensor, logits: Tensor | None, active: "ActiveSet | None" = None) -> Tensor:
+        """step is 1-based. state (and logits) hold every position, (batch, seq, ...), or with `active` the running
+        positions only, packed (1, N, ...) (the first call always holds every position). Returns a (batch, seq)
+        bool mask, True where a position checked now has converged."""
         rule = self.rule
         if rule.criterion == "gate":
             unsettled = torch.sigmoid(-self.gate(state).float())  # 1 - p(settled), exact for small values too
-            return (unsettled < rule.limit) & (step >= rule.min_steps)
+            return self._every_position((unsettled < rule.limit) & (step >= rule.min_steps), active)
         current = logits.float().log_softmax(-1) if rule.needs_logits else state.float()
-        previous, self.previous = self.previous, current
-        if previous is None:
-            done = torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
+        if self.previous is None:  # the first step has nothing to compare with
+            self.previous = current.clone()  # a copy: the caller's state tensor may be kept and must stay as it is
             self.stable_steps = torch.zeros(state.shape[:2], dtype=torch.long, device=state.device)
-            return done
+            return torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
+        previous = self.previous if active is None else active.pack(self.previous)
+        if active is None:
+            self.previous = current.clone()
+        else:
+            self.previous[active.batch, active.position] = current[0]
         if rule.criterion == "kl":
             score = F.kl_div(previous, current, log_target=True, reduction="none").sum(-1)  # KL(p_t || p_{t-1})
         elif rule.criterion == "entropy-diff":
@@ -114,7 +124,16 @@ class ExitTracker:
         elif rule.criterion == "cosine":
             score = 1 - F.cosine_similarity(current, previous, dim=-1)
         else:  # argmax-stability
-            same = current.argmax(-1) == previous.argmax(-1)
-            self.stable_steps = torch.where(same, self.stable_steps + 1, torch.zeros_like(self.stable_steps))
-            return (self.stable_steps >= rule.limit) & (step >= rule.min_steps)
-        return (score < rule.limit) & (step >= rule.min_steps)
+            held = self.stable_steps if active is None else active.pack(self.stable_steps)
+            held = torch.where(current.argmax(-1) == previous.argmax(-1), held + 1, torch.zeros_like(held))
+            if active is None:
+                self.stable_steps = held
+            else:
+                self.stable_steps[active.batch, active.position] = held[0]
+            return self._every_position((held >= rule.limit) & (step >= rule.min_steps), active)
+        return self._every_position((score < rule.limit) & (step >= rule.min_steps), active)
+
+    @staticmethod
+    def _every_position(done: Tensor, active: "ActiveSet | None") -> Tensor:
+        """A verdict on the running positions as a (batch, seq) mask (False where a position was not checked)."""
+        return done if active is None else active.spread(done, False)

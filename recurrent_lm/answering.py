@@ -21,7 +21,7 @@ class Answer:
     new_tokens: int  # tokens generated (up to and including eos)
     prompt_tokens: int  # tokens of the prompt (bos included)
     steps_per_token: list[int] | None = None  # core steps of each generated token (recurrent models)
-    prompt_steps: int | None = None  # core steps the prompt's forward pass ran (the most of any position)
+    prompt_steps: list[int] | None = None  # core steps each prompt position ran (bos included, padding not)
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
             real = batch["attention_mask"][i].bool()
             answers.append(Answer(problem, text, parsed, task.score(parsed, problem), len(ids), int(real.sum()),
                                   steps[i, : len(ids)].tolist() if steps is not None else None,
-                                  int(prompt_steps[i][real].max()) if prompt_steps is not None else None))
+                                  prompt_steps[i][real].tolist() if prompt_steps is not None else None))
     return answers
 
 
@@ -63,20 +63,19 @@ def accuracy(answers: Sequence[Answer]) -> float:
 
 def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | None = None,
                  prompt_exit: bool = True) -> int:
-    """FLOPs a recurrent model spent on one answer, as if run alone: the prompt's forward pass, one forward per
-    further generated token at its own depth, and the exit checks that cost compute: the logit-lens passes of a
-    logit-based criterion, or the learned gate's evaluations (after every step but the last, or up to the step
-    where everything had exited). prompt_exit False: the prompt ran a fixed depth, without checks."""
+    """FLOPs a recurrent model spent on one answer, as if run alone: the prompt's forward pass (each position
+    charged the steps it ran), one forward per further generated token at its own depth, and the exit checks that
+    cost compute: the logit-lens passes of a logit-based criterion, or the learned gate's evaluations (after every
+    step a position ran but the last one possible). prompt_exit False: the prompt ran a fixed depth, without
+    checks."""
     rule = AdaptiveExit(exit_criterion) if exit_criterion is not None else None
-
-    def checks(steps_run: int, costly: bool) -> int:
-        return (steps_run if steps_run < max_steps else max_steps - 1) if costly else 0
-
     lens, gate = (rule is not None and rule.needs_logits), (rule is not None and rule.criterion == "gate")
+
+    def checks(steps_run: list[int], costly: bool) -> list[int]:
+        return [min(s, max_steps - 1) if costly else 0 for s in steps_run]
+
     steps = answer.steps_per_token or [max_steps] * answer.new_tokens
-    prompt = answer.prompt_steps if answer.prompt_steps is not None else steps[0]
-    return generation_flops(config, answer.prompt_tokens, steps, prompt_steps=answer.prompt_steps,
-                            lens_decodes=[checks(s, lens) for s in steps],
-                            prompt_lens_decodes=checks(prompt, lens and prompt_exit),
-                            gate_checks=[checks(s, gate) for s in steps],
-                            prompt_gate_checks=checks(prompt, gate and prompt_exit)).flops
+    prompt = answer.prompt_steps or [steps[0]] * answer.prompt_tokens
+    return generation_flops(config, answer.prompt_tokens, steps, prompt_steps=prompt,
+                            lens_decodes=checks(steps, lens), prompt_lens_decodes=checks(prompt, lens and prompt_exit),
+                            gate_checks=checks(steps, gate), prompt_gate_checks=checks(prompt, gate and prompt_exit)).flops

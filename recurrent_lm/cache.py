@@ -13,8 +13,9 @@ Strategies (`core_slots`), with the cache bytes per token for P prelude, C core,
 
 Substitutes: a token that did not compute step j (it exited early, or was generated at a smaller depth) has no
 step-j entry of its own. A later token's step j then reads that token's latest computed step (the previous
-slot's entry; Huginn's "latest" lookup). The same holds inside a batch: a position that has exited freezes its
-state, and the model passes its `frozen` mask to `update`, which stores the latest computed entries instead.
+slot's entry; Huginn's "latest" lookup). The same holds inside a forward call: once a position has exited, the
+core runs on the positions still running only (recurrent_lm.active), and `update` stores, for every other
+position, its latest computed entries.
 
 The cache holds keys and values only. What else decoding carries from one token to the next (the latent state
 for continuous chain of thought, the steps each token ran) travels through the model's outputs and generate's
@@ -22,6 +23,7 @@ model kwargs, as transformers' own stateful models do.
 """
 
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,6 +31,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .depth import check_count
+
+if TYPE_CHECKING:
+    from .active import ActiveSet
 
 # transformers 5.24 renamed the cache argument of forward and generate, and the cache field of model outputs, from
 # `past_key_values` to `cache`. Detect the installed convention from the outputs' fields rather than from a version
@@ -54,10 +59,6 @@ class RecurrentCache(Cache):
         self.slot_of: dict[Hashable, int] = {}
         self.seen_tokens = 0
 
-    def begin(self, new_tokens: int) -> None:
-        """Called once at the start of every forward call that feeds new_tokens tokens."""
-        self.seen_tokens += new_tokens
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
@@ -73,45 +74,35 @@ class RecurrentCache(Cache):
     def _previous_step(self, key: Hashable) -> DynamicLayer | None:
         return self._layer(("core", key[1], key[2] - 1)) if key[0] == "core" and key[2] > 0 else None
 
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen: Tensor | None = None,
-               rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Store this call's keys and values at `key` and return those of every token so far. `frozen`: a (batch,
-        new tokens) bool mask of positions that exited earlier; they store their latest computed step's entries.
-        `rows`: the batch rows these states belong to (adaptive exit computes only rows with a position still
-        running); the other rows store their latest computed step's entries, and only `rows` are returned."""
+    def begin(self, new_tokens: int) -> None:
+        """Called once at the start of every forward call that feeds new_tokens tokens."""
+        self.seen_tokens += new_tokens
+        self.call_tokens = new_tokens
+
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable,
+               active: "ActiveSet | None" = None) -> tuple[Tensor, Tensor]:
+        """Store this call's keys and values at `key` and return those of every token so far, (batch, heads,
+        tokens, head_dim). `active`: the states are those of the running positions only, packed (1, heads, N,
+        head_dim); every other position of the call stores its latest computed step's entries (see the module
+        docstring), so the returned keys and values are still every position's."""
         layer = self._layer(key)
         if layer is None:
             self.slot_of[self.slot(key)] = len(self.layers)
             layer = DynamicLayer()
             self.layers.append(layer)
-        total, new = self.seen_tokens, key_states.shape[-2]  # tokens including this call's
-        past, have = total - new, layer.get_seq_length()
+        total = self.seen_tokens  # tokens including this call's
+        past, have = total - (self.call_tokens if active is not None else key_states.shape[-2]), layer.get_seq_length()
         previous = self._previous_step(key)
-        if previous is not None and (frozen is not None or rows is not None):  # the latest computed entries
-            latest_keys, latest_values = previous.keys[..., past:total, :], previous.values[..., past:total, :]
-            if frozen is not None:
-                frozen = frozen[:, None, :, None]
-                pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-                key_states = torch.where(frozen, pick(latest_keys), key_states)
-                value_states = torch.where(frozen, pick(latest_values), value_states)
-            if rows is not None:
-                key_states = latest_keys.index_copy(0, rows, key_states)
-                value_states = latest_values.index_copy(0, rows, value_states)
+        if active is not None:  # the latest computed entries, with the running positions' new ones written in
+            key_states = written_in(previous.keys[..., past:total, :], key_states, active)
+            value_states = written_in(previous.values[..., past:total, :], value_states, active)
         if have == total:  # a ring slot this call already wrote at an earlier step: overwrite this call's part
             layer.keys[..., past:, :] = key_states
             layer.values[..., past:, :] = value_states
-            keys, values = layer.keys, layer.values
-        else:
-            if have < past:  # earlier tokens never computed this step: they contribute their latest computed step
-                layer.update(previous.keys[..., have:past, :], previous.values[..., have:past, :])
-            keys, values = layer.update(key_states, value_states)
-        if rows is not None:
-            return keys.index_select(0, rows), values.index_select(0, rows)
-        return keys, values
-
-    def row_view(self, rows: Tensor) -> "RowView":
-        """The cache as the batch rows `rows` see it (see update)."""
-        return RowView(self, rows)
+            return layer.keys, layer.values
+        if have < past:  # earlier tokens never computed this step: they contribute their latest computed step
+            layer.update(previous.keys[..., have:past, :], previous.values[..., have:past, :])
+        return layer.update(key_states, value_states)
 
     def read_only(self) -> "ReadOnlyCache":
         """A view whose update returns past + new keys/values without storing them (the logit lens decodes every
@@ -135,37 +126,36 @@ class RecurrentCache(Cache):
         return self.num_bytes() / tokens if tokens else 0.0
 
 
+def written_in(latest: Tensor, packed: Tensor, active: "ActiveSet") -> Tensor:
+    """A call's keys or values (batch, heads, seq, head_dim): `latest` with the running positions' new entries
+    (packed (1, heads, N, head_dim)) written in."""
+    latest = latest.clone()
+    latest[active.batch, :, active.position] = packed[0].transpose(0, 1)
+    return latest
+
+
 class ReadOnlyCache:
+    """The logit lens's view of a cache: update returns the cached keys/values of earlier tokens plus this call's,
+    and stores nothing there. It keeps this call's latest entries per layer itself, so that a lens pass over the
+    running positions only (`active`) attends to every position, the exited ones at the state they exited with."""
+
     def __init__(self, cache: RecurrentCache):
         self.cache = cache
+        self.latest: dict[Hashable, tuple[Tensor, Tensor]] = {}
 
     def get_seq_length(self) -> int:
         return self.cache.get_seq_length()
 
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen=None,
-               rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable,
+               active: "ActiveSet | None" = None) -> tuple[Tensor, Tensor]:
+        if active is not None:
+            latest_keys, latest_values = self.latest[key]
+            key_states = written_in(latest_keys, key_states, active)
+            value_states = written_in(latest_values, value_states, active)
+        self.latest[key] = key_states, value_states
         layer = self.cache._layer(key)
         if layer is None or not layer.is_initialized:
             return key_states, value_states
         past = self.cache.get_seq_length() - key_states.shape[-2]
         keys, values = layer.keys[..., :past, :], layer.values[..., :past, :]
-        if rows is not None:
-            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-
-    def row_view(self, rows: Tensor) -> "RowView":
-        return RowView(self, rows)
-
-
-class RowView:
-    """A cache seen by some batch rows only: adaptive exit runs a core step on the rows that still have a position
-    running, and their attention reads and writes through this view."""
-
-    def __init__(self, cache: "RecurrentCache | ReadOnlyCache", rows: Tensor):
-        self.cache, self.rows = cache, rows
-
-    def get_seq_length(self) -> int:
-        return self.cache.get_seq_length()
-
-    def update(self, key_states: Tensor, value_states: Tensor, key: Hashable, frozen=None) -> tuple[Tensor, Tensor]:
-        return self.cache.update(key_states, value_states, key, frozen, rows=self.rows)

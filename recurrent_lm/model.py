@@ -26,6 +26,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .active import ActiveSet
 from .adaptive import AdaptiveExit
 from .cache import CACHE_NAME, RecurrentCache, resolve_cache_argument
 from .config import RecurrentConfig
@@ -98,7 +99,7 @@ class Attention(nn.Module):
         self.proj.is_residual_output = True  # scaled down at init, see RecurrentPreTrainedModel._init_weights
 
     def forward(self, x: Tensor, rope: Tensor | None, mask: Tensor | None, cache=None, cache_key=None,
-                frozen: Tensor | None = None) -> Tensor:
+                active: ActiveSet | None = None) -> Tensor:
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = rearrange(q, "b s (h d) -> b h s d", h=self.num_heads)
         k, v = (rearrange(t, "b s (h d) -> b h s d", h=self.kv_heads) for t in (k, v))
@@ -107,11 +108,16 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:  # keys and values of earlier tokens at this (layer, step), plus these
-            k, v = cache.update(k, v, cache_key, frozen)
+            k, v = cache.update(k, v, cache_key, active)
+        if active is not None:  # x packs the running positions: each query goes back to its row, to see its keys
+            q = rearrange(active.to_rows(rearrange(q[0], "h n d -> n h d")), "b w h d -> b h w d")
+            mask = active.mask
         # mask None means plain causal attention over q (no padding, nothing cached) or one query seeing everything
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                            enable_gqa=self.kv_heads != self.num_heads)
-        return self.proj(rearrange(y, "b h s d -> b s (h d)"))
+        if active is None:
+            return self.proj(rearrange(y, "b h s d -> b s (h d)"))
+        return self.proj(active.from_rows(rearrange(y, "b h w d -> b w (h d)"))[None])  # packed again
 
 
 class GatedMLP(nn.Module):
@@ -140,8 +146,8 @@ class SandwichBlock(nn.Module):
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
 
-    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None, frozen=None) -> Tensor:
-        x = self.attn_out_norm(self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key, frozen) + x)
+    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None, active=None) -> Tensor:
+        x = self.attn_out_norm(self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key, active) + x)
         return self.mlp_out_norm(self.mlp(self.mlp_in_norm(x)) + x)
 
 
@@ -156,8 +162,8 @@ class PreNormBlock(nn.Module):
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
 
-    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None, frozen=None) -> Tensor:
-        x = x + self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key, frozen)
+    def forward(self, x: Tensor, rope, mask, cache=None, cache_key=None, active=None) -> Tensor:
+        x = x + self.attn(self.attn_in_norm(x), rope, mask, cache, cache_key, active)
         return x + self.mlp(self.mlp_in_norm(x))
 
 
@@ -287,22 +293,25 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         it is computed once per forward instead of once per step."""
         return F.linear(embedded, self.adapter.weight[:, self.config.hidden_size:])
 
-    def core_step(self, state: Tensor, injected: Tensor | None, step: int, rope, mask, cache=None, frozen=None) -> Tensor:
+    def core_step(self, state: Tensor, injected: Tensor | None, step: int, rope, mask, cache=None,
+                  active: ActiveSet | None = None) -> Tensor:
         """One recurrence: input injection (the state's half of the adapter plus the precomputed prelude half),
         then the core blocks; injected None feeds `state` to the blocks as it is (the first step under
-        config.skip_first_injection, where `state` is the prelude's output). `frozen` marks positions that have
-        exited (their cache entries stay at their latest computed step)."""
+        config.skip_first_injection, where `state` is the prelude's output). With `active`, state, injected and
+        rope hold the running positions only, packed (recurrent_lm.active), and the cache supplies the others'
+        latest keys and values."""
         x = state if injected is None else F.linear(state, self.adapter.weight[:, : self.config.hidden_size]) + injected
         for i, block in enumerate(self.core):
-            x = block(x, rope, mask, cache, ("core", i, step), frozen)
+            x = block(x, rope, mask, cache, ("core", i, step), active)
         return x
 
-    def predict_from_latent(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0) -> Tensor:
+    def predict_from_latent(self, state: Tensor, rope, mask, cache=None, logits_to_keep: int = 0,
+                            active: ActiveSet | None = None) -> Tensor:
         """Logits from a latent state: shared norm (if config.latent_norm) -> coda blocks -> shared norm -> LM head,
-        in float32."""
+        in float32. `active` as in core_step."""
         x = self.norm(state) if self.config.latent_norm else state
         for i, block in enumerate(self.coda):
-            x = block(x, rope, mask, cache, ("coda", i))
+            x = block(x, rope, mask, cache, ("coda", i), active)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -380,19 +389,25 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         rope = rope_angles(position_ids, config.head_dim, config.rope_theta, config.rope_scaling) if config.use_rope else None
         mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device)
 
-        if cache is not None:
-            cache.begin(seq_len)
-        embedded = self.run_prelude(input_ids, rope, mask, cache)
-        state = self._start_state(embedded, initial_state, init_scale, generator)
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
-        state, states, steps_used = self._recur(state, embedded, depth, rope, mask, cache, exit_rule,
+        # a position that exits leaves its latest keys and values to the others: adaptive exit keeps them in a
+        # cache, a call-long one of a single slot per core layer when the caller keeps none
+        kv = cache if cache is not None or exit_rule is None else RecurrentCache(core_slots=1)
+        if kv is not None:
+            kv.begin(seq_len)
+        embedded = self.run_prelude(input_ids, rope, mask, kv)
+        state = self._start_state(embedded, initial_state, init_scale, generator)
+        padding = None  # left padding of this call's positions: under adaptive exit it stops after one step
+        if attention_mask is not None and not bool(attention_mask[:, past_len:].all()):
+            padding = ~attention_mask[:, past_len:].bool()
+        state, states, steps_used = self._recur(state, embedded, depth, rope, mask, kv, exit_rule, padding,
                                                 keep_states=output_latent_states or output_step_logits)
 
         step_logits = None
         if output_step_logits:  # the logit lens: decode every step, without writing the coda's cache for them
-            lens_cache = cache.read_only() if cache is not None else None
+            lens_cache = kv.read_only() if kv is not None else None
             step_logits = tuple(self.predict_from_latent(s, rope, mask, lens_cache, logits_to_keep) for s in states)
-        logits = self.predict_from_latent(state, rope, mask, cache, logits_to_keep)
+        logits = self.predict_from_latent(state, rope, mask, kv, logits_to_keep)
 
         loss = None
         if labels is not None:
@@ -420,56 +435,48 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(initial_state.shape)}")
         return initial_state.to(embedded.dtype)
 
-    def _recur(self, state, embedded, depth: StepCounts, rope, mask, cache, exit_rule, keep_states):
-        """Unroll the core. With an exit rule, each position stops (its state frozen) once the rule says it has
-        converged, and the loop ends when every position has; returns (state, per-step states, steps used)."""
+    def _recur(self, state, embedded, depth: StepCounts, rope, mask, cache, exit_rule, padding, keep_states):
+        """Unroll the core. With an exit rule, a position stops once the rule says it has converged (padding
+        after the first step): from then on its state is kept, later steps run on the positions still running
+        only (packed: recurrent_lm.active) and read its latest keys and values, and the loop ends when no
+        position runs. Returns (state, per-step states, steps each position ran)."""
         total = depth.total
         steps_used = torch.full(state.shape[:2], total, dtype=torch.long, device=state.device)
         tracker = exit_rule.tracker(self.exit_gate) if exit_rule is not None else None
-        lens_cache = cache.read_only() if cache is not None else None
-        exited, states, injected, rows = None, [], {}, None
-        skip_first = self.config.skip_first_injection
+        lens_cache = cache.read_only() if tracker is not None and exit_rule.needs_logits else None
+        active, states, injected = None, [], {}  # active None: every position runs
         for step in range(total):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= depth.no_grad):
                 grad = torch.is_grad_enabled()
-                if skip_first and step == 0:  # the prelude's output goes to the core as it is
-                    new_state = self._step_rows(embedded, None, step, rope, mask, cache, exited, rows)
+                if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
+                    injected[grad] = self.inject(embedded)
+                # under skip_first_injection the prelude's output goes to the first step as it is
+                source, injection = (embedded, None) if step == 0 and self.config.skip_first_injection else (state, injected[grad])
+                if active is None:
+                    state = self.core_step(source, injection, step, rope, mask, cache)
                 else:
-                    if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
-                        injected[grad] = self.inject(embedded)
-                    # exited positions write their latest computed entries into the cache at later steps
-                    new_state = self._step_rows(state, injected[grad], step, rope, mask, cache, exited, rows)
-            state = new_state if exited is None else torch.where(exited[..., None], state, new_state)
+                    new = self.core_step(active.pack(source), active.pack(injection), step, active.pack_rope(rope),
+                                         None, cache, active)
+                    state = active.scatter(state, new)
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
-            if tracker is not None and step + 1 < total:
-                logits = None
-                if exit_rule.needs_logits:  # rows that have exited are not decoded: their verdict stands
-                    logits = self._step_rows(state, None, step, rope, mask, lens_cache, None, rows, decode=True)
-                done = tracker.converged(step + 1, state, logits)
-                newly = done if exited is None else done & ~exited
-                steps_used = torch.where(newly, step + 1, steps_used)
-                exited = done if exited is None else exited | done
-                if bool(exited.all()):
-                    break
-                active = ~exited.all(dim=1)  # rows with a position still running
-                rows = None if bool(active.all()) else active.nonzero().squeeze(1)
+            if tracker is None or step + 1 == total:
+                continue
+            running = state if active is None else active.pack(state)
+            logits = None
+            if exit_rule.needs_logits:  # the logit lens, on the running positions
+                logits = self.predict_from_latent(running, rope if active is None else active.pack_rope(rope),
+                                                  mask if active is None else None, lens_cache, active=active)
+            done = tracker.converged(step + 1, running, logits, active)  # (batch, seq): exits now
+            if padding is not None:
+                done = done | (padding & (steps_used == total))
+            steps_used = torch.where(done, step + 1, steps_used)
+            still = steps_used == total
+            if not bool(still.any()):
+                break
+            if bool(done.any()):
+                active = ActiveSet.of(still, mask, cache.get_seq_length() - state.shape[1])
         return state, states, steps_used
-
-    def _step_rows(self, state, injected, step, rope, mask, cache, frozen, rows, decode=False) -> Tensor:
-        """A core step (or, with decode, the logit lens) on the batch rows `rows` only (None: every row), so that
-        rows whose every position has exited cost nothing; the other rows keep their state (zero logits)."""
-        if rows is None:
-            if decode:
-                return self.predict_from_latent(state, rope, mask, cache)
-            return self.core_step(state, injected, step, rope, mask, cache, frozen=frozen)
-        pick = lambda x: None if x is None else x.index_select(0, rows)  # noqa: E731
-        view = None if cache is None else cache.row_view(rows)
-        if decode:
-            logits = self.predict_from_latent(pick(state), pick(rope), pick(mask), view)
-            return logits.new_zeros(state.shape[:2] + logits.shape[2:]).index_copy(0, rows, logits)
-        new = self.core_step(pick(state), pick(injected), step, pick(rope), pick(mask), view, frozen=pick(frozen))
-        return state.index_copy(0, rows, new)
 
     # --- generation ------------------------------------------------------------------------------------------------
     # transformers' generate drives forward through two hooks: prepare_inputs_for_generation builds each call's

@@ -103,7 +103,7 @@ def test_misspelt_or_ill_typed_config_fields_are_named(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  architecture:\n    num_core_layrs: 2\n")
-    for args, name in [(["--model.architecture.hiden_size", "64"], "Option 'hiden_size' is not accepted"),
+    for args, name in [(["--model.architecture.hiden_size", "64"], "hiden_size"),  # jsonargparse's words vary
                        (["--model.learning_rate", "fast"], "--model.learning_rate: Expected a <class 'float'>"),
                        (["--data.batch_sise", "3"], "batch_sise"), (["--config", str(bad)], "num_core_layrs")]:
         one_line_error(quick_train("--trainer.default_root_dir", str(tmp_path / "run"), *args), name, "rlm train: error")
@@ -313,7 +313,7 @@ def test_exit_gate_recipe_trains_the_gate_alone(tmp_path):
     problems = get_task("permutation").problems(4, 4, seed=5)
     answers = answer_problems(trained, load_tokenizer(root / "model"), problems, num_steps=8, exit_criterion="gate",
                               exit_threshold=0.5, prompt_num_steps=4)
-    assert all(a.prompt_steps == 4 and 1 <= min(a.steps_per_token[1:]) <= 8 for a in answers)
+    assert all(set(a.prompt_steps) == {4} and 1 <= min(a.steps_per_token[1:]) <= 8 for a in answers)
 
 
 @pytest.mark.parametrize("args, message", [
