@@ -126,26 +126,36 @@ class PointerTask(Task):
     every problem has the same length and layout), then a start node. Following the pointers from the start reaches
     a node that points to itself after k hops; that node is the answer, and difficulty = k. The input's length and
     format never change with k: only the number of lookups does, which separates thinking longer from length
-    generalisation, and the self-loop makes extra lookups harmless (the answer is a fixed point). Every other node
-    hangs off the start's chain or off at least three other self-looping nodes, so a guess among fixed points is
-    right at most a quarter of the time. The chain of thought writes the node after each hop ("c;k;e;")."""
+    generalisation, and the self-loop makes extra lookups harmless (the answer is a fixed point). The chain of
+    thought writes the node after each hop ("c;k;e;").
+
+    Decoys: besides the answer, up to three other nodes point to themselves (three for k <= 9, two for k = 10 or
+    11, one for k = 12: the start's chain takes k + 1 of the 16 nodes), and every self-loop, the answer included,
+    is pointed to by exactly one other node. So no rule that looks at the self-loops alone (which one is pointed
+    to, or most often) beats a guess among them: 1/4, 1/3 or 1/2 at those k. The other nodes hang off the
+    start's chain or off the decoys' pointers, never off a self-loop."""
 
     name = "pointer"
     nodes = "abcdefghijklmnop"
-    max_difficulty = len(nodes) - 4  # the start's chain of k + 1 nodes leaves room for three other fixed points
+    max_difficulty = len(nodes) - 4  # the start's chain of k + 1 nodes, a decoy and its pointer, one node to spare
     alphabet = nodes + "?;"
     description = "pointer chasing in a fixed 16-node table to a self-loop (difficulty = hops)"
+
+    @classmethod
+    def decoys(cls, difficulty: int) -> int:
+        """Self-loops besides the answer: each takes two nodes (itself and the one node that points to it)."""
+        return min(3, (len(cls.nodes) - difficulty - 1) // 2)
 
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
         order = rng.sample(self.nodes, len(self.nodes))
         chain, rest = order[: difficulty + 1], order[difficulty + 1 :]
         target = {a: b for a, b in zip(chain, chain[1:])}
         target[chain[-1]] = chain[-1]
-        terminals = rest[: max(3, len(rest) // 4)]
-        for node in terminals:
-            target[node] = node
-        placed = chain + terminals
-        for node in rest[len(terminals) :]:  # hang off anything already placed: no cycle but the self-loops
+        decoys = self.decoys(difficulty)
+        for decoy, feeder in zip(rest[:decoys], rest[decoys : 2 * decoys]):
+            target[decoy], target[feeder] = decoy, decoy
+        placed = chain[:-1] + rest[decoys : 2 * decoys]  # nodes that are no self-loop
+        for node in rest[2 * decoys :]:  # hang off those: no cycle but the self-loops, no self-loop gains a pointer
             target[node] = rng.choice(placed)
             placed.append(node)
         table = "".join(node + target[node] for node in self.nodes)

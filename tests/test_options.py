@@ -204,8 +204,9 @@ def test_ctrl_c_while_rlm_starts_is_one_line():
     import subprocess
     import sys
 
-    code = ("import sys; sys.argv[0] = 'rlm'; import os, signal, time, recurrent_lm; "
-            "os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
+    # as from a terminal: a test run in the background inherits an ignored SIGINT, and Python then keeps it so
+    code = ("import os, signal, sys, time; sys.argv[0] = 'rlm'; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "import recurrent_lm; os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert process.returncode == 130 and process.stderr.strip().splitlines()[-1] == "rlm: interrupted while starting"
 

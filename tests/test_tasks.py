@@ -11,7 +11,7 @@ GOLDEN = {
     "chain": "m=1;n=m+1;o=n-5;z=o+6;z?",
     "permutation": "01234.42103.24031?",
     "parity": "101?",
-    "pointer": "apbicdddecflgphhiijdkelimhnnonpf?k",
+    "pointer": "ajbmcdddecfcgohhiijckelimnnnohpb?k",
 }
 
 
@@ -149,6 +149,30 @@ def test_pointer_problems_keep_their_length_and_end_at_a_self_loop():
                 path.append(node)
             assert node == problem.answer and target[node] == node and list(problem.steps) == path
             assert all(target[n] != n for n in [start, *path[:-1]])  # no fixed point before the k-th hop
-            assert sum(target[n] == n for n in task.nodes) >= 4  # guessing a fixed point is right <= 1/4
+            loops = [n for n in task.nodes if target[n] == n]
+            assert len(loops) == 1 + task.decoys(k) >= 2  # guessing a fixed point is right 1/2 at best
+            pointed = [sum(target[m] == n and m != n for m in task.nodes) for n in loops]
+            assert pointed == [1] * len(loops)  # every self-loop has exactly one pointer from another node
             lengths.add(len(problem.question))
     assert len(lengths) == 1
+
+
+def test_no_rule_on_the_self_loops_alone_beats_chance_on_pointer_problems():
+    """The shortcut "answer the self-loop most pointed to" (1.00 at k = 12 on the earlier generator, where the
+    decoys had no pointers) scores at chance at every k: every self-loop is pointed to exactly once, so it can only
+    guess among them."""
+    import random
+
+    task, rng = TASKS["pointer"], random.Random(0)
+    for k in range(task.min_difficulty, task.max_difficulty + 1):
+        problems = task.problems(k, 400, seed=11)
+        right = 0
+        for problem in problems:
+            table = problem.question.split("?")[0]
+            target = dict(zip(table[0::2], table[1::2]))
+            loops = [n for n in task.nodes if target[n] == n]
+            pointed = {n: sum(target[m] == n for m in task.nodes if m != n) for n in loops}
+            most = max(pointed.values())
+            right += rng.choice([n for n in loops if pointed[n] == most]) == problem.answer
+        chance = 1 / (1 + task.decoys(k))
+        assert abs(right / len(problems) - chance) < 0.08, (k, right / len(problems), chance)
