@@ -20,7 +20,7 @@ from recurrent_lm.options import DEPTH, PROBLEMS, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.tasks import IntList, Problem, get_task, load_jsonl, parse_int_list
 
-from .latent import AdaptiveDepth, LatentDepth
+from .latent import AdaptiveDepth, LatentDepth, depth_frontier, frontier_lines, oracle_row
 from .methods import keep_interrupted, run_methods
 from .report import line_plot, markdown_table, panel_plot, select, write_results, write_summary
 
@@ -32,8 +32,17 @@ def check_thresholds(exit_thresholds: list[float] | None) -> None:
                          "adaptive exit (sweep: --exit_criteria []; compare: --exit_criterion none)")
 
 
-def sweep_problems(task: str | None, problems: Path | None, difficulties: list[int], n: int, seed: int) -> dict[int, list[Problem]]:
-    """Problems by difficulty: from a JSONL file, or generated from the task."""
+def sweep_problems(task: str | None, problems: Path | None, difficulties: list[int], n: int, seed: int,
+                   mixed: bool = False) -> dict[int | str, list[Problem]]:
+    """Problems by difficulty: from a JSONL file, or generated from the task. mixed: a file's problems as one set
+    ("mixed"), in the file's order, the first n."""
+    if mixed:
+        if problems is None:
+            raise ValueError("--mixed true answers a problem file as one set: give --problems FILE")
+        chosen = [p for p in load_jsonl(problems) if not difficulties or p.difficulty in difficulties][:n]
+        if not chosen:
+            raise ValueError(f"{problems} holds no problem of --difficulties {difficulties}")
+        return {"mixed": chosen}
     if problems is not None:
         loaded = load_jsonl(problems)
         grouped = defaultdict(list)
@@ -77,7 +86,7 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
           n: int = 200, out: Path = Path("sweep"), problems: Path | None = None, exit_criteria: list[str] | None = None,
           exit_thresholds: list[float] | None = None, adaptive_max_steps: int | None = None,
           exit_prompt_steps: int | None = None, seed: int = 1234, batch_size: int = 64, tokenizer: Path | None = None,
-          dynamics: int = 3, overwrite: bool = False) -> dict:
+          dynamics: int = 3, mixed: bool = False, overwrite: bool = False) -> dict:
     """Evaluate a RecurrentLM on the same fixed problems at every test-time depth, and with adaptive exit.
 
     Args:
@@ -99,6 +108,8 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
         batch_size: problems answered per batch.
         tokenizer: tokenizer directory, if the model directory has none.
         dynamics: trace this many problems step by step (latent dynamics plot); 0 skips it.
+        mixed: answer the --problems file as one set of mixed difficulties (batches mix them, as a user's would),
+            rows labelled "mixed", instead of one set per difficulty.
         overwrite: replace an earlier run in `out`.
     """
     depths = check_depths(parse_int_list(steps, "--steps"))
@@ -108,7 +119,7 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
     # with a problem file, "" keeps every difficulty in it
     chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
-    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed)
+    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed, mixed)
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
                         command="rlm sweep") as output:
         net, tok = load_model_and_tokenizer(model, tokenizer)
@@ -121,6 +132,7 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
         meta = {"model": str(model), "task": task, "problems": str(problems) if problems else None, "seed": seed,
                 "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps}
         rows = run_methods(methods, by_difficulty, desc="sweep", output=output, meta=meta)
+        rows += [oracle_row(select(rows, method="latent", difficulty=d)) for d in by_difficulty]
         try:
             traces = (latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps)
                       if dynamics else [])
@@ -133,9 +145,10 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
 
 def write_sweep(out: Path, model: Path, rows: list[dict], traces: list[dict], meta: dict) -> None:
     """results.json/.csv, the plots and summary.md of latent rows (LatentDepth and AdaptiveDepth) and traces."""
-    write_results(out, rows, {**meta, "dynamics": traces})
+    frontiers = [f for f in (depth_frontier(rows, d) for d in meta["difficulties"]) if f is not None]
+    write_results(out, rows, {**meta, "dynamics": traces, "frontier": frontiers})
     plots = plot_sweep(out, rows, traces)
-    write_sweep_summary(out, model, rows, plots)
+    write_sweep_summary(out, model, rows, plots, frontiers)
 
 
 def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
@@ -161,6 +174,8 @@ def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
             points = sorted((r["flops_per_problem"], r["accuracy"])
                             for r in select(rows, method="latent-exit", criterion=criterion, difficulty=d))
             panel[f"exit: {criterion}"] = ([p[0] for p in points], [p[1] for p in points])
+        for oracle in select(rows, method="oracle", difficulty=d):
+            panel["oracle: smallest right depth"] = ([oracle["flops_per_problem"]], [oracle["accuracy"]])
         panels[f"difficulty {d}"] = panel
     plots.append(panel_plot(out / "accuracy_vs_flops.png", panels, "FLOPs per problem", "accuracy",
                             "Fixed depth and adaptive exit on one compute axis").name)
@@ -176,7 +191,7 @@ def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
     return plots
 
 
-def write_sweep_summary(out: Path, model: Path, rows: list[dict], plots: list[str]) -> None:
+def write_sweep_summary(out: Path, model: Path, rows: list[dict], plots: list[str], frontiers: list[dict]) -> None:
     fixed, adaptive = select(rows, method="latent"), select(rows, method="latent-exit")
     difficulties = sorted({r["difficulty"] for r in fixed})
     columns = ["difficulty", "steps", "n", "accuracy", "ci_low", "ci_high", "flops_per_problem", "generated_tokens",
@@ -192,6 +207,8 @@ def write_sweep_summary(out: Path, model: Path, rows: list[dict], plots: list[st
                  "decoding from a zero initial state. Accuracy intervals are 95% Wilson intervals; FLOPs count the "
                  "prompt's forward pass and every generated token at its depth (recurrent_lm.flops)."),
                 ("Findings (measured)", "\n".join(findings)),
+                ("What adaptive exit saves (measured)", "\n\n".join(
+                    f"Difficulty {f['difficulty']}:\n" + "\n".join(frontier_lines(f)) for f in frontiers)),
                 ("Fixed depth", markdown_table(fixed, columns))]
     if adaptive:
         sections.append(("Adaptive exit", markdown_table(

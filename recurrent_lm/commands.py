@@ -2,6 +2,7 @@
 Each is a typed function; `recurrent_lm.cli` hands them to jsonargparse (their docstrings are their --help)."""
 
 import glob
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -151,7 +152,8 @@ def tasks_sample(name: str, difficulty: int = 1, n: int = 3, cot: bool = False, 
 
 @ranges(n=PROBLEMS, seed=">= 0")
 def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 100, seed: int = 0,
-                 format: Literal["problems", "traces"] = "problems", overwrite: bool = False) -> None:
+                 format: Literal["problems", "traces"] = "problems", shuffle: bool = False,
+                 overwrite: bool = False) -> None:
     """Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` elsewhere), or as
     reasoning traces with exact answers (a pool for `rlm select-traces`, data for `rlm finetune`).
 
@@ -164,6 +166,8 @@ def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 10
         format: "problems" (recurrent_lm.problem.Problem rows) or "traces" (s1K's shape: question,
             thinking_trajectories, attempt, plus domain (the task), difficulty and answer (the gold answer);
             rendered without a chat template, exactly the task's chain-of-thought text).
+        shuffle: write the problems in a random order (seeded by --seed) instead of task by task and difficulty by
+            difficulty: a mixed-difficulty set whose batches mix difficulties (`rlm sweep --mixed true`).
         overwrite: replace an existing `out`.
     """
     names = [part.strip() for part in name.split(",") if part.strip()]
@@ -175,6 +179,8 @@ def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 10
     difficulty_list = parse_int_list(difficulties, "--difficulties")
     with claimed_output(out, option="OUT", kind="file", overwrite=overwrite, command="rlm tasks export") as output:
         problems = [p for task in tasks for d in difficulty_list for p in task.problems(d, n, seed=seed)]
+        if shuffle:
+            random.Random(seed).shuffle(problems)
         if format == "traces":
             save_rows([trace_row(p) for p in problems], output.path)
         else:
