@@ -38,7 +38,7 @@ from recurrent_lm.special_tokens import THINK_END, THINK_START
 from recurrent_lm.tasks import IntList, Problem, get_task, parse_int_list
 
 from .cot import BudgetForcing, ChainPool, ParallelSampling, RejectionSampling, TokenConditional
-from .latent import AdaptiveDepth, LatentDepth
+from .latent import AdaptiveDepth, LatentDepth, depth_frontier, frontier_lines, oracle_row
 from .methods import run_methods
 from .reward_models import AGGREGATIONS, load_reward_model
 from .search import STRATEGIES
@@ -77,7 +77,7 @@ def parse_methods(text: str, reward_model: Path | None) -> list[str]:
 @ranges(n=PROBLEMS, exit_thresholds="> 0", exit_prompt_steps=DEPTH, vote_budget=">= 0", temperature="> 0", seed=">= 0",
         batch_size=">= 1", trained_max_difficulty=">= 1", beam_width=">= 1", rebase_temperature="> 0",
         search_max_steps=">= 1", rejection_tries=">= 1")
-def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntList = "1,2,4", n: int = 100,
+def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntList | None = None, n: int = 100,
             out: Path = Path("compare"), problems: Path | None = None, steps: IntList = "1,2,4,8,16,32",
             exit_criterion: Literal["kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate", "none"]
             | None = "kl",
@@ -90,7 +90,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
             reward_convention: Literal["auto", "step-tag", "token-classification", "sequence-classification"] = "auto",
             step_tag: str | None = None, aggregation: Literal["last", "min", "prod"] = "last", beam_width: int = 2,
             rebase_temperature: float = 0.1, search_max_steps: int = 32, rejection_tries: int = 8,
-            token_conditional_cot: Path | None = None, overwrite: bool = False) -> dict:
+            token_conditional_cot: Path | None = None, mixed: bool = False, overwrite: bool = False) -> dict:
     """Compare thinking deeper in latent space with thinking longer in tokens, on the same problems and one
     FLOPs axis.
 
@@ -98,11 +98,14 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
         latent: the recurrent-depth model directory (answers directly).
         cot: the chain-of-thought model directory (any transformers causal LM; a RecurrentLM too).
         task: the task to generate problems from.
-        difficulties: difficulties, e.g. "1,2,4,8" or "1-8".
+        difficulties: difficulties, e.g. "1,2,4,8" or "1-8" (default: 1,2,4 of a --task; every difficulty of a
+            --problems file).
         n: problems per difficulty.
         out: output folder: results.json, results.csv, accuracy_vs_flops.png, accuracy_vs_depth.png,
             accuracy_vs_budget.png, summary.md.
         problems: a JSONL problem file instead of generated problems.
+        mixed: answer the --problems file as one set of mixed difficulties (batches mix them), rows labelled
+            "mixed", instead of one set per difficulty.
         steps: latent depths to evaluate.
         exit_criterion: the latent model's adaptive exit criterion (none: skip adaptive exit).
         exit_thresholds: its thresholds (default: the criterion's default times 10, 1, 0.1, 0.01; for
@@ -153,8 +156,10 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
     if any(v < 1 for v in vote_list):
         raise ValueError(f"vote counts must be >= 1, got {votes!r}")
     # with a problem file, "" keeps every difficulty in it
+    if difficulties is None:
+        difficulties = "" if problems is not None else "1,2,4"
     chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
-    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed)
+    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed, mixed)
     inputs = [latent, cot, problems, latent_tokenizer, cot_tokenizer, reward_model, token_conditional_cot]
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=inputs, command="rlm compare") as output:
         latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)
@@ -214,6 +219,8 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
                 "n": n, "methods": chosen, "reward_model": str(reward_model) if reward_model else None,
                 "trained_max_difficulty": trained_max_difficulty}
         rows = run_methods(runs, by_difficulty, desc="compare", output=output, meta=meta)
+        if "latent" in chosen:
+            rows += [oracle_row(select(rows, method="latent", difficulty=d)) for d in by_difficulty]
 
         metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in length_control]
         findings = measured_findings(rows, trained_max_difficulty)
@@ -234,8 +241,8 @@ def measured_findings(rows: list[dict], trained_max_difficulty: int | None = Non
     intervals do not overlap. With trained_max_difficulty, each difficulty says whether it was trained on."""
     lines = []
     for difficulty in sorted({r["difficulty"] for r in rows}):
-        kind = ("" if trained_max_difficulty is None else " (in-distribution)" if difficulty <= trained_max_difficulty
-                else " (harder than any trained)")
+        kind = ("" if trained_max_difficulty is None or not isinstance(difficulty, int) else " (in-distribution)"
+                if difficulty <= trained_max_difficulty else " (harder than any trained)")
         for method, setting, who, axis in (("latent", "steps", "latent model", "depth"),
                                            ("cot-budget", "budget", "CoT model", "the thinking budget")):
             curve = {r[setting]: r for r in select(rows, method=method, difficulty=difficulty)}
@@ -247,6 +254,10 @@ def measured_findings(rows: list[dict], trained_max_difficulty: int | None = Non
                          f"{min(curve)}, best {best['accuracy']:.2f} at {setting} {best[setting]}: "
                          + (f"rises with {axis}." if rose else f"no significant rise with {axis}."))
         lines.append(cheapest_to_target(rows, difficulty))
+        frontier = depth_frontier(rows, difficulty)
+        if frontier is not None and select(rows, method="latent-exit", difficulty=difficulty):
+            lines += [f"Difficulty {difficulty}, latent model, what adaptive exit saves: {line[2:]}"
+                      for line in frontier_lines(frontier)]
         lines += search_findings(rows, difficulty)
     return lines
 
@@ -331,7 +342,8 @@ def plot_comparison(out: Path, rows: list[dict], trained_max_difficulty: int | N
     """accuracy_vs_flops.png (a panel per difficulty), accuracy_vs_depth.png and accuracy_vs_budget.png (a line per
     difficulty); difficulties above trained_max_difficulty are labelled as harder than any trained."""
     difficulties = sorted({r["difficulty"] for r in rows})
-    name = {d: f"difficulty {d}" + (" (untrained)" if trained_max_difficulty and d > trained_max_difficulty else "")
+    name = {d: f"difficulty {d}" + (" (untrained)" if trained_max_difficulty and isinstance(d, int)
+                                     and d > trained_max_difficulty else "")
             for d in difficulties}
     panels = {}
     for d in difficulties:

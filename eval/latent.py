@@ -42,8 +42,9 @@ def oracle_row(fixed: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = right[0] if right else fixed[-1]
         scores.append(chosen["problem_scores"][i])
         flops.append(chosen["problem_flops"][i])
-    return result_row("oracle", "smallest right depth", fixed[0]["difficulty"], scores, flops,
-                      [0] * len(scores), math.nan, steps=None, problem_scores=scores, problem_flops=flops)
+    return result_row("latent-oracle", "smallest right depth", fixed[0]["difficulty"], scores, flops,
+                      [0] * len(scores), math.nan, steps=None, oracle=True, problem_scores=scores,
+                      problem_flops=flops)
 
 
 def depth_frontier(rows: list[dict[str, Any]], difficulty: Any) -> dict[str, Any] | None:
@@ -63,7 +64,7 @@ def depth_frontier(rows: list[dict[str, Any]], difficulty: Any) -> dict[str, Any
                  "wall_saving": baseline["wall_seconds"] / r["wall_seconds"]}
                 for r in select(rows, method="latent-exit", difficulty=difficulty)
                 if r["accuracy"] >= baseline["accuracy"] - 0.01 - 1e-9]
-    oracle = select(rows, method="oracle", difficulty=difficulty)
+    oracle = select(rows, method="latent-oracle", difficulty=difficulty)
     return {"difficulty": difficulty, "best_fixed_accuracy": best, "baseline_steps": baseline["steps"],
             "baseline_accuracy": baseline["accuracy"], "baseline_flops": baseline["flops_per_problem"],
             "baseline_wall_seconds": baseline["wall_seconds"],

@@ -82,7 +82,7 @@ def latent_dynamics(model, tokenizer, problems: list[Problem], steps: int) -> li
 
 @ranges(n=PROBLEMS, exit_thresholds="> 0", adaptive_max_steps=DEPTH, exit_prompt_steps=DEPTH, seed=">= 0",
         batch_size=">= 1", dynamics=">= 0")
-def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8", steps: IntList = "1,2,4,8,16,32,64",
+def sweep(model: Path, task: str | None = None, difficulties: IntList | None = None, steps: IntList = "1,2,4,8,16,32,64",
           n: int = 200, out: Path = Path("sweep"), problems: Path | None = None, exit_criteria: list[str] | None = None,
           exit_thresholds: list[float] | None = None, adaptive_max_steps: int | None = None,
           exit_prompt_steps: int | None = None, seed: int = 1234, batch_size: int = 64, tokenizer: Path | None = None,
@@ -92,7 +92,8 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
     Args:
         model: a RecurrentLM directory (trained with `rlm train`, or converted with `rlm convert-huginn`).
         task: the task to generate problems from (see `rlm tasks list`).
-        difficulties: difficulties to evaluate, e.g. "1,2,4,8" or "1-8".
+        difficulties: difficulties to evaluate, e.g. "1,2,4,8" or "1-8" (default: 1,2,4,8 of a --task; every
+            difficulty of a --problems file).
         steps: test-time depths (core steps per token), e.g. "1,2,4,8,16,32,64".
         n: problems per difficulty.
         out: output folder: results.json, results.csv, plots (PNG), summary.md.
@@ -118,6 +119,8 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList = "1,2,4,8
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
     # with a problem file, "" keeps every difficulty in it
+    if difficulties is None:
+        difficulties = "" if problems is not None else "1,2,4,8"
     chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
     by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed, mixed)
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
@@ -174,7 +177,7 @@ def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:
             points = sorted((r["flops_per_problem"], r["accuracy"])
                             for r in select(rows, method="latent-exit", criterion=criterion, difficulty=d))
             panel[f"exit: {criterion}"] = ([p[0] for p in points], [p[1] for p in points])
-        for oracle in select(rows, method="oracle", difficulty=d):
+        for oracle in select(rows, method="latent-oracle", difficulty=d):
             panel["oracle: smallest right depth"] = ([oracle["flops_per_problem"]], [oracle["accuracy"]])
         panels[f"difficulty {d}"] = panel
     plots.append(panel_plot(out / "accuracy_vs_flops.png", panels, "FLOPs per problem", "accuracy",

@@ -43,16 +43,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # one fused kernel: a small model's step is bound by how many ops it launches, not by their arithmetic
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 def rope_angles(position_ids: Tensor, head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
-    """cos and sin of position * freq, float32, shaped (batch, 1, seq, head_dim / 2, 2) to broadcast over heads.
-    Real-valued, so that a compiled block stays in code the compiler generates (it has no complex kernels)."""
+    """The rotation of every channel at every position, float32, shaped (batch, 1, seq, head_dim, 2) to broadcast
+    over heads: [..., 0] the cosine of its pair's angle (position * freq), [..., 1] the sine, negated on the first
+    channel of each pair, so that apply_rope is two products and a sum. Real-valued, so that a compiled block stays
+    in code the compiler generates (it has no complex kernels)."""
     inv_freq = rope_frequencies(head_dim, theta, scaling).to(position_ids.device)
-    angles = position_ids.float()[:, None, :, None] * inv_freq
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    angles = (position_ids.float()[:, None, :, None] * inv_freq).repeat_interleave(2, dim=-1)
+    sign = torch.tensor([-1.0, 1.0], device=angles.device).repeat(head_dim // 2)
+    return torch.stack([angles.cos(), angles.sin() * sign], dim=-1)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
@@ -78,10 +81,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
 
 def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
     """Rotate ADJACENT channel pairs (2i, 2i+1) of each head by the pair's angle, as Huginn does (Llama rotates the
-    two halves; recurrent_lm.retrofit reorders a Llama's query and key rows to match), in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
+    two halves; recurrent_lm.retrofit reorders a Llama's query and key rows to match), in float32:
+    (e, o) -> (e cos - o sin, o cos + e sin), i.e. x * cos + swapped(x) * signed sin."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (o, e) for every pair (e, o)
+    return (x32 * rotation[..., 0] + swapped * rotation[..., 1]).type_as(x)
 
 
 class Attention(nn.Module):
@@ -337,6 +341,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         min_steps: int = 1,
+        position_depths: Tensor | None = None,
         return_dict: bool | None = None,
         past_key_values: RecurrentCache | None = None,
         inputs_embeds: None = None,
@@ -366,6 +371,9 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             logits_to_keep: if > 0, compute logits only for the last that many positions (generation).
             exit_criterion / exit_threshold / min_steps: adaptive depth per position (see recurrent_lm.adaptive):
                 num_steps is then the maximum, and `steps_used` in the output says where each position stopped.
+            position_depths: (batch, seq) core steps for each position, each in 1..num_steps: a position stops
+                there as if it had exited (a router's choice, or a training draw of per-position depth); with an
+                exit rule too, whichever comes first.
             inputs_embeds / output_attentions / output_hidden_states: transformers' standard inputs, named so that
                 asking for them is a clear error: the model reads token ids, and its per-step view is
                 output_latent_states / output_step_logits.
@@ -390,9 +398,13 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device)
 
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
-        # a position that exits leaves its latest keys and values to the others: adaptive exit keeps them in a
-        # cache, a call-long one of a single slot per core layer when the caller keeps none
-        kv = cache if cache is not None or exit_rule is None else RecurrentCache(core_slots=1)
+        check_position_depths(position_depths, (batch, seq_len), depth.total)
+        # a position that exits leaves its latest keys and values to the others: per-position depth keeps them in a
+        # cache, a call-long one when the caller keeps none (a slot per core layer, or per step under autograd,
+        # which must not see a saved tensor overwritten)
+        per_position = exit_rule is not None or position_depths is not None
+        kv = cache if cache is not None or not per_position else RecurrentCache(
+            core_slots=None if torch.is_grad_enabled() else 1)
         if kv is not None:
             kv.begin(seq_len)
         embedded = self.run_prelude(input_ids, rope, mask, kv)
@@ -400,8 +412,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         padding = None  # left padding of this call's positions: under adaptive exit it stops after one step
         if attention_mask is not None and not bool(attention_mask[:, past_len:].all()):
             padding = ~attention_mask[:, past_len:].bool()
-        state, states, steps_used = self._recur(state, embedded, depth, rope, mask, kv, exit_rule, padding,
-                                                keep_states=output_latent_states or output_step_logits)
+        state, states, steps_used = self._recur(state, embedded, depth, rope, mask, kv, exit_rule, position_depths,
+                                                padding, keep_states=output_latent_states or output_step_logits)
 
         step_logits = None
         if output_step_logits:  # the logit lens: decode every step, without writing the coda's cache for them
@@ -435,11 +447,12 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             raise ValueError(f"initial_state must have shape {tuple(embedded.shape)}, got {tuple(initial_state.shape)}")
         return initial_state.to(embedded.dtype)
 
-    def _recur(self, state, embedded, depth: StepCounts, rope, mask, cache, exit_rule, padding, keep_states):
-        """Unroll the core. With an exit rule, a position stops once the rule says it has converged (padding
-        after the first step): from then on its state is kept, later steps run on the positions still running
-        only (packed: recurrent_lm.active) and read its latest keys and values, and the loop ends when no
-        position runs. Returns (state, per-step states, steps each position ran)."""
+    def _recur(self, state, embedded, depth: StepCounts, rope, mask, cache, exit_rule, position_depths, padding,
+               keep_states):
+        """Unroll the core. A position stops once the exit rule says it has converged, or at its given depth
+        (padding after the first step, under either): from then on its state is kept, later steps run on the
+        positions still running only (packed: recurrent_lm.active) and read its latest keys and values, and the
+        loop ends when no position runs. Returns (state, per-step states, steps each position ran)."""
         total = depth.total
         steps_used = torch.full(state.shape[:2], total, dtype=torch.long, device=state.device)
         tracker = exit_rule.tracker(self.exit_gate) if exit_rule is not None else None
@@ -460,16 +473,19 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                     state = active.scatter(state, new)
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
-            if tracker is None or step + 1 == total:
+            if step + 1 == total or (tracker is None and position_depths is None):
                 continue
-            running = state if active is None else active.pack(state)
-            logits = None
-            if exit_rule.needs_logits:  # the logit lens, on the running positions
-                logits = self.predict_from_latent(running, rope if active is None else active.pack_rope(rope),
-                                                  mask if active is None else None, lens_cache, active=active)
-            done = tracker.converged(step + 1, running, logits, active)  # (batch, seq): exits now
+            done = position_depths == step + 1 if position_depths is not None else torch.zeros_like(steps_used, dtype=torch.bool)
+            if tracker is not None:
+                running = state if active is None else active.pack(state)
+                logits = None
+                if exit_rule.needs_logits:  # the logit lens, on the running positions
+                    logits = self.predict_from_latent(running, rope if active is None else active.pack_rope(rope),
+                                                      mask if active is None else None, lens_cache, active=active)
+                done = done | tracker.converged(step + 1, running, logits, active)  # (batch, seq): exits now
             if padding is not None:
-                done = done | (padding & (steps_used == total))
+                done = done | padding
+            done = done & (steps_used == total)  # only a running position exits
             steps_used = torch.where(done, step + 1, steps_used)
             still = steps_used == total
             if not bool(still.any()):
@@ -617,6 +633,17 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         if problems:
             raise ValueError(f"checkpoint does not match its config: {problems}")
         return (model, info) if want_info else model
+
+
+def check_position_depths(depths: Tensor | None, shape: tuple[int, int], total: int) -> None:
+    if depths is None:
+        return
+    if tuple(depths.shape) != shape or depths.dtype.is_floating_point or depths.dtype == torch.bool:
+        raise ValueError(f"position_depths must be integer steps shaped like input_ids {shape}, got "
+                         f"{tuple(depths.shape)} {depths.dtype}")
+    if depths.numel() and (int(depths.min()) < 1 or int(depths.max()) > total):
+        raise ValueError(f"position_depths must each be in 1..{total} (num_steps), got {int(depths.min())}.."
+                         f"{int(depths.max())}")
 
 
 @functools.cache

@@ -127,3 +127,35 @@ def test_left_padding_stops_after_one_step_and_rows_answer_as_alone(model):
         real = mask[row].bool()
         assert both.steps_used[row, real].tolist() == alone.steps_used[0].tolist()
         torch.testing.assert_close(both.logits[row, real], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_given_position_depths_are_run_and_cost_only_their_steps(model):
+    """position_depths (a router's choice, or a training draw): each position runs exactly its steps, the core
+    computes only those, all equal to num_steps is the fixed-depth forward, and gradients flow through the packed
+    steps (training with per-position depth)."""
+    tokens = ids(2, 6)
+    depths = torch.tensor([[1, 3, 2, 4, 4, 1], [2, 2, 4, 1, 3, 4]])
+    computed, core_step = [], model.core_step
+
+    def counting_core_step(state, *args, **kwargs):
+        computed.append(state.shape[0] * state.shape[1])
+        return core_step(state, *args, **kwargs)
+
+    model.core_step = counting_core_step
+    try:
+        with torch.no_grad():
+            out = model(tokens, num_steps=4, init_scale=0.0, position_depths=depths)
+    finally:
+        del model.core_step
+    assert out.steps_used.tolist() == depths.tolist() and sum(computed) == int(depths.sum())
+    with torch.no_grad():
+        full = model(tokens, num_steps=4, init_scale=0.0, position_depths=torch.full_like(depths, 4))
+        torch.testing.assert_close(full.logits, model(tokens, num_steps=4, init_scale=0.0).logits)
+    trained = copy.deepcopy(model).train()
+    loss = trained(tokens, labels=tokens, num_steps=4, init_scale=0.0, position_depths=depths).loss
+    loss.backward()
+    assert trained.adapter.weight.grad is not None and bool(trained.adapter.weight.grad.abs().sum() > 0)
+    for bad, message in ((depths[:, :3], "shaped like input_ids"), (depths + 4, r"each be in 1\.\.4"),
+                         (depths.float(), "integer steps")):
+        with pytest.raises(ValueError, match=message):
+            model(tokens, num_steps=4, position_depths=bad)

@@ -179,7 +179,7 @@ def test_a_retrofitted_model_trains_with_the_curriculum_and_works_downstream(tmp
     main(["sweep", "--model", str(root / "model"), "--task", "permutation", "--difficulties", "1", "--n", "2",
           "--steps", "1,2", "--exit_criteria", "[kl]", "--exit_thresholds", "[0.01]", "--out", str(tmp_path / "sweep")])
     rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
-    assert {row["method"] for row in rows} == {"latent", "latent-exit"}
+    assert {row["method"] for row in rows} == {"latent", "latent-exit", "latent-oracle"}
     # and on one FLOPs axis against a chain of thought (here the same model, thinking within a budget)
     main(["compare", "--latent", str(root / "model"), "--cot", str(root / "model"), "--task", "permutation",
           "--difficulties", "1", "--n", "2", "--steps", "1,2", "--budgets", "4", "--votes", "1",

@@ -94,3 +94,44 @@ def test_sweep_command(trained, tmp_path, capsys):
           "--exit-criteria", "[]", "--dynamics", "0", "--out", str(tmp_path / "cli")])
     assert "wrote the results to" in capsys.readouterr().out
     assert (tmp_path / "cli" / "summary.md").is_file()
+
+
+def test_a_mixed_set_is_one_set_with_its_oracle_and_the_saving_of_adaptive_exit(trained, tmp_path):
+    """--mixed answers a shuffled problem file as one set (batches mix difficulties); the oracle takes each
+    problem's smallest right depth; the frontier names the cheapest fixed depth within 1 point of the best and
+    the saving of each adaptive setting within 1 point of it, all from the rows."""
+    from recurrent_lm.cli import main
+
+    ordered, shuffled = tmp_path / "ordered.jsonl", tmp_path / "mixed.jsonl"
+    main(["tasks", "export", "chain", str(ordered), "--difficulties", "1-3", "--n", "4", "--seed", "5"])
+    main(["tasks", "export", "chain", str(shuffled), "--difficulties", "1-3", "--n", "4", "--seed", "5",
+          "--shuffle", "true"])
+    lines = shuffled.read_text().splitlines()
+    assert sorted(lines) == sorted(ordered.read_text().splitlines()) and lines != ordered.read_text().splitlines()
+    result = sweep(trained, problems=shuffled, difficulties="", steps="1,2,4", n=12, mixed=True, batch_size=4,
+                   exit_criteria=["cosine"], exit_thresholds=[0.3, 1e-3], out=tmp_path / "out", dynamics=0)
+    rows = result["rows"]
+    assert {r["difficulty"] for r in rows} == {"mixed"} and {r["n"] for r in rows} == {12}
+    fixed = sorted((r for r in rows if r["method"] == "latent"), key=lambda r: r["steps"])
+    (oracle,) = [r for r in rows if r["method"] == "latent-oracle"]
+    by_hand_scores, by_hand_flops = [], []
+    for i in range(12):
+        right = [r for r in fixed if r["problem_scores"][i] > 0]
+        chosen = right[0] if right else fixed[-1]
+        by_hand_scores.append(chosen["problem_scores"][i])
+        by_hand_flops.append(chosen["problem_flops"][i])
+    assert oracle["accuracy"] == sum(by_hand_scores) / 12 >= max(r["accuracy"] for r in fixed)
+    assert oracle["flops_per_problem"] == pytest.approx(sum(by_hand_flops) / 12)
+    (frontier,) = json.loads((tmp_path / "out" / "results.json").read_text())["frontier"]
+    best = max(r["accuracy"] for r in fixed)
+    baseline = min((r for r in fixed if r["accuracy"] >= best - 0.01), key=lambda r: r["flops_per_problem"])
+    assert frontier["baseline_steps"] == baseline["steps"] and frontier["best_fixed_accuracy"] == best
+    for setting in frontier["adaptive_within_1_point"]:
+        row = next(r for r in rows if r["setting"] == setting["setting"])
+        assert row["accuracy"] >= baseline["accuracy"] - 0.01
+        assert setting["flops_saving"] == pytest.approx(baseline["flops_per_problem"] / row["flops_per_problem"])
+        assert setting["wall_saving"] == pytest.approx(baseline["wall_seconds"] / row["wall_seconds"])
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## What adaptive exit saves (measured)" in summary and "Difficulty mixed:" in summary
+    with pytest.raises(ValueError, match="--mixed true answers a problem file"):
+        sweep(trained, task="chain", mixed=True, out=tmp_path / "none")

@@ -13,6 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.adaptive import settled_from
@@ -110,6 +111,11 @@ class RecurrentLMModule(L.LightningModule):
             only its exit gate (architecture.exit_gate_width > 0), as Ouro's second stage: at every step of an
             unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
             already equals its final one and stays so, at every real position (prompt and answer).
+        prompt_depth: "same": every position runs the step's depth r. "random": each position that takes no loss
+            (the prompt, under data.loss_on answer) draws its own depth, uniform in 1..r, while the positions that
+            take a loss run r and, at their deeper steps, read the others' latest keys and values, as they do at
+            inference when those exit early (recurrent_lm.active's KV sharing): the model learns not to need
+            later steps of the prompt, so that exiting it early is safe.
         exit_gate_depth: the depth of the unrolls the exit gate learns from (at least the depths it will serve).
             The unrolls start from the model's random initial state (init_scale), as training does; the shipped
             gate agrees with its targets as often from a zero state (0.971 against 0.968 on 64 problems).
@@ -123,7 +129,8 @@ class RecurrentLMModule(L.LightningModule):
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
                  objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
                  recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
-                 sharding: ShardingPlan = ShardingPlan(), compile: bool = False):
+                 sharding: ShardingPlan = ShardingPlan(), compile: bool = False,
+                 prompt_depth: Literal["same", "random"] = "same"):
         super().__init__()
         if len(set(eval_depths)) < len(eval_depths):
             raise ValueError(f"model.eval_depths {list(eval_depths)} gives a depth twice; give each once")
@@ -270,8 +277,12 @@ class RecurrentLMModule(L.LightningModule):
         difficulty = int(batch["difficulty"][0]) if "difficulty" in batch else None
         num_steps = self.num_steps_for(self.global_step, difficulty)
         self.check_depth_in_lockstep(num_steps)
+        position_depths = None
+        if self.hparams.prompt_depth == "random":
+            position_depths = prompt_depths(batch["labels"], num_steps.total, self._generator(self.global_step, salt=2))
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         num_steps=num_steps, generator=self._generator(self.global_step, salt=1))
+                         num_steps=num_steps, generator=self._generator(self.global_step, salt=1),
+                         position_depths=position_depths)
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
         self.log_dict({"train/loss": out.loss, "train/num_steps": float(sum(num_steps)),
                        "train/mean_recurrence": float(self.mean_recurrence_at(self.global_step)),
@@ -340,6 +351,15 @@ class RecurrentLMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, hparams.warmup_steps, total, hparams.schedule, hparams.min_lr_ratio, hparams.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def prompt_depths(labels: Tensor, total: int, generator: torch.Generator) -> Tensor:
+    """Per-position depths for prompt_depth "random": `total` at the positions that take a loss (position t
+    predicts label t + 1), a uniform draw in 1..total at every other position."""
+    takes_loss = torch.zeros_like(labels, dtype=torch.bool)
+    takes_loss[:, :-1] = labels[:, 1:] != -100
+    drawn = torch.randint(1, total + 1, labels.shape, generator=generator).to(labels.device)
+    return torch.where(takes_loss, total, drawn)
 
 
 def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float, decay_fraction: float) -> float:
