@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,15 +38,15 @@ from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.options import ranges
 from recurrent_lm.outputs import Interrupted, claimed_output
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
-from recurrent_lm.tasks import get_task, parse_int_list
+from recurrent_lm.tasks import get_task, parse_int_list, save_jsonl
 from recurrent_lm.train.cli import train_main
 
 from .compare import compare, compute_optimal
-from .latent import AdaptiveDepth, LatentDepth
+from .latent import AdaptiveDepth, LatentDepth, depth_frontier, frontier_lines
 from .report import RESULT_COLUMNS, markdown_table, write_summary
 from .reward_models import load_reward_model
 from .step_labels import judge_reward_model
-from .sweep import latent_dynamics, sweep_problems, write_sweep
+from .sweep import latent_dynamics, sweep, sweep_problems, write_sweep
 
 CHECKPOINTS = checkpoints_dir()
 CONFIGS = recipes_dir()
@@ -70,6 +71,10 @@ class Study:
     reward_model: str | None = None  # a process reward model's recipe: search with it, in a second comparison
     search: dict = field(default_factory=dict)  # that comparison's options (full, and quick)
     search_quick: dict = field(default_factory=dict)
+    # adaptive depth on a mixed-difficulty set (rlm sweep --mixed, batch 8): every fixed depth, each exit rule's
+    # default grid and the oracle; the frontier says what adaptive exit saves (full, and quick)
+    mixed: dict = field(default_factory=dict)
+    mixed_quick: dict = field(default_factory=dict)
 
 
 STUDIES = (
@@ -92,7 +97,8 @@ STUDIES = (
                       vote_budget=72, methods="latent,majority,weighted-best-of-n,beam,dvts,rebase,oracle"),
           search_quick=dict(difficulties="4,5", n=3, steps="4", exit_criterion=None, budgets="24", votes="2",
                             vote_budget=24, methods="latent,majority,weighted-best-of-n,beam,dvts,rebase,oracle",
-                            search_max_steps=3)),
+                            search_max_steps=3),
+          mixed=dict(difficulties="1-4", n=20, steps="1-8"), mixed_quick=dict(difficulties="1-4", n=2, steps="1,4")),
     # A pointer problem of difficulty k takes 2 * k thinking tokens ("c;" per hop): 24 at k = 12.
     Study("extrapolation", "Thinking longer than trained (pointer chasing)", "pointer", "pointer-latent",
           "pointer-cot", "Follow k pointers through a fixed 16-node table to a node that points to itself; the input "
@@ -101,7 +107,8 @@ STUDIES = (
           full=dict(difficulties="1,2,4,6,8,10,12", n=100, steps="1,2,4,6,8,12,16,24", budgets="0,4,8,12,16,24,32",
                     votes="1,2,4,8", vote_budget=32, exit_criterion="cosine", exit_thresholds=[1e-1, 1e-2, 1e-3]),
           quick=dict(difficulties="2,8", n=6, steps="1,8", budgets="0,16", votes="1,2", vote_budget=16,
-                     exit_criterion="cosine", exit_thresholds=[1e-2])),
+                     exit_criterion="cosine", exit_thresholds=[1e-2]),
+          mixed=dict(difficulties="1-12", n=20, steps="1-16"), mixed_quick=dict(difficulties="1,12", n=2, steps="1,12")),
 )
 
 
@@ -172,7 +179,8 @@ def demo(out: Path = Path("demo"), quick: bool = False, from_scratch: bool = Fal
                               f"study's finished part beside it; rerun with --overwrite for the whole demo") from None
         results["findings"] = [f"{study.title}: {line}" for study in STUDIES
                                for line in results["studies"][study.name]["findings"]
-                               + results["studies"][study.name].get("search", {}).get("findings", [])]
+                               + results["studies"][study.name].get("search", {}).get("findings", [])
+                               + results["studies"][study.name].get("mixed", {}).get("findings", [])]
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         results["complete"] = True
         (output.path / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -218,7 +226,28 @@ def run_study(study: Study, out: Path, quick: bool, from_scratch: bool, seed: in
                "compare": result["rows"], "s1_metrics": result["s1_metrics"], "sweep": sweep_rows}
     if reward is not None:
         summary["search"] = run_search(study, latent, cot, reward, out, quick)
+    if study.mixed:
+        summary["mixed"] = run_mixed(study, latent, out, quick)
     return summary
+
+
+def run_mixed(study: Study, latent: Path, out: Path, quick: bool) -> dict:
+    """Adaptive depth on a mixed-difficulty set (the same number of problems per difficulty, shuffled), through
+    `rlm sweep --mixed` at batch 8: what each exit rule saves against the cheapest fixed depth within 1 point of
+    the best one, in FLOPs and wall time, and the oracle's saving."""
+    settings = study.mixed_quick if quick else study.mixed
+    print(f"[demo] {study.name}: adaptive depth on a mixed-difficulty set", flush=True)
+    problems = [p for d in parse_int_list(settings["difficulties"], "--difficulties")
+                for p in get_task(study.task).problems(d, settings["n"], seed=SEED)]
+    random.Random(SEED).shuffle(problems)
+    folder = out / study.name / "mixed"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_jsonl(problems, folder / "problems.jsonl")
+    result = sweep(latent, problems=folder / "problems.jsonl", mixed=True, n=len(problems), steps=settings["steps"],
+                   batch_size=8, dynamics=0, out=folder / "sweep")
+    frontier = depth_frontier(result["rows"], "mixed")
+    return {"settings": settings, "problems": len(problems), "frontier": frontier,
+            "findings": [f"mixed set, {line[2:]}" for line in frontier_lines(frontier)]}
 
 
 def run_search(study: Study, latent: Path, cot: Path, reward: Path, out: Path, quick: bool) -> dict:
@@ -314,6 +343,18 @@ def write_report(out: Path, results: dict) -> Path:
             (f"{study.title}: s1 metrics (budget forcing)",
              markdown_table(result["s1_metrics"], ["difficulty", "cot_steps", "control", "scaling", "performance"])),
         ]
+        if "mixed" in result:
+            mixed = result["mixed"]
+            source = out / study.name / "mixed" / "sweep" / "accuracy_vs_flops.png"
+            if source.exists():
+                shutil.copy(source, out / f"{study.name}-mixed-accuracy_vs_flops.png")
+            sections.append((f"{study.title}: adaptive depth on a mixed-difficulty set",
+                             f"{mixed['problems']} problems of difficulties {mixed['settings']['difficulties']} in "
+                             "one shuffled set, answered at batch 8 (`rlm sweep --mixed true`, "
+                             f"{study.name}/mixed/sweep/summary.md); each position exits on its own and is charged "
+                             "the steps it ran. Computed from the measurements:\n"
+                             + "\n".join(f"- {line}" for line in mixed["findings"])
+                             + f"\n\n![mixed set: accuracy against FLOPs]({study.name}-mixed-accuracy_vs_flops.png)"))
         if "search" in result:
             search = result["search"]
             source = out / study.name / "search" / "accuracy_vs_flops.png"

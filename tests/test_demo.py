@@ -18,6 +18,8 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
         names += [f"{study}-{plot}.png" for plot in ("accuracy_vs_flops", "accuracy_vs_depth", "accuracy_vs_budget",
                                                      "logit_lens")]
         names += [f"{study}/compare/results.csv", f"{study}/compare/s1_metrics.csv", f"{study}/sweep/results.csv",
+                  f"{study}/mixed/sweep/results.csv", f"{study}/mixed/problems.jsonl",
+                  f"{study}-mixed-accuracy_vs_flops.png",
                   f"train/{latent}/model/manifest.json", f"train/{cot}/model/manifest.json"]
     names.append("train/demo-exit-gate/model/manifest.json")  # the gate learns on the latent model just trained
     names += ["train/demo-prm/model/manifest.json", "permutation/search/results.csv",
@@ -28,8 +30,8 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     assert {"findings", "studies", "wall_seconds"} <= set(results)
     permutation, pointer = results["studies"]["permutation"], results["studies"]["extrapolation"]
     assert {"findings", "compare", "sweep", "s1_metrics", "manifests", "overlap"} <= set(permutation)
-    assert {r["method"] for r in permutation["compare"]} == {"latent", "latent-exit", "cot-budget", "cot-vote",
-                                                            "cot-best-of-n"}
+    assert {r["method"] for r in permutation["compare"]} == {"latent", "latent-exit", "latent-oracle", "cot-budget",
+                                                            "cot-vote", "cot-best-of-n"}
     assert {r["difficulty"] for r in permutation["compare"]} == {1, 2, 6}  # 6: harder than any trained
     assert {r["difficulty"] for r in pointer["compare"]} == {2, 8} and pointer["task"] == "pointer"
     assert {r["criterion"] for r in permutation["compare"] if r["method"] == "latent-exit"} == {"gate"}
@@ -49,6 +51,11 @@ def test_quick_demo_writes_the_report_and_every_promised_file(tmp_path, capsys):
     assert "![accuracy against FLOPs](extrapolation-accuracy_vs_flops.png)" in report and "Quick mode" in report
     assert all(line.split(": ", 1)[1] in report for line in results["findings"])
     assert "`rlm demo --quick --seed 3`" in report
+    for study, problems in ((permutation, 4 * 2), (pointer, 2 * 2)):  # the mixed set's frontier, from the data
+        frontier = study["mixed"]["frontier"]
+        assert frontier["difficulty"] == "mixed" and study["mixed"]["problems"] == problems and frontier["baseline_steps"]
+        assert all(line in report for line in study["mixed"]["findings"])
+    assert "adaptive depth on a mixed-difficulty set" in report
     # quick training draws 16 x 12 problems: at k = 1 (120 distinct problems) some overlap is expected, at k = 2 not
     assert [line.split(":")[0] for line in permutation["overlap"]] == ["k = 1"]
 

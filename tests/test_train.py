@@ -380,3 +380,27 @@ def test_a_reward_model_learns_step_labels_well_above_the_majority_rate(tmp_path
     majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
     (_, accuracy), = logged(root, "val/label_acc_r1")
     assert accuracy > majority + 0.2, (accuracy, majority)
+
+
+def test_prompt_depth_random_draws_the_prompt_its_own_depths_and_trains(tmp_path, monkeypatch):
+    """model.prompt_depth random: the positions that take a loss run the step's depth, every other position a
+    uniform draw in 1..r, through forward's position_depths (the KV sharing of inference)."""
+    from recurrent_lm.model import RecurrentLM
+    from recurrent_lm.train.module import prompt_depths
+
+    labels = torch.full((4, 40), -100)
+    labels[:, 30:] = 7  # the answer: positions 29..38 predict it
+    depths = prompt_depths(labels, 6, torch.Generator().manual_seed(0))
+    assert bool((depths[:, 29:39] == 6).all()) and bool((depths >= 1).all() and (depths <= 6).all())
+    assert len(set(depths[:, :29].flatten().tolist())) == 6  # the prompt's depths spread over 1..6
+    seen, forward = [], RecurrentLM.forward
+
+    def recording_forward(self, *args, position_depths=None, **kwargs):
+        seen.append(position_depths)
+        return forward(self, *args, position_depths=position_depths, **kwargs)
+
+    monkeypatch.setattr(RecurrentLM, "forward", recording_forward)
+    root = train(tmp_path, "--model.prompt_depth", "random", "--trainer.max_steps", "3",
+                 "--trainer.limit_val_batches", "0")
+    assert (root / "model" / "model.safetensors").is_file()
+    assert sum(d is not None and len(set(d.flatten().tolist())) > 1 for d in seen) == 3  # every training step
