@@ -256,8 +256,8 @@ def measured_findings(rows: list[dict], trained_max_difficulty: int | None = Non
         lines.append(cheapest_to_target(rows, difficulty))
         frontier = depth_frontier(rows, difficulty)
         if frontier is not None and select(rows, method="latent-exit", difficulty=difficulty):
-            lines += [f"Difficulty {difficulty}, latent model, what adaptive exit saves: {line[2:]}"
-                      for line in frontier_lines(frontier)]
+            lines.append(f"Difficulty {difficulty}, latent model, what adaptive exit saves: "
+                         + "; ".join(line[2:] for line in frontier_lines(frontier, top=1)) + ".")
         lines += search_findings(rows, difficulty)
     return lines
 

@@ -464,35 +464,45 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 if grad not in injected:  # computed once per grad mode: no-grad steps build no graph
                     injected[grad] = self.inject(embedded)
                 # under skip_first_injection the prelude's output goes to the first step as it is
-                source, injection = (embedded, None) if step == 0 and self.config.skip_first_injection else (state, injected[grad])
-                if active is None:
-                    state = self.core_step(source, injection, step, rope, mask, cache)
-                else:
-                    new = self.core_step(active.pack(source), active.pack(injection), step, active.pack_rope(rope),
-                                         None, cache, active)
-                    state = active.scatter(state, new)
+                first = step == 0 and self.config.skip_first_injection
+                state = self._step(state, embedded if first else state, None if first else injected[grad], step,
+                                   rope, mask, cache, active)
             if keep_states:  # otherwise let each step's memory be reused
                 states.append(state)
             if step + 1 == total or (tracker is None and position_depths is None):
                 continue
-            done = position_depths == step + 1 if position_depths is not None else torch.zeros_like(steps_used, dtype=torch.bool)
-            if tracker is not None:
-                running = state if active is None else active.pack(state)
-                logits = None
-                if exit_rule.needs_logits:  # the logit lens, on the running positions
-                    logits = self.predict_from_latent(running, rope if active is None else active.pack_rope(rope),
-                                                      mask if active is None else None, lens_cache, active=active)
-                done = done | tracker.converged(step + 1, running, logits, active)  # (batch, seq): exits now
-            if padding is not None:
-                done = done | padding
-            done = done & (steps_used == total)  # only a running position exits
-            steps_used = torch.where(done, step + 1, steps_used)
-            still = steps_used == total
-            if not bool(still.any()):
+            done = self._stops(step + 1, state, active, tracker, lens_cache, rope, mask, position_depths, padding)
+            steps_used = torch.where(done & (steps_used == total), step + 1, steps_used)
+            running = steps_used == total
+            if not bool(running.any()):
                 break
             if bool(done.any()):
-                active = ActiveSet.of(still, mask, cache.get_seq_length() - state.shape[1])
+                active = ActiveSet.of(running, mask, cache.get_seq_length() - state.shape[1])
         return state, states, steps_used
+
+    def _step(self, state, source, injection, step, rope, mask, cache, active: ActiveSet | None) -> Tensor:
+        """One core step of the running positions (every one when active is None); `state` with their new states."""
+        if active is None:
+            return self.core_step(source, injection, step, rope, mask, cache)
+        new = self.core_step(active.pack(source), active.pack(injection), step, active.pack_rope(rope), None, cache,
+                             active)
+        return active.scatter(state, new)
+
+    def _stops(self, step, state, active, tracker, lens_cache, rope, mask, position_depths, padding) -> Tensor:
+        """(batch, seq): the running positions that stop after `step` (1-based): at their given depth, where the
+        exit rule says they have converged (the logit rules decode the running positions through the coda), and
+        padding."""
+        done = torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
+        if position_depths is not None:
+            done = position_depths == step
+        if tracker is not None:
+            running = state if active is None else active.pack(state)
+            logits = None
+            if tracker.rule.needs_logits:
+                logits = self.predict_from_latent(running, rope if active is None else active.pack_rope(rope),
+                                                  mask if active is None else None, lens_cache, active=active)
+            done = done | tracker.converged(step, running, logits, active)
+        return done if padding is None else done | padding
 
     # --- generation ------------------------------------------------------------------------------------------------
     # transformers' generate drives forward through two hooks: prepare_inputs_for_generation builds each call's
