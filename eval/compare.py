@@ -219,7 +219,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
                 "n": n, "methods": chosen, "reward_model": str(reward_model) if reward_model else None,
                 "trained_max_difficulty": trained_max_difficulty}
         rows = run_methods(runs, by_difficulty, desc="compare", output=output, meta=meta)
-        if "latent" in chosen:
+        if "latent" in chosen and len(depth_list) > 1:  # the smallest right depth of each problem, among several
             rows += [oracle_row(select(rows, method="latent", difficulty=d)) for d in by_difficulty]
 
         metrics = [method.s1_metrics(rows, difficulty) for difficulty in by_difficulty for method in length_control]
@@ -254,8 +254,8 @@ def measured_findings(rows: list[dict], trained_max_difficulty: int | None = Non
                          f"{min(curve)}, best {best['accuracy']:.2f} at {setting} {best[setting]}: "
                          + (f"rises with {axis}." if rose else f"no significant rise with {axis}."))
         lines.append(cheapest_to_target(rows, difficulty))
-        frontier = depth_frontier(rows, difficulty)
-        if frontier is not None and select(rows, method="latent-exit", difficulty=difficulty):
+        frontier = depth_frontier(rows, difficulty) if select(rows, method="latent-exit", difficulty=difficulty) else None
+        if frontier is not None:
             lines.append(f"Difficulty {difficulty}, latent model, what adaptive exit saves: "
                          + "; ".join(line[2:] for line in frontier_lines(frontier, top=1)) + ".")
         lines += search_findings(rows, difficulty)

@@ -94,3 +94,48 @@ def frontier_lines(frontier: dict[str, Any], top: int = 3) -> list[str]:
 def times(saving: float, what: str, fewer: str = "fewer", more: str = "more") -> str:
     """A saving as a reader says it: "2.50x fewer FLOPs", or "1.89x more FLOPs" where it costs more."""
     return f"{saving:.2f}x {fewer} {what}" if saving >= 1 else f"{1 / saving:.2f}x {more} {what}"
+
+
+class LatentDepth(Method):
+    """The latent model answering directly (no chain of thought) at each test-time depth r, greedy, from a zero
+    initial state."""
+
+    name = "latent"
+
+    def __init__(self, model, tokenizer, depths: list[int], batch_size: int = 64):
+        self.model, self.tokenizer, self.budgets, self.batch_size = model, tokenizer, list(depths), batch_size
+
+    def run(self, problems: list[Problem], depth: int) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        answers = answer_problems(self.model, self.tokenizer, problems, batch_size=self.batch_size, num_steps=depth,
+                                  init_scale=0.0)
+        return [latent_row(self.name, f"r={depth}", answers, self.model.config, depth, None,
+                           time.perf_counter() - start)]
+
+
+class AdaptiveDepth(Method):
+    """The latent model with adaptive per-token exit (recurrent_lm.adaptive) at each threshold of one criterion, up
+    to max_steps; the rows also hold the histogram of the depths the tokens ran. prompt_steps: the prompt runs this
+    fixed depth instead, with no exit (generate's prompt_num_steps)."""
+
+    name = "latent-exit"
+
+    def __init__(self, model, tokenizer, criterion: str, thresholds: list[float] | None, max_steps: int,
+                 batch_size: int = 64, prompt_steps: int | None = None):
+        self.model, self.tokenizer, self.criterion, self.max_steps = model, tokenizer, criterion, max_steps
+        self.budgets, self.batch_size = threshold_grid(criterion, thresholds), batch_size
+        self.prompt_steps = prompt_steps
+        AdaptiveExit(criterion).tracker(getattr(model, "exit_gate", None))  # "gate" on a model without one: now
+
+    def run(self, problems: list[Problem], threshold: float) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        answers = answer_problems(self.model, self.tokenizer, problems, batch_size=self.batch_size,
+                                  num_steps=self.max_steps, init_scale=0.0, exit_criterion=self.criterion,
+                                  exit_threshold=threshold, prompt_num_steps=self.prompt_steps)
+        histogram = Counter(s for a in answers for s in a.steps_per_token or [])
+        prompt = f", prompt r={self.prompt_steps}" if self.prompt_steps else ""
+        return [latent_row(self.name, f"{self.criterion}<{threshold:g} (max {self.max_steps}{prompt})", answers,
+                           self.model.config, self.max_steps, self.criterion, time.perf_counter() - start,
+                           prompt_exit=self.prompt_steps is None, criterion=self.criterion, threshold=threshold,
+                           prompt_steps=self.prompt_steps,
+                           steps_histogram={int(k): v for k, v in sorted(histogram.items())})]

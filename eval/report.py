@@ -123,8 +123,11 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
     n = len(panels)
     cols = min(n, columns)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False, sharey=True)
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    ncol = max(1, min(5, len(labels), cols * 2))  # legend columns that fit the figure's width
+    legend_height = 0.2 * -(-len(labels) // ncol) + 0.2
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.4), 3.4 * rows + legend_height), squeeze=False,
+                             sharey=True)
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per series in every panel
     for ax, (panel, series) in zip(axes.flat, panels.items()):
         for label in labels:
@@ -141,9 +144,9 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
     for row in axes:
         row[0].set_ylabel(ylabel)
     handles = [plt.Line2D([], [], color=colors[label], marker="o", markersize=3.5) for label in labels]
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.6 / (3.4 * rows + 0.6) + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, legend_height / (3.4 * rows + legend_height) + 0.01, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -135,7 +135,8 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList | None = N
         meta = {"model": str(model), "task": task, "problems": str(problems) if problems else None, "seed": seed,
                 "depths": depths, "difficulties": list(by_difficulty), "n": n, "adaptive_max_steps": max_steps}
         rows = run_methods(methods, by_difficulty, desc="sweep", output=output, meta=meta)
-        rows += [oracle_row(select(rows, method="latent", difficulty=d)) for d in by_difficulty]
+        if len(depths) > 1:  # the smallest right depth of each problem, among several
+            rows += [oracle_row(select(rows, method="latent", difficulty=d)) for d in by_difficulty]
         try:
             traces = (latent_dynamics(net, tok, by_difficulty[max(by_difficulty)][:dynamics], max_steps)
                       if dynamics else [])

@@ -139,7 +139,8 @@ def test_compare_writes_every_file(models, tmp_path):
                  "accuracy_vs_depth.png", "accuracy_vs_budget.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["method"] for r in rows} == {"latent", "latent-exit", "cot-budget", "cot-vote", "cot-best-of-n"}
+    assert {r["method"] for r in rows} == {"latent", "latent-exit", "latent-oracle", "cot-budget", "cot-vote",
+                                           "cot-best-of-n"}
     assert {"accuracy", "ci_low", "ci_high", "flops_per_problem", "generated_tokens", "wall_seconds"} <= set(rows[0])
     assert len(result["s1_metrics"]) == 2 and all(m["control"] == 1.0 for m in result["s1_metrics"])
     votes = {int(r["samples"]): float(r["flops_per_problem"]) for r in rows if r["method"] == "cot-vote" and r["difficulty"] == "1"}
