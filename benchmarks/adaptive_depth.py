@@ -30,7 +30,7 @@ import torch
 BENCHMARKS = Path(__file__).parent
 EVAL_SEED = 777_003  # problem seeds of the form "task/difficulty/seed": the training stream draws "train/..." ones
 # every criterion at its default grid; then the latent rules (no coda pass per check) at coarser thresholds too
-GRIDS = {"default": [], "coarse": ["--exit_criteria", "[cosine,latent-diff]", "--exit_thresholds", "[0.5,0.3,0.2,0.1,0.05]"]}
+GRIDS = {"default": [], "coarse": ["--exit_criteria", "[cosine,latent-diff,acceleration]", "--exit_thresholds", "[0.5,0.3,0.2,0.1,0.05]"]}
 STUDIES = {  # name: (model, task, difficulties, depths)
     "pointer": ("pointer-latent", "pointer", "1-12", "1-16"),
     "permutation": ("demo-exit-gate", "permutation", "1-4", "1-8"),

@@ -99,7 +99,8 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList | None = N
         out: output folder: results.json, results.csv, plots (PNG), summary.md.
         problems: a JSONL problem file (`rlm tasks export`) instead of generated problems.
         exit_criteria: adaptive-exit criteria to sweep (default: all of kl, entropy-diff, latent-diff, cosine,
-            argmax-stability, and gate if the model has an exit gate); an empty list skips adaptive exit.
+            acceleration, argmax-stability, and gate if the model has an exit gate); an empty list skips adaptive
+            exit.
         exit_thresholds: thresholds for every criterion (default: its default times 10, 1, 0.1, 0.01; for
             argmax-stability 2, 3, 5, 8 steps; recurrent_lm.adaptive.threshold_grid).
         adaptive_max_steps: most steps a token may take under adaptive exit (default: the largest depth).

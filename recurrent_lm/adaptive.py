@@ -5,6 +5,9 @@ Each criterion compares step t with step t-1, for every position of every row, f
 - "entropy-diff":     |H(p_t) - H(p_{t-1})| < threshold
 - "latent-diff":      ||s_t - s_{t-1}|| / ||s_t|| < threshold (no decoding needed)
 - "cosine":           1 - cos(s_t, s_{t-1}) < threshold (no decoding needed)
+- "acceleration":     ||d_t - d_{t-1}|| / ||s_t|| < threshold at two steps in a row, d_t = s_t - s_{t-1}: the
+                      second-order step-size rule of Pappone et al. (arXiv 2509.23314; their two-hit check, made
+                      scale-free here by the state's norm), from step 4 on (no decoding needed)
 - "argmax-stability": the top token has not changed for `threshold` consecutive steps (an integer, e.g. 5)
 - "gate":             1 - p < threshold, where p is a learned exit gate's probability that the prediction has
                       settled (RecurrentLM.exit_gate: a small MLP on the state; from step 1 on, no comparison)
@@ -24,9 +27,10 @@ from .depth import check_count
 if TYPE_CHECKING:
     from .active import ActiveSet
 
-CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability", "gate")
-DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "argmax-stability": 5,
-                      "gate": 1e-2}
+CRITERIA = ("kl", "entropy-diff", "latent-diff", "cosine", "acceleration", "argmax-stability", "gate")
+DEFAULT_THRESHOLDS = {"kl": 1e-3, "entropy-diff": 1e-3, "latent-diff": 0.03, "cosine": 1e-3, "acceleration": 0.03,
+                      "argmax-stability": 5, "gate": 1e-2}
+ACCELERATION_HITS = 2  # the acceleration rule exits after this many steps in a row under its threshold
 THRESHOLD_SCALES = (10.0, 1.0, 0.1, 0.01)  # a sweep's thresholds: the criterion's default times these ...
 STABLE_STEPS = (2, 3, 5, 8)  # ... except argmax-stability, which counts steps
 
@@ -89,12 +93,25 @@ def threshold_grid(criterion: str, thresholds: list[float] | None = None) -> lis
 
 
 class ExitTracker:
-    """Holds the previous step of one forward call and says, after each step, which positions have converged."""
+    """Holds what one forward call's exit rule remembers per position (the previous state or log-probs, the
+    previous step, a count) and says, after each step, which positions have converged."""
 
     def __init__(self, rule: AdaptiveExit, gate=None):
         self.rule, self.gate = rule, gate
-        self.previous: Tensor | None = None  # every position's previous state (latent) or log-probs (logit criteria)
-        self.stable_steps: Tensor | None = None  # (batch, seq) steps the argmax has held
+        self.memory: dict[str, Tensor] = {}  # name -> a (batch, seq, ...) tensor over every position of the call
+
+    def recall(self, name: str, active: "ActiveSet | None") -> Tensor | None:
+        """What the rule kept under `name` for the positions checked now (None: nothing yet)."""
+        kept = self.memory.get(name)
+        return kept if kept is None or active is None else active.pack(kept)
+
+    def keep(self, name: str, value: Tensor, active: "ActiveSet | None") -> None:
+        """Keep `value` (every position's, or the running positions' packed) under `name`; a copy, so that the
+        caller's tensors (a kept latent state) stay as they are."""
+        if active is None or name not in self.memory:
+            self.memory[name] = value.clone()
+        else:
+            self.memory[name][active.batch, active.position] = value[0]
 
     def converged(self, step: int, state: Tensor, logits: Tensor | None, active: "ActiveSet | None" = None) -> Tensor:
         """step is 1-based. state (and logits) hold every position, (batch, seq, ...), or with `active` the running
@@ -105,15 +122,11 @@ class ExitTracker:
             unsettled = torch.sigmoid(-self.gate(state).float())  # 1 - p(settled), exact for small values too
             return self._every_position((unsettled < rule.limit) & (step >= rule.min_steps), active)
         current = logits.float().log_softmax(-1) if rule.needs_logits else state.float()
-        if self.previous is None:  # the first step has nothing to compare with
-            self.previous = current.clone()  # a copy: the caller's state tensor may be kept and must stay as it is
-            self.stable_steps = torch.zeros(state.shape[:2], dtype=torch.long, device=state.device)
+        previous = self.recall("previous", active)
+        self.keep("previous", current, active)
+        if previous is None:  # the first step has nothing to compare with
+            self.keep("count", torch.zeros(state.shape[:2], dtype=torch.long, device=state.device), None)
             return torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
-        previous = self.previous if active is None else active.pack(self.previous)
-        if active is None:
-            self.previous = current.clone()
-        else:
-            self.previous[active.batch, active.position] = current[0]
         if rule.criterion == "kl":
             score = F.kl_div(previous, current, log_target=True, reduction="none").sum(-1)  # KL(p_t || p_{t-1})
         elif rule.criterion == "entropy-diff":
@@ -123,14 +136,20 @@ class ExitTracker:
             score = (current - previous).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
         elif rule.criterion == "cosine":
             score = 1 - F.cosine_similarity(current, previous, dim=-1)
-        else:  # argmax-stability
-            held = self.stable_steps if active is None else active.pack(self.stable_steps)
-            held = torch.where(current.argmax(-1) == previous.argmax(-1), held + 1, torch.zeros_like(held))
-            if active is None:
-                self.stable_steps = held
-            else:
-                self.stable_steps[active.batch, active.position] = held[0]
-            return self._every_position((held >= rule.limit) & (step >= rule.min_steps), active)
+        else:  # the counting rules: argmax-stability and acceleration
+            if rule.criterion == "argmax-stability":
+                hit = current.argmax(-1) == previous.argmax(-1)
+            else:  # the step's change against the previous step's, relative to the state; two hits in a row
+                delta, previous_delta = current - previous, self.recall("delta", active)
+                self.keep("delta", delta, active)
+                if previous_delta is None:
+                    return torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
+                hit = (delta - previous_delta).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12) < rule.limit
+            count = self.recall("count", active)
+            count = torch.where(hit, count + 1, torch.zeros_like(count))
+            self.keep("count", count, active)
+            needed = rule.limit if rule.criterion == "argmax-stability" else ACCELERATION_HITS
+            return self._every_position((count >= needed) & (step >= rule.min_steps), active)
         return self._every_position((score < rule.limit) & (step >= rule.min_steps), active)
 
     @staticmethod

@@ -26,6 +26,17 @@ def test_latent_rules_stop_where_the_state_stops_moving():
     assert run(AdaptiveExit("cosine", 1e-3), states=rotating) == [[False], [False], [True]]  # same direction
 
 
+def test_acceleration_exits_after_two_steps_whose_change_stops_changing():
+    """Pappone et al.'s second-order rule: the change of a step against the previous step's, twice in a row. A state
+    moving at a constant velocity exits (its step size has settled) where latent-diff, which needs the state itself
+    to stop, does not; a position whose step keeps changing does not."""
+    steady = [torch.tensor([[[1.0 + t, 10.0], [1.0 + t * t, 10.0]]]) for t in range(6)]
+    masks = run(AdaptiveExit("acceleration", 0.01), states=steady)
+    # differences from step 2 on, their change from step 3 on, two hits in a row at steps 3 and 4
+    assert masks == [[False, False], [False, False], [False, False], [True, False], [True, False], [True, False]]
+    assert not any(m[0] for m in run(AdaptiveExit("latent-diff", 0.01), states=steady))
+
+
 def test_logit_rules_compare_successive_distributions():
     sure = torch.tensor([[[5.0, 0.0, 0.0]]])
     flipped = torch.tensor([[[0.0, 5.0, 0.0]]])
