@@ -108,10 +108,12 @@ class ExitTracker:
     def keep(self, name: str, value: Tensor, active: "ActiveSet | None") -> None:
         """Keep `value` (every position's, or the running positions' packed) under `name`; a copy, so that the
         caller's tensors (a kept latent state) stay as they are."""
-        if active is None or name not in self.memory:
+        if active is None:
             self.memory[name] = value.clone()
-        else:
-            self.memory[name][active.batch, active.position] = value[0]
+            return
+        if name not in self.memory:  # first kept once some positions had stopped: room for every position
+            self.memory[name] = value.new_zeros((active.rows, active.seq) + value.shape[2:])
+        self.memory[name][active.batch, active.position] = value[0]
 
     def converged(self, step: int, state: Tensor, logits: Tensor | None, active: "ActiveSet | None" = None) -> Tensor:
         """step is 1-based. state (and logits) hold every position, (batch, seq, ...), or with `active` the running
@@ -142,8 +144,9 @@ class ExitTracker:
             else:  # the step's change against the previous step's, relative to the state; two hits in a row
                 delta, previous_delta = current - previous, self.recall("delta", active)
                 self.keep("delta", delta, active)
-                if previous_delta is None:
-                    return torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
+                if previous_delta is None:  # the first change has nothing to compare with
+                    return self._every_position(torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device),
+                                                active)
                 hit = (delta - previous_delta).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12) < rule.limit
             count = self.recall("count", active)
             count = torch.where(hit, count + 1, torch.zeros_like(count))

@@ -85,7 +85,8 @@ def test_where_no_position_exits_the_adaptive_forward_is_the_fixed_depth_forward
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("criterion, threshold", [("latent-diff", 0.3), ("kl", 1e-2), ("cosine", 1e-2)])
+@pytest.mark.parametrize("criterion, threshold", [("latent-diff", 0.3), ("kl", 1e-2), ("cosine", 1e-2),
+                                                  ("acceleration", 0.3)])
 def test_each_position_is_charged_the_steps_it_ran(model, criterion, threshold):
     """torch's own count of an adaptive forward is the per-position counter's (exited positions cost nothing),
     well under the count at the deepest position's depth for everyone."""
@@ -114,12 +115,13 @@ def test_positions_flops_with_equal_depths_is_forward_flops():
 
 
 @torch.no_grad()
-def test_left_padding_stops_after_one_step_and_rows_answer_as_alone(model):
+@pytest.mark.parametrize("criterion, threshold", [("latent-diff", 0.2), ("acceleration", 0.2), ("kl", 1e-2)])
+def test_left_padding_stops_after_one_step_and_rows_answer_as_alone(model, criterion, threshold):
     short, long = ids(1, 4, seed=1), ids(1, 8, seed=2)
     batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :4] = 0
-    settings = dict(num_steps=10, init_scale=0.0, exit_criterion="latent-diff", exit_threshold=0.2)
+    settings = dict(num_steps=10, init_scale=0.0, exit_criterion=criterion, exit_threshold=threshold)
     both = model(batch, attention_mask=mask, **settings)
     assert both.steps_used[0, :4].tolist() == [1, 1, 1, 1]
     for row, alone_ids in ((0, short), (1, long)):
