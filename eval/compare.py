@@ -155,11 +155,7 @@ def compare(latent: Path, cot: Path, task: str | None = None, difficulties: IntL
         raise ValueError(f"thinking budgets must be >= 0, got {budgets!r}")
     if any(v < 1 for v in vote_list):
         raise ValueError(f"vote counts must be >= 1, got {votes!r}")
-    # with a problem file, "" keeps every difficulty in it
-    if difficulties is None:
-        difficulties = "" if problems is not None else "1,2,4"
-    chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
-    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed, mixed)
+    by_difficulty = sweep_problems(task, problems, difficulties, n, seed, mixed, default="1,2,4")
     inputs = [latent, cot, problems, latent_tokenizer, cot_tokenizer, reward_model, token_conditional_cot]
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=inputs, command="rlm compare") as output:
         latent_model, latent_tok = load_model(latent), load_tokenizer(latent_tokenizer or latent)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,11 +37,11 @@ from recurrent_lm.loading import load_any_causal_lm, load_model, load_tokenizer
 from recurrent_lm.options import ranges
 from recurrent_lm.outputs import Interrupted, claimed_output
 from recurrent_lm.recipes import checkpoints_dir, recipes_dir
-from recurrent_lm.tasks import get_task, parse_int_list, save_jsonl
+from recurrent_lm.tasks import get_task, parse_int_list, problem_set, save_jsonl
 from recurrent_lm.train.cli import train_main
 
 from .compare import compare, compute_optimal
-from .latent import AdaptiveDepth, LatentDepth, depth_frontier, frontier_lines
+from .latent import AdaptiveDepth, LatentDepth, frontier_lines
 from .report import RESULT_COLUMNS, markdown_table, write_summary
 from .reward_models import load_reward_model
 from .step_labels import judge_reward_model
@@ -237,15 +236,14 @@ def run_mixed(study: Study, latent: Path, out: Path, quick: bool) -> dict:
     the best one, in FLOPs and wall time, and the oracle's saving."""
     settings = study.mixed_quick if quick else study.mixed
     print(f"[demo] {study.name}: adaptive depth on a mixed-difficulty set", flush=True)
-    problems = [p for d in parse_int_list(settings["difficulties"], "--difficulties")
-                for p in get_task(study.task).problems(d, settings["n"], seed=SEED)]
-    random.Random(SEED).shuffle(problems)
+    problems = problem_set([get_task(study.task)], parse_int_list(settings["difficulties"], "--difficulties"),
+                           settings["n"], SEED, shuffle=True)
     folder = out / study.name / "mixed"
     folder.mkdir(parents=True, exist_ok=True)
     save_jsonl(problems, folder / "problems.jsonl")
     result = sweep(latent, problems=folder / "problems.jsonl", mixed=True, n=len(problems), steps=settings["steps"],
                    batch_size=8, dynamics=0, out=folder / "sweep")
-    frontier = depth_frontier(result["rows"], "mixed")
+    (frontier,) = result["frontier"]
     return {"settings": settings, "problems": len(problems), "frontier": frontier,
             "findings": [f"mixed set, {line[2:]}" for line in frontier_lines(frontier)]}
 

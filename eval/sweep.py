@@ -32,10 +32,14 @@ def check_thresholds(exit_thresholds: list[float] | None) -> None:
                          "adaptive exit (sweep: --exit_criteria []; compare: --exit_criterion none)")
 
 
-def sweep_problems(task: str | None, problems: Path | None, difficulties: list[int], n: int, seed: int,
-                   mixed: bool = False) -> dict[int | str, list[Problem]]:
-    """Problems by difficulty: from a JSONL file, or generated from the task. mixed: a file's problems as one set
+def sweep_problems(task: str | None, problems: Path | None, difficulties: IntList | None, n: int, seed: int,
+                   mixed: bool = False, default: IntList = "1,2,4,8") -> dict[int | str, list[Problem]]:
+    """Problems by difficulty: from a JSONL file, or generated from the task. `difficulties` as the option gives
+    them; None: `default` for a task, every difficulty of a file ("" too). mixed: a file's problems as one set
     ("mixed"), in the file's order, the first n."""
+    if difficulties is None:
+        difficulties = "" if problems is not None else default
+    difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
     if mixed:
         if problems is None:
             raise ValueError("--mixed true answers a problem file as one set: give --problems FILE")
@@ -119,11 +123,7 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList | None = N
     unknown = sorted(set(exit_criteria or []) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}")
-    # with a problem file, "" keeps every difficulty in it
-    if difficulties is None:
-        difficulties = "" if problems is not None else "1,2,4,8"
-    chosen_difficulties = parse_int_list(difficulties, "--difficulties", allow_empty=problems is not None)
-    by_difficulty = sweep_problems(task, problems, chosen_difficulties, n, seed, mixed)
+    by_difficulty = sweep_problems(task, problems, difficulties, n, seed, mixed)
     with claimed_output(out, option="--out", overwrite=overwrite, inputs=[model, problems, tokenizer],
                         command="rlm sweep") as output:
         net, tok = load_model_and_tokenizer(model, tokenizer)
@@ -144,16 +144,18 @@ def sweep(model: Path, task: str | None = None, difficulties: IntList | None = N
         except KeyboardInterrupt:  # every cell finished: keep them, without the traced dynamics
             cells = sum(len(method.budgets) for method in methods) * len(by_difficulty)
             keep_interrupted(output, rows, {**meta, "dynamics": "interrupted"}, cells, cells)
-        write_sweep(output.path, model, rows, traces, meta)
-    return {"rows": rows, "out": str(out)}
+        frontiers = write_sweep(output.path, model, rows, traces, meta)
+    return {"rows": rows, "out": str(out), "frontier": frontiers}
 
 
-def write_sweep(out: Path, model: Path, rows: list[dict], traces: list[dict], meta: dict) -> None:
-    """results.json/.csv, the plots and summary.md of latent rows (LatentDepth and AdaptiveDepth) and traces."""
+def write_sweep(out: Path, model: Path, rows: list[dict], traces: list[dict], meta: dict) -> list[dict]:
+    """results.json/.csv, the plots and summary.md of latent rows (LatentDepth and AdaptiveDepth) and traces;
+    returns what adaptive exit saves on each difficulty (depth_frontier)."""
     frontiers = [f for f in (depth_frontier(rows, d) for d in meta["difficulties"]) if f is not None]
     write_results(out, rows, {**meta, "dynamics": traces, "frontier": frontiers})
     plots = plot_sweep(out, rows, traces)
     write_sweep_summary(out, model, rows, plots, frontiers)
+    return frontiers
 
 
 def plot_sweep(out: Path, rows: list[dict], traces: list[dict]) -> list[str]:

@@ -2,7 +2,6 @@
 Each is a typed function; `recurrent_lm.cli` hands them to jsonargparse (their docstrings are their --help)."""
 
 import glob
-import random
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +14,7 @@ from .loading import load_model_and_tokenizer
 from .options import DEPTH, PROBLEMS, ranges
 from .outputs import claimed_output
 from .special_tokens import SPECIAL_TOKENS
-from .tasks import TASKS, IntList, get_task, parse_int_list, save_jsonl, task_tokenizer
+from .tasks import TASKS, IntList, get_task, parse_int_list, problem_set, save_jsonl, task_tokenizer
 from .tokenization import train_bpe_tokenizer
 from .traces import save_rows, trace_row
 
@@ -178,9 +177,7 @@ def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 10
     tasks = [get_task(part) for part in names]
     difficulty_list = parse_int_list(difficulties, "--difficulties")
     with claimed_output(out, option="OUT", kind="file", overwrite=overwrite, command="rlm tasks export") as output:
-        problems = [p for task in tasks for d in difficulty_list for p in task.problems(d, n, seed=seed)]
-        if shuffle:
-            random.Random(seed).shuffle(problems)
+        problems = problem_set(tasks, difficulty_list, n, seed, shuffle)
         if format == "traces":
             save_rows([trace_row(p) for p in problems], output.path)
         else:

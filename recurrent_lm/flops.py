@@ -9,8 +9,8 @@ A model with r core steps passes every token through prelude + r * (adapter + co
 in r: the latent model's "thinking longer" and a chain-of-thought model's "writing more tokens" land on one axis.
 Under adaptive exit each position is charged the steps it ran and the exit checks it made (positions_flops), as
 the model computes them: a position that has exited is not computed any more (recurrent_lm.active). The latent
-rules' checks (latent-diff, cosine, acceleration: a few FLOPs per channel, like norms) are left out; the logit lens and the
-learned gate are counted.
+rules' checks (latent-diff, cosine, acceleration: a few FLOPs per channel, like norms) are left out; the logit
+lens and the learned gate are counted.
 """
 
 from collections import Counter

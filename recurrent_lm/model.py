@@ -409,8 +409,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             kv.begin(seq_len)
         embedded = self.run_prelude(input_ids, rope, mask, kv)
         state = self._start_state(embedded, initial_state, init_scale, generator)
-        padding = None  # left padding of this call's positions: under adaptive exit it stops after one step
-        if attention_mask is not None and not bool(attention_mask[:, past_len:].all()):
+        padding = None  # left padding of this call's positions: under per-position depth it stops after one step
+        if per_position and attention_mask is not None and not bool(attention_mask[:, past_len:].all()):
             padding = ~attention_mask[:, past_len:].bool()
         state, states, steps_used = self._recur(state, embedded, depth, rope, mask, kv, exit_rule, position_depths,
                                                 padding, keep_states=output_latent_states or output_step_logits)

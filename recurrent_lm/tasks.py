@@ -21,7 +21,7 @@ The tasks' character tokenizer (`task_tokenizer`) sits beside the registry: it c
 import json
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .outputs import read_text, write_text_atomically
@@ -165,6 +165,16 @@ class PointerTask(Task):
 # --- registry, JSONL ------------------------------------------------------------------------------------------------
 
 TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask(), PointerTask())}
+
+
+def problem_set(tasks: Sequence[Task], difficulties: Sequence[int], n: int, seed: int,
+                shuffle: bool = False) -> list[Problem]:
+    """n problems per task and difficulty from `seed`, task by task and difficulty by difficulty, or shuffled
+    (seeded by `seed` too) into one mixed set whose batches mix difficulties."""
+    problems = [p for task in tasks for d in difficulties for p in task.problems(d, n, seed=seed)]
+    if shuffle:
+        random.Random(seed).shuffle(problems)
+    return problems
 
 
 def get_task(name: str) -> Task:
