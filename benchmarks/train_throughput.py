@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from recurrent_lm import RecurrentLM
 from recurrent_lm.depth import sample_num_steps
 from recurrent_lm.flops import forward_flops
-from recurrent_lm.train.module import ArchitectureSpec, build_config
+from recurrent_lm.train.checkpoints import ArchitectureSpec, build_config
 from recurrent_lm.train.parallel import ShardingPlan, shard_model
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU

@@ -8,11 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.ticker
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -84,10 +79,22 @@ def write_summary(out: Path, title: str, sections: Sequence[tuple[str, str]], na
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display). Imported when a figure is drawn, not with this
+    module: commands that only read results, and every `--help`, start without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
               title: str, logx: bool = False, bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
               points: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None, ylim=(0, 1.02)) -> Path:
     """One axes: a line per series (with an optional shaded band), and optional scatter points."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (x, y) in series.items():
         (line,) = ax.plot(x, y, marker="o", markersize=3.5, label=label)
@@ -112,8 +119,10 @@ def log_axis(ax) -> None:
     """Log x axis labelled at 1, 2 and 5 per decade only (matplotlib labels every minor tick of a narrow range,
     and the labels collide)."""
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str,
@@ -126,6 +135,7 @@ def panel_plot(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Se
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
     ncol = max(1, min(5, len(labels), cols * 2))  # legend columns that fit the figure's width
     legend_height = 0.2 * -(-len(labels) // ncol) + 0.2
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.4), 3.4 * rows + legend_height), squeeze=False,
                              sharey=True)
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per series in every panel

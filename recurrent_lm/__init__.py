@@ -13,18 +13,27 @@ if os.path.basename(sys.argv[0]) == "rlm" and signal.getsignal(signal.SIGINT) is
 
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# The public names load on first use (PEP 562), so that `rlm --help` and the light commands start without torch;
+# importing the model (any of these names) registers it with transformers' Auto classes (recurrent_lm.model).
+_EXPORTS = {
+    "FlopCount": "flops", "forward_flops": "flops",
+    "RecurrentCache": "cache",
+    "RecurrentConfig": "config",
+    "StepCounts": "depth", "sample_num_steps": "depth",
+    "RecurrentLM": "model", "RecurrentLMOutput": "model",
+    "RecurrentCharacterTokenizer": "tokenization", "character_tokenizer": "tokenization",
+}
+__all__ = sorted(_EXPORTS)
 
-from .cache import RecurrentCache
-from .config import RecurrentConfig
-from .flops import FlopCount, forward_flops
-from .depth import StepCounts, sample_num_steps
-from .model import RecurrentLM, RecurrentLMOutput
-from .tokenization import RecurrentCharacterTokenizer, character_tokenizer
 
-AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig, exist_ok=True)
-AutoModelForCausalLM.register(RecurrentConfig, RecurrentLM, exist_ok=True)
-AutoTokenizer.register(RecurrentConfig, fast_tokenizer_class=RecurrentCharacterTokenizer, exist_ok=True)
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-__all__ = ["FlopCount", "RecurrentCache", "RecurrentCharacterTokenizer", "RecurrentConfig", "RecurrentLM",
-           "RecurrentLMOutput", "StepCounts", "character_tokenizer", "forward_flops", "sample_num_steps"]
+    importlib.import_module(f"{__name__}.model")  # the Auto classes know the model before any name is used
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

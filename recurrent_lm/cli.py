@@ -25,7 +25,7 @@ COMMANDS: dict = {
     "convert-huginn": ("recurrent_lm.commands:convert_huginn", True),
     "retrofit": ("recurrent_lm.retrofit:retrofit", True),
     "generate": ("recurrent_lm.commands:generate", False),
-    "export": ("recurrent_lm.train.cli:export", True),
+    "export": ("recurrent_lm.train.checkpoints:export", True),
     "sweep": ("recurrent_lm.eval.sweep:sweep", False),
     "lm-eval": ("recurrent_lm.eval.lm_eval:lm_eval_sweep", False),
     "compare": ("recurrent_lm.eval.compare:compare", False),

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-MAX_NUM_STEPS = 100_000  # more core steps per token than this is a typo: raise it if you mean it
+from .options import MAX_NUM_STEPS
 
 
 class StepCounts(NamedTuple):
@@ -49,7 +49,7 @@ def _step_count(value: Any, name: str) -> int:
     steps = check_count(value, name, minimum=0)
     if steps > MAX_NUM_STEPS:
         raise ValueError(f"{name} = {steps} exceeds {MAX_NUM_STEPS} core steps per token "
-                         "(recurrent_lm.depth.MAX_NUM_STEPS; raise it if you mean it)")
+                         "(recurrent_lm.options.MAX_NUM_STEPS; raise it if you mean it)")
     return steps
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -32,6 +32,7 @@ from .cache import CACHE_NAME, RecurrentCache, resolve_cache_argument
 from .config import RecurrentConfig
 from .depth import StepCounts, resolve_num_steps
 from .generation import GenerateDepthOutput, check_generation_args, speculative_generate, steps_per_generated_token
+from .tokenization import RecurrentCharacterTokenizer
 
 
 class RMSNorm(nn.Module):
@@ -677,3 +678,10 @@ def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, dev
     if padded:
         allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos == q_pos)[None]
     return allowed[:, None]
+
+
+# `AutoConfig` / `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)` read a RecurrentLM directory once this
+# module is imported (`from recurrent_lm import RecurrentLM`, or any public name of the package)
+AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig, exist_ok=True)
+AutoModelForCausalLM.register(RecurrentConfig, RecurrentLM, exist_ok=True)
+AutoTokenizer.register(RecurrentConfig, fast_tokenizer_class=RecurrentCharacterTokenizer, exist_ok=True)

@@ -13,10 +13,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .depth import MAX_NUM_STEPS
-
 # Ranges that many options share: a depth (core steps per token) and a count of problems per difficulty; beyond
 # these a value is a typo, not a plan (raise the constants if you mean it)
+MAX_NUM_STEPS = 100_000  # more core steps per token than this is a typo (recurrent_lm.depth checks it)
 MAX_PROBLEMS = 1_000_000
 DEPTH = f"[1, {MAX_NUM_STEPS}]"
 PROBLEMS = f"[1, {MAX_PROBLEMS}]"

@@ -178,19 +178,46 @@ def test_generate_feeds_a_shipped_model_the_bos_it_was_trained_with():
     assert result.stdout.strip().splitlines()[-4] == "02431.31420.12403?03142<eos>"  # 40123 without bos
 
 
-def test_listing_the_commands_imports_neither_lightning_nor_matplotlib():
-    """`rlm --help` names every command from its registry; each command's module is imported only when it runs."""
+# The commands that train: their --help is Lightning's own parser (LightningCLI), and Lightning imports matplotlib
+# whenever it is installed (torchmetrics' plotting helpers); no other command waits for either.
+TRAINING_COMMANDS = {"train", "finetune", "demo"}
+HEAVY = ("torch", "lightning", "matplotlib")
+
+
+def heavy_modules_loaded(*code_lines: str) -> list[list[str]]:
+    """For each snippet, run in a fresh interpreter, the heavy modules it left loaded (all snippets at once)."""
+    report = f"import sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    runs = [subprocess.Popen([sys.executable, "-c", f"{line}\n{report}"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for line in code_lines]
+    loaded = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-1000:]
+        loaded.append(eval(out.strip().splitlines()[-1]))
+    return loaded
+
+
+def test_start_up_imports_only_what_the_command_needs():
+    """`rlm --help` and `import recurrent_lm` load neither torch, Lightning nor matplotlib; `rlm CMD --help` loads
+    Lightning (and with it matplotlib) only for the commands that train, and matplotlib for no other command; the
+    one-line help of each command is its function's docstring's first line, read without importing it."""
     import inspect
 
-    from recurrent_lm.cli import HELP, command_function
+    from recurrent_lm.cli import HELP, OWN_PARSER, command_function
 
     def entries(commands, prefix=""):
         for name, entry in commands.items():
             yield from entries(entry, f"{prefix}{name} ") if isinstance(entry, dict) else [(prefix + name, entry[0])]
 
-    for name, target in entries(COMMANDS):  # the help line is the docstring's first line
+    commands = dict(entries(COMMANDS))
+    for name, target in commands.items():  # the help line is the docstring's first line
         assert HELP[name] == inspect.getdoc(command_function(target)).split("\n")[0], name
-    code = ("import sys; from recurrent_lm.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
-            "print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:] + result.stderr[-500:]
+    one_per_module = {target.partition(":")[0]: name for name, target in commands.items()}  # same imports
+    names = [""] + list(one_per_module.values()) + list(OWN_PARSER)
+    help_of = "from recurrent_lm.cli import main\ntry: main({!r} + ['--help'])\nexcept SystemExit: pass"
+    loaded = heavy_modules_loaded("import recurrent_lm", *(help_of.format(name.split()) for name in names))
+    assert loaded[0] == [], "import recurrent_lm"
+    assert loaded[1] == [], "rlm --help"
+    for name, modules in zip(names[1:], loaded[2:]):
+        expected = ["lightning", "matplotlib", "torch"] if name in TRAINING_COMMANDS else ["torch"]
+        assert modules == expected, f"rlm {name} --help loaded {modules}"

@@ -136,3 +136,12 @@ def test_fsdp2_with_float16_is_refused_in_one_line(tmp_path):
     assert "FSDP2 with float16 needs a sharded gradient scaler" in refused(
         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *FSDP2,
         "--model.sharding.param_dtype", "float16")
+
+
+def test_a_sharding_strategy_other_than_fsdp2strategy_is_refused_at_start(tmp_path):
+    """rlm train checks the strategy when it builds the trainer: nothing is written, no process group starts."""
+    root = tmp_path / "run"
+    assert "rlm train shards with FSDP2 through recurrent_lm.train.parallel.FSDP2Strategy" in refused(
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.strategy.class_path", "lightning.pytorch.strategies.ModelParallelStrategy")
+    assert not root.exists()

@@ -22,27 +22,21 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from transformers import AutoTokenizer
 
-from recurrent_lm import RecurrentLM
 from recurrent_lm.loading import load_tokenizer, require_finite_weights
 from recurrent_lm.options import check_number, parse_error_line, parse_range
 from recurrent_lm.outputs import Interrupted, check_not_an_input, check_output_path, claimed_output, held_lock
 from recurrent_lm.recipes import resolve_recipe
-from recurrent_lm.tasks import task_tokenizer
 
 from .data import RecurrentDataModule
 from .divergence import StopOnDivergence
-from .module import ArchitectureSpec, RecurrentLMModule, build_config, saved_architecture
-from .parallel import full_state_dict, is_sharded, uses_fsdp2
-
-
-SHARDED_METADATA = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part
+from .checkpoints import load_checkpoint, save_model_dir, unsafe_checkpoint
+from .module import RecurrentLMModule
+from .parallel import check_strategy, full_state_dict, is_sharded, uses_fsdp2
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -145,6 +139,11 @@ class RunCLI(LightningCLI):
 
 class TrainCLI(RunCLI):
     input_options = ("model.init_from", "data.tokenizer", "data.text_files", "data.val_problems", "data.step_chains")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        check_strategy(trainer.strategy)  # refused at start, not when the processes are up
+        return trainer
     run_defaults = {**RunCLI.run_defaults, "trainer.max_steps": 1000, "trainer.log_every_n_steps": 10,
                     "trainer.default_root_dir": "runs/default",
                     "trainer.callbacks": keep_last_checkpoint(every_n_train_steps=100)}
@@ -297,82 +296,6 @@ def with_recipe_paths(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             out[i] = f"--config={resolve_recipe(arg.removeprefix('--config='))}"
     return out
-
-
-def save_model_dir(model, tokenizer, out: str | Path) -> Path:
-    """A transformers directory: weights (safetensors), config, tokenizer."""
-    out = Path(out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint, read with torch's restricted (weights-only) unpickler: tensors and plain data only,
-    never arbitrary objects. A sharded checkpoint (a directory FSDP2 wrote) gives its metadata only: its weights
-    come with `load_sharded_weights`."""
-    path = Path(path)
-    if path.is_dir() and (path / SHARDED_METADATA).is_file():
-        path = path / SHARDED_METADATA
-    elif path.is_dir():
-        kind = "a model folder, which needs no export" if (path / "config.json").is_file() else "a folder"
-        raise IsADirectoryError(f"checkpoint {path} is {kind}: give a .ckpt file (or a sharded checkpoint folder) "
-                                "that `rlm train` wrote")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as file:
-        if not file.read(2).startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (or a bare pickle)
-            raise ValueError(f"{path} is not a checkpoint (a file that `rlm train` wrote with torch.save)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise unsafe_checkpoint(path) from None
-    except Exception as error:
-        reason = (str(error).splitlines() or [type(error).__name__])[0]  # an empty file's error has no text
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or damaged): {reason}") from None
-
-
-def load_sharded_weights(path: Path, model: RecurrentLM) -> None:
-    """Read a sharded checkpoint's weights into a plain model in this one process, whatever number of processes
-    wrote it (torch.distributed.checkpoint reshards on load)."""
-    state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=path)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
-
-
-def unsafe_checkpoint(path) -> ValueError:
-    return ValueError(f"{path} is not a safe checkpoint: it holds pickled objects beyond tensors and plain data, and "
-                      "rlm never runs pickled code")
-
-
-def export_checkpoint(checkpoint: Path, out: Path) -> Path:
-    """Export a training checkpoint as a transformers directory (weights, config, tokenizer)."""
-    state = load_checkpoint(checkpoint)
-    architecture = saved_architecture(state)
-    if architecture is None:
-        raise ValueError(f"{checkpoint} is not a checkpoint of `rlm train`")
-    model = RecurrentLM(build_config(ArchitectureSpec(**architecture)))
-    if "state_dict" in state:
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
-    else:  # FSDP2's sharded checkpoint: the metadata above, the weights in shards beside it
-        load_sharded_weights(Path(checkpoint), model)
-    require_finite_weights(model, checkpoint)  # a diverged run's weights never become a model directory
-    data = state.get("datamodule_hyper_parameters", {})
-    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"]) if data.get("tokenizer") else task_tokenizer(data["tasks"])
-    return save_model_dir(model, tokenizer, out)
-
-
-def export(checkpoint: Path, out: Path, overwrite: bool = False) -> None:
-    """Export a training checkpoint (from `rlm train`) as a transformers directory: weights, config, tokenizer.
-
-    Args:
-        checkpoint: a .ckpt file written by `rlm train` (e.g. runs/NAME/checkpoints/last.ckpt).
-        out: the directory to write; AutoModelForCausalLM.from_pretrained and `rlm generate` load it.
-        overwrite: replace an existing `out` whole.
-    """
-    with claimed_output(out, option="OUT", overwrite=overwrite, inputs=[checkpoint], command="rlm export") as output:
-        export_checkpoint(checkpoint, output.path)
-    print(f"exported {checkpoint} to {out}")
 
 
 if __name__ == "__main__":

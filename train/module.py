@@ -18,51 +18,15 @@ from torch import Tensor
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
-from recurrent_lm.config import PRESETS, ConfigFieldError
 from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
 from recurrent_lm.loading import load_config, load_model
 from recurrent_lm.options import ranges
 
-from .parallel import ShardingPlan, compile_blocks, is_sharded, shard_model, uses_fsdp2
-
-# The architecture as a typed dataclass: a named shape (recurrent_lm.config.PRESETS) and any RecurrentConfig field
-# to override in it, built from RecurrentConfig's own fields (one list of options, not two) so that LightningCLI
-# validates every `model.architecture.*` key and lists it in --help. A field left at None keeps the preset's value.
-_OWN_FIELDS = [f for f in dataclasses.fields(RecurrentConfig) if f.name in RecurrentConfig.__annotations__
-               and f.name not in ("use_cache",)]
-ArchitectureSpec = dataclasses.make_dataclass(
-    "ArchitectureSpec",
-    [("preset", Literal[tuple(PRESETS)] | None, dataclasses.field(default=None))]
-    + [(f.name, f.type | None, dataclasses.field(default=None)) for f in _OWN_FIELDS], frozen=True)
-ArchitectureSpec.__doc__ = ("A model shape: `preset` names one of recurrent_lm.config.PRESETS (none: RecurrentConfig's "
-                            "defaults, Huginn-0125's shape); every other field overrides the preset's value.\n\n"
-                            + RecurrentConfig.__doc__)
-ArchitectureSpec.__module__ = __name__  # importable by name, so DDP-spawned processes can unpickle it
-
+from .checkpoints import ArchitectureSpec, build_config, resolved_spec, saved_architecture
+from .parallel import ShardingPlan, check_strategy, compile_blocks, is_sharded, shard_model, uses_fsdp2
 
 # Fields that set how a model is trained and run, not what its weights are: init_from may differ in them.
 SETTINGS_FIELDS = ("exit_gate_width", "mean_recurrence", "mean_backprop_depth")
-
-
-def build_config(spec) -> RecurrentConfig:
-    """The RecurrentConfig of an architecture spec; an impossible shape is a one-line error naming the field."""
-    fields = {name: value for name, value in dataclasses.asdict(spec).items() if value is not None and name != "preset"}
-    try:
-        return RecurrentConfig.preset(spec.preset, **fields) if spec.preset else RecurrentConfig(**fields)
-    except ConfigFieldError as error:  # named as the recipe names it
-        raise error.read_from("model.architecture") from None
-
-
-def resolved_spec(config: RecurrentConfig) -> "ArchitectureSpec":
-    """Every field of a config written out (no preset): what checkpoints record, so a run resumes and exports
-    the same shape even if a preset changes later."""
-    return ArchitectureSpec(**{f.name: getattr(config, f.name) for f in _OWN_FIELDS})
-
-
-def saved_architecture(checkpoint: dict) -> dict | None:
-    """The architecture a training checkpoint recorded (under "model" before it was named "architecture")."""
-    hyper_parameters = checkpoint.get("hyper_parameters", {})
-    return hyper_parameters.get("architecture", hyper_parameters.get("model"))
 
 
 @ranges("model.", learning_rate="> 0", weight_decay=">= 0", betas="[0, 1)", warmup_steps=">= 0", min_lr_ratio="[0, 1]",
@@ -200,11 +164,7 @@ class RecurrentLMModule(L.LightningModule):
         the model by the plan (the model code itself stays single-device). Any other sharding strategy is refused
         here, before a step runs."""
         strategy = self.trainer.strategy
-        name = type(strategy).__name__
-        if name in ("FSDPStrategy", "DeepSpeedStrategy") or (uses_fsdp2(strategy) and name != "FSDP2Strategy"):
-            raise ValueError(f"trainer.strategy {name}: rlm train shards with FSDP2 through "
-                             "recurrent_lm.train.parallel.FSDP2Strategy (the core gathered once per step, not once "
-                             "per recurrence); use it, or ddp")
+        check_strategy(strategy)  # rlm train checked it when it built the trainer; a Trainer built elsewhere too
         if self.hparams.compile and not getattr(self, "_compiled", False):
             compile_blocks(self.model)
             self._compiled = True

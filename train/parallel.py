@@ -84,6 +84,16 @@ def compile_blocks(model: RecurrentLM, backend: str = "inductor") -> RecurrentLM
     return model
 
 
+def check_strategy(strategy) -> None:
+    """rlm train's strategies: one process, DDP, or FSDP2 through FSDP2Strategy. Lightning's FSDPStrategy (FSDP1),
+    DeepSpeed and a bare ModelParallelStrategy would shard the core once per recurrence, or not by this plan."""
+    name = type(strategy).__name__
+    if name in ("FSDPStrategy", "DeepSpeedStrategy") or (uses_fsdp2(strategy) and name != "FSDP2Strategy"):
+        raise ValueError(f"trainer.strategy {name}: rlm train shards with FSDP2 through "
+                         "recurrent_lm.train.parallel.FSDP2Strategy (the core gathered once per step, not once "
+                         "per recurrence); use it, or ddp")
+
+
 def uses_fsdp2(strategy) -> bool:
     """Whether a Lightning strategy is FSDP2's (ModelParallelStrategy, which FSDP2Strategy specialises). Checked on
     Lightning's class: this file may be imported under two names (train.parallel, recurrent_lm.train.parallel)."""
