@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -118,21 +117,22 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Tensor | None, mask: Tensor | None, cache=None, cache_key=None,
                 active: ActiveSet | None = None) -> Tensor:
         q, k, v = F.linear(x, self.qkv.weight, self.projection_bias()).split(self.split, dim=-1)
-        q = rearrange(q, "b s (h d) -> b h s d", h=self.num_heads)
-        k, v = (rearrange(t, "b s (h d) -> b h s d", h=self.kv_heads) for t in (k, v))
+        # b s (h d) -> b h s d, as views (einops' parsing costs more than a decode step's attention)
+        q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (self.kv_heads, -1)).transpose(1, 2) for t in (k, v))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:  # keys and values of earlier tokens at this (layer, step), plus these
             k, v = cache.update(k, v, cache_key, active)
         if active is not None:  # x packs the running positions: each query goes back to its row, to see its keys
-            q = rearrange(active.to_rows(rearrange(q[0], "h n d -> n h d")), "b w h d -> b h w d")
+            q = active.to_rows(q[0].transpose(0, 1)).transpose(1, 2)  # h n d -> n h d -> b w h d -> b h w d
             mask = active.mask
         # mask None means plain causal attention over q (no padding, nothing cached) or one query seeing everything
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                            enable_gqa=self.kv_heads != self.num_heads)
         if active is None:
-            return self.proj(rearrange(y, "b h s d -> b s (h d)"))
-        return self.proj(active.from_rows(rearrange(y, "b h w d -> b w (h d)"))[None])  # packed again
+            return self.proj(y.transpose(1, 2).flatten(2))  # b h s d -> b s (h d)
+        return self.proj(active.from_rows(y.transpose(1, 2).flatten(2))[None])  # b h w d -> b w (h d), packed again
 
 
 class GatedMLP(nn.Module):
