@@ -107,8 +107,8 @@ def main() -> None:
     module = module_class({"preset": "debug", "vocab_size": VOCAB, "mean_recurrence": 4, "mean_backprop_depth": 2,
                            "init_scale": 0.0},  # a random initial state would be drawn per rank's rows
                           learning_rate=3e-3, warmup_steps=2, seed=0,
-                          sharding={"reshard_core_after_forward": args.reshard_core,
-                                    "activation_checkpointing": args.activation_checkpointing})
+                          sharding={"reshard_core_after_forward": args.reshard_core},
+                          activation_checkpointing=args.activation_checkpointing)
     strategy = FSDP2Strategy() if args.devices > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -327,3 +327,34 @@ def test_compiled_blocks_have_no_graph_breaks_and_serve_every_depth_with_one_gra
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, num_steps=6, init_scale=0.0).logits,
                                    model(ids, num_steps=6, init_scale=0.0).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_and_compile_work_together_in_torchtitans_order():
+    """train.parallel.prepare_model: the core blocks are checkpointed first, then every block is compiled (the
+    compiled module is the checkpoint wrapper, so the graph holds the recomputation), each once however often it
+    is called; a training step gives the eager model's loss and gradients."""
+    import copy
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from recurrent_lm.train.parallel import prepare_model
+
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig.preset("debug", vocab_size=48)).train()
+    prepared = copy.deepcopy(model)
+    prepare_model(prepared, activation_checkpointing=True, compile=True)
+    prepare_model(prepared, activation_checkpointing=True, compile=True)  # Lightning may configure twice
+    for block in prepared.core:
+        assert isinstance(block, CheckpointWrapper) and not isinstance(block._checkpoint_wrapped_module,
+                                                                       CheckpointWrapper)
+        assert block._compiled_call_impl is not None  # compiled around the checkpointing
+    assert all(b._compiled_call_impl is not None for b in [*prepared.prelude, *prepared.coda])
+    ids = torch.randint(0, 48, (2, 16))
+    losses = []
+    for m in (model, prepared):
+        loss = m(ids, labels=ids, num_steps=(1, 2), init_scale=0.0).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), prepared.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)

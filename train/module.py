@@ -23,7 +23,7 @@ from recurrent_lm.loading import load_config, load_model
 from recurrent_lm.options import ranges
 
 from .checkpoints import ArchitectureSpec, build_config, resolved_spec, saved_architecture
-from .parallel import ShardingPlan, check_strategy, compile_blocks, is_sharded, shard_model, uses_fsdp2
+from .parallel import ShardingPlan, check_strategy, is_sharded, prepare_model, uses_fsdp2
 
 # Fields that set how a model is trained and run, not what its weights are: init_from may differ in them.
 SETTINGS_FIELDS = ("exit_gate_width", "mean_recurrence", "mean_backprop_depth")
@@ -68,9 +68,13 @@ class RecurrentLMModule(L.LightningModule):
         freeze_backbone: train the input-injection adapter only (the rest keeps its weights): the cheap first
             stage of retrofitting recurrence into a pretrained model.
         sharding: how FSDP2 shards the model under trainer.strategy FSDP2Strategy (train.parallel.ShardingPlan:
-            mixed precision, activation checkpointing of the core, the core's reshard policy).
+            mixed precision, the core's reshard policy).
+        activation_checkpointing: recompute each core block's activations in backward instead of keeping them
+            (memory for the backpropagated steps stops growing with mean_backprop_depth; about one more forward of
+            the core per step). With or without sharding, and with compile: checkpointing, then compile, then
+            FSDP2, torchtitan's order (train.parallel.prepare_model).
         compile: torch.compile each block (not the unrolled loop: one graph for every depth; train.parallel.
-            compile_blocks), before sharding.
+            compile_blocks).
         objective: "lm" trains the language model; "exit_gate" freezes it (start it with init_from) and trains
             only its exit gate (architecture.exit_gate_width > 0), as Ouro's second stage: at every step of an
             unroll to exit_gate_depth, binary cross-entropy against whether each position's logit-lens prediction
@@ -93,7 +97,7 @@ class RecurrentLMModule(L.LightningModule):
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
                  objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
                  recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
-                 sharding: ShardingPlan = ShardingPlan(), compile: bool = False,
+                 sharding: ShardingPlan = ShardingPlan(), activation_checkpointing: bool = False, compile: bool = False,
                  prompt_depth: Literal["same", "random"] = "same"):
         super().__init__()
         if len(set(eval_depths)) < len(eval_depths):
@@ -165,17 +169,15 @@ class RecurrentLMModule(L.LightningModule):
         here, before a step runs."""
         strategy = self.trainer.strategy
         check_strategy(strategy)  # rlm train checked it when it built the trainer; a Trainer built elsewhere too
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            compile_blocks(self.model)
-            self._compiled = True
-        if uses_fsdp2(strategy) and not is_sharded(self.model):
-            plan = self.hparams.sharding
-            plan = ShardingPlan(**plan) if isinstance(plan, dict) else plan
+        plan, mesh = self.hparams.sharding, None
+        plan = ShardingPlan(**plan) if isinstance(plan, dict) else plan
+        if uses_fsdp2(strategy):
             if plan.param_dtype == "float16" or self.trainer.precision in ("16-mixed", "16-true"):
                 raise ValueError("FSDP2 with float16 needs a sharded gradient scaler, which rlm train does not "
                                  "have: use bfloat16 (model.sharding.param_dtype bfloat16, trainer.precision "
                                  "bf16-mixed or 32-true)")
-            shard_model(self.model, self.device_mesh["data_parallel"], plan)
+            mesh = self.device_mesh["data_parallel"]
+        prepare_model(self.model, self.hparams.activation_checkpointing, self.hparams.compile, mesh, plan)
 
     def check_depth_in_lockstep(self, num_steps: StepCounts) -> None:
         """Every rank must run the same depth (and the same truncated-backprop split): with sharded weights, a rank

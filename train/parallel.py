@@ -1,13 +1,16 @@
 """Sharded data parallel training (FSDP2) and compilation of a RecurrentLM, applied from outside the model
 (torchtitan's style): the model code stays single-device, and this file is the one place that says how it is
-sharded and compiled (`model.compile: true` compiles each block: compile_blocks).
+sharded, checkpointed and compiled, in torchtitan's order (prepare_model): activation checkpointing of the core
+blocks first, then torch.compile of every block (a compiled graph that contains the recomputation), then FSDP2.
 
     trainer:
       strategy: {class_path: recurrent_lm.train.parallel.FSDP2Strategy}
       devices: 8                         # GPUs per node (CPU: processes, gloo)
       num_nodes: 1
     model:
-      sharding: {param_dtype: bfloat16, activation_checkpointing: true}
+      sharding: {param_dtype: bfloat16}
+      activation_checkpointing: true
+      compile: true
 
 The plan (`shard_model`): every prelude and coda block is its own FSDP2 unit, gathered for its one application and
 resharded after it; the recurrent core's blocks are ONE unit that is not resharded after forward
@@ -24,13 +27,14 @@ tested here), and saves distributed checkpoints that reshard to another number o
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -47,16 +51,12 @@ class ShardingPlan:
         param_dtype: the dtype parameters are all-gathered and computed in (mixed precision: "bfloat16" on GPUs);
             the sharded float32 copy stays the master. None: float32 throughout.
         reduce_dtype: the dtype gradients are reduce-scattered in.
-        activation_checkpointing: recompute each core block's activations in backward instead of keeping them:
-            memory for the backpropagated steps no longer grows with mean_backprop_depth, at about one more
-            forward of the core per step.
         reshard_core_after_forward: reshard the core after each application (re-gathering it r times per step,
             less memory); False keeps it gathered across its r applications within a step.
     """
 
     param_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    activation_checkpointing: bool = False
     reshard_core_after_forward: bool = False
 
 
@@ -65,9 +65,6 @@ def shard_model(model: RecurrentLM, mesh, plan: ShardingPlan) -> RecurrentLM:
     the rest (see the module docstring)."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[plan.param_dtype] if plan.param_dtype else None,
                                   reduce_dtype=DTYPES[plan.reduce_dtype])
-    if plan.activation_checkpointing:
-        for index, block in enumerate(model.core):
-            model.core[index] = checkpoint_wrapper(block)
     for block in [*model.prelude, *model.coda]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(list(model.core), mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_core_after_forward)
@@ -75,10 +72,36 @@ def shard_model(model: RecurrentLM, mesh, plan: ShardingPlan) -> RecurrentLM:
     return model
 
 
+def prepare_model(model: RecurrentLM, activation_checkpointing: bool, compile: bool, mesh=None,
+                  plan: "ShardingPlan | None" = None) -> RecurrentLM:
+    """Activation checkpointing, compilation and FSDP2, applied in place in torchtitan's order (each at most once:
+    Lightning may call configure_model again). Checkpointing wraps the blocks before compile sees them, so the
+    compiled graph holds the recomputation; sharding comes last, over the compiled blocks."""
+    if activation_checkpointing:
+        checkpoint_core(model)
+    if compile and not getattr(model, "blocks_compiled", False):
+        compile_blocks(model)
+        model.blocks_compiled = True
+    if mesh is not None and not is_sharded(model):
+        shard_model(model, mesh, plan or ShardingPlan())
+    return model
+
+
+def checkpoint_core(model: RecurrentLM) -> RecurrentLM:
+    """Recompute each core block's activations in backward instead of keeping them: memory for the backpropagated
+    steps no longer grows with mean_backprop_depth, at about one more forward of the core per step."""
+    for index, block in enumerate(model.core):
+        if not isinstance(block, CheckpointWrapper):
+            model.core[index] = checkpoint_wrapper(block)
+    return model
+
+
 def compile_blocks(model: RecurrentLM, backend: str = "inductor") -> RecurrentLM:
     """torch.compile every block in place (its forward; parameter names unchanged), not the unrolled loop: the
     compiled region holds no host syncs (token checks, positions and the initial-state draw run eagerly around it)
     and sees the same arguments at every step, so one graph serves every depth without recompiling."""
+    # RoPE's complex product runs as its eager kernel inside the graph, by design (recurrent_lm.model.apply_rope)
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
     for block in [*model.prelude, *model.core, *model.coda]:
         block.compile(backend=backend)
     return model
