@@ -360,6 +360,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         min_steps: int = 1,
         position_depths: Tensor | None = None,
+        check_inputs: bool = True,
         return_dict: bool | None = None,
         past_key_values: RecurrentCache | None = None,
         inputs_embeds: None = None,
@@ -392,6 +393,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             position_depths: (batch, seq) core steps for each position, each in 1..num_steps: a position stops
                 there as if it had exited (a router's choice, or a training draw of per-position depth); with an
                 exit rule too, whichever comes first.
+            check_inputs: check the token ids against the vocabulary, the positions against
+                max_position_embeddings and the attention mask for padding, each a host sync. generate checks the
+                prompt and turns them off for the tokens it feeds itself (in range by construction), so that a
+                generated token's forward never waits on the device; off, an attention mask is taken as padded.
             inputs_embeds / output_attentions / output_hidden_states: transformers' standard inputs, named so that
                 asking for them is a clear error: the model reads token ids, and its per-step view is
                 output_latent_states / output_step_logits.
@@ -403,7 +408,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                              "output_latent_states or output_step_logits instead")
         config = self.config
         depth = resolve_num_steps(num_steps, config, self.training, generator)
-        self._check_token_ids(input_ids)
+        self._check_token_ids(input_ids, check_inputs)
         batch, seq_len = input_ids.shape
         cache = resolve_cache_argument(cache, past_key_values)
         if use_cache is None:  # a cache costs memory that grows with num_steps: only when asked for
@@ -411,9 +416,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         cache = (cache if cache is not None else RecurrentCache()) if use_cache else None
         past_len = cache.get_seq_length() if cache is not None else 0
 
-        position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device)
+        position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device,
+                                       check_inputs)
         rope = rope_angles(position_ids, config.head_dim, config.rope_theta, config.rope_scaling) if config.use_rope else None
-        mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device)
+        mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device, scan=check_inputs)
 
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
         check_position_depths(position_depths, (batch, seq_len), depth.total)
@@ -577,8 +583,10 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
                 pad_token_id=kwargs.get("pad_token_id", config.pad_token_id), init_scale=kwargs.get("init_scale"),
                 generator=kwargs.get("generator"), streamer=kwargs.get("streamer"), cache=cache)
         depth_log: list[Tensor] = []  # filled by _update_model_kwargs_for_generation, one entry per forward
+        mask = kwargs.get("attention_mask")
+        padded = mask is not None and not bool(mask.all())  # once per generate, not once per token
         recurrence = dict(num_steps=steps, min_steps=min_steps, continuous_cot=continuous_cot, depth_log=depth_log,
-                          prompt_num_steps=prompt_num_steps)
+                          prompt_num_steps=prompt_num_steps, padded_prompt=padded)
         if exit_criterion is not None:
             recurrence.update(exit_criterion=exit_criterion, exit_threshold=exit_threshold)
         kwargs["use_cache"] = True  # the cache is what makes recurrent decoding affordable
@@ -591,17 +599,23 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, continuous_cot: bool = False,
                                       depth_log: list | None = None, prompt_num_steps: int | None = None,
-                                      **kwargs) -> dict[str, Any]:
+                                      padded_prompt: bool = True, **kwargs) -> dict[str, Any]:
         """transformers' own preparation (the new tokens, attention mask, cache), then exactly the arguments
         forward declares. Releases differ in the bookkeeping they add for their own models (cache_position up to
         5.23, the cache under `cache` from 5.24 on): forward's signature decides what reaches the model, not a
         list of names. A caller's misspelt argument never gets this far: generate rejects any keyword that neither
         this method nor forward declares. continuous_cot and depth_log are read by _update_model_kwargs_for_generation;
-        prompt_num_steps sets the depth of the first call (the prompt, before depth_log has an entry).
+        prompt_num_steps sets the depth of the first call (the prompt, before depth_log has an entry). After the
+        prompt, forward skips its input checks (host syncs; the tokens are the model's own), and without padding
+        in the prompt (padded_prompt, which generate decides once) no attention mask is passed at all.
         """
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         accepted = declared_arguments(type(self).forward)
         inputs = {name: value for name, value in inputs.items() if name in accepted}
+        if not padded_prompt:
+            inputs.pop("attention_mask", None), inputs.pop("position_ids", None)  # both follow from the cache length
+        if depth_log:  # the prompt is behind: every later token is one this generate chose
+            inputs["check_inputs"] = False
         if prompt_num_steps is not None and depth_log is not None and not depth_log:
             inputs.update(num_steps=prompt_num_steps, exit_criterion=None, exit_threshold=None)
         return inputs
@@ -618,18 +632,18 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             model_kwargs["initial_state"] = outputs.latent_state[:, -1:]
         return model_kwargs
 
-    def _check_token_ids(self, input_ids: Tensor) -> None:
+    def _check_token_ids(self, input_ids: Tensor, values: bool = True) -> None:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer token ids, got a {input_ids.dtype} tensor")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids holds no tokens: give at least one (an empty prompt still has bos)")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def _positions(self, position_ids, attention_mask, batch, seq_len, past_len, device) -> Tensor:
+    def _positions(self, position_ids, attention_mask, batch, seq_len, past_len, device, values: bool = True) -> Tensor:
         if attention_mask is not None and attention_mask.shape != (batch, past_len + seq_len):
             raise ValueError(f"attention_mask must be (batch, past + seq) = {(batch, past_len + seq_len)}, "
                              f"got {tuple(attention_mask.shape)}")
@@ -641,7 +655,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         elif position_ids.ndim == 1:
             position_ids = position_ids.expand(batch, -1)
         limit = self.config.max_position_embeddings
-        if past_len + seq_len > limit or (position_ids.numel() and int(position_ids.max()) >= limit):
+        if past_len + seq_len > limit or (values and position_ids.numel() and int(position_ids.max()) >= limit):
             raise ValueError(f"sequence of {past_len + seq_len} tokens (positions up to "
                              f"{int(position_ids.max()) if position_ids.numel() else 0}) exceeds "
                              f"max_position_embeddings = {limit}")
@@ -680,13 +694,14 @@ def declared_arguments(function) -> frozenset[str]:
     return frozenset(inspect.signature(function).parameters)
 
 
-def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device) -> Tensor | None:
+def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device, scan: bool = True) -> Tensor | None:
     """Boolean SDPA mask (batch, 1, q, past + q), True = may attend; None where plain causal attention is exact.
 
     Padded keys are masked out. A padded query still sees itself, so no row is empty (an all-False row makes SDPA
-    return NaN); its output is garbage that no real token ever reads.
+    return NaN); its output is garbage that no real token ever reads. scan=False takes a given mask as padded
+    without looking (looking is a host sync).
     """
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded = attention_mask is not None and (not scan or not bool(attention_mask.all()))
     if not padded and (past_len == 0 or q_len == 1):
         return None
     q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]

@@ -349,3 +349,44 @@ def test_positions_that_have_exited_are_not_computed(huginn, criterion, threshol
             alone_keys = cache_alone.layers[index].keys[0]
             both_keys = cache_both.layers[cache_both.slot_of[key]].keys[i, :, : alone_keys.shape[1]]
             torch.testing.assert_close(both_keys, alone_keys)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_generated_tokens_forward_never_waits_on_the_device(huginn, padded, monkeypatch):
+    """After the prompt, generate's forwards read no tensor value on the host (no bool / int / item / tolist of a
+    tensor: each a device sync on a GPU): the input checks ran once, on the prompt; and the output is what checked
+    forwards give."""
+    import contextlib
+
+    ids = prompt(batch=2, length=6)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :2] = 0
+    expected = huginn.generate(ids, attention_mask=mask, num_steps=4, init_scale=0.0, max_new_tokens=5,
+                               do_sample=False)
+
+    @contextlib.contextmanager
+    def no_host_reads():
+        def refuse(*args, **kwargs):
+            raise AssertionError("a generated token's forward read a tensor value on the host")
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, refuse)
+            yield
+
+    import functools
+
+    forward, decoding_calls = huginn.forward, []
+
+    @functools.wraps(forward)  # generate reads forward's signature
+    def watched(*args, **kwargs):
+        if kwargs.get("check_inputs", True):
+            return forward(*args, **kwargs)
+        decoding_calls.append(1)
+        with no_host_reads():
+            return forward(*args, **kwargs)
+
+    monkeypatch.setattr(huginn, "forward", watched)
+    out = huginn.generate(ids, attention_mask=mask, num_steps=4, init_scale=0.0, max_new_tokens=5, do_sample=False)
+    assert len(decoding_calls) == 4  # every token after the prompt's
+    assert torch.equal(out, expected)
