@@ -3,7 +3,7 @@
 The Llama has the same width, heads and MLP width, and prelude + r * core + coda layers: the depth the recurrent
 model materialises at r steps. The ratio ours / Llama measures the cost of the looped implementation (input
 injection, sandwich norms, qk bias, adjacent-pair RoPE) over a plain, well-optimised transformer.
-Target: ratio <= 1.15. Then eager against compiled (train.parallel.compile_blocks: every block compiled with
+benchmarks/speed.py holds the target (time ratio <= FLOP ratio x 1.03). Then eager against compiled (train.parallel.compile_blocks: every block compiled with
 inductor, the loop eager; one graph for every depth, so no recompilation between the depths measured).
 Run: python benchmarks/forward.py [--steps 4 16] [--batch 8] [--seq 256] [--no-compile]
 """
