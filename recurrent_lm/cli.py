@@ -25,6 +25,7 @@ COMMANDS: dict = {
     "convert-huginn": ("recurrent_lm.commands:convert_huginn", True),
     "retrofit": ("recurrent_lm.retrofit:retrofit", True),
     "generate": ("recurrent_lm.commands:generate", False),
+    "models": ("recurrent_lm.commands:models", False),
     "export": ("recurrent_lm.train.checkpoints:export", True),
     "sweep": ("recurrent_lm.eval.sweep:sweep", False),
     "lm-eval": ("recurrent_lm.eval.lm_eval:lm_eval_sweep", False),
@@ -46,6 +47,8 @@ HELP = {
                       "RecurrentLM directory.",
     "retrofit": "Turn a local Llama-family checkpoint (Llama, Mistral, Qwen2) into a RecurrentLM directory.",
     "generate": "Generate text from a prompt and print it with the core steps each generated token used.",
+    "models": "List every name that --model resolves besides a directory: shipped models, shipped results "
+              "assembled with an",
     "export": "Export a training checkpoint (from `rlm train`) as a transformers directory: weights, config, "
               "tokenizer.",
     "sweep": "Evaluate a RecurrentLM on the same fixed problems at every test-time depth, and with adaptive exit.",

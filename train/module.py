@@ -65,8 +65,9 @@ class RecurrentLMModule(L.LightningModule):
         recurrence_curriculum: ramp the mean training depth from `start` up to mean_recurrence over a `share` of
             the steps, with a ramp `shape` (recurrent_lm.depth.RecurrenceCurriculum); None draws at
             mean_recurrence from the first step.
-        freeze_backbone: train the input-injection adapter only (the rest keeps its weights): the cheap first
-            stage of retrofitting recurrence into a pretrained model.
+        trainable: the parameters that train, by name prefix (e.g. [adapter] for the input injection alone, the
+            cheap first stage of retrofitting recurrence into a pretrained model; [adapter, core] for the loop);
+            the others keep their weights. None: every parameter trains.
         sharding: how FSDP2 shards the model under trainer.strategy FSDP2Strategy (train.parallel.ShardingPlan:
             mixed precision, the core's reshard policy).
         activation_checkpointing: recompute each core block's activations in backward instead of keeping them
@@ -96,7 +97,7 @@ class RecurrentLMModule(L.LightningModule):
                  steps_per_difficulty: int | None = None, extra_steps: int = 0, seed: int = 0,
                  eval_depths: list[int] = (1, 4, 8, 16, 32), eval_cot: bool = False, init_from: str | None = None,
                  objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
-                 recurrence_curriculum: RecurrenceCurriculum | None = None, freeze_backbone: bool = False,
+                 recurrence_curriculum: RecurrenceCurriculum | None = None, trainable: list[str] | None = None,
                  sharding: ShardingPlan = ShardingPlan(), activation_checkpointing: bool = False, compile: bool = False,
                  prompt_depth: Literal["same", "random"] = "same"):
         super().__init__()
@@ -119,11 +120,17 @@ class RecurrentLMModule(L.LightningModule):
         if recurrence_curriculum is not None and (fixed_num_steps is not None or steps_per_difficulty is not None):
             raise ValueError("model.recurrence_curriculum ramps the sampled depth: it excludes fixed_num_steps and "
                              "steps_per_difficulty")
-        if freeze_backbone:
+        if trainable is not None:
             if objective != "lm":
-                raise ValueError("model.freeze_backbone trains the adapter of the language model: objective lm")
+                raise ValueError("model.trainable chooses what of the language model trains: objective lm")
+            prefixes = tuple(prefix.rstrip(".") + "." for prefix in trainable)
+            names = [name for name, _ in self.model.named_parameters()]
+            unmatched = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+            if unmatched or not trainable:
+                raise ValueError(f"model.trainable {list(trainable)}: {unmatched or 'nothing'} names no parameter "
+                                 "(prefixes such as adapter, core, core.0, prelude, coda, embed_tokens, norm)")
             for name, parameter in self.model.named_parameters():
-                parameter.requires_grad_(name.startswith("adapter."))
+                parameter.requires_grad_(name.startswith(prefixes))
         if objective == "exit_gate":
             if init_from is None:
                 raise ValueError("model.objective exit_gate trains a gate on a trained model: set model.init_from")
