@@ -2,17 +2,23 @@
 measurement, not a test).
 
 1. The source: a small Llama (d 128, 4 heads, 2 key/value heads, 4 layers) built here with random weights and the
-   task's character tokenizer (no pretrained model can be downloaded on this machine), or --source DIR: any local
-   Llama / Mistral / Qwen2 checkpoint (the task text is then encoded by its own tokenizer).
-2. `rlm retrofit` into prelude 1 / core 2 / coda 1 (every layer kept; adapter [0 | I]): r = 1 is the source model.
-3. Two continuations from the same retrofitted weights, the same data stream and the same number of optimizer steps:
-   "recurrent": configs/retrofit-llama.yaml (mean depth ramping 1 -> 4 over 75% of the steps, "1-sqrt");
-   "no recurrence": the same recipe at a fixed depth of 1, i.e. the source transformer trained on as it is.
+   task's character tokenizer, or --source: any local Llama / Mistral / Qwen2 checkpoint, a .gguf file, or an
+   installed model's short name (smollm2-135m-instruct: the task text is then encoded by its own tokenizer).
+2. `rlm retrofit` into --split (default prelude 1 / core 2 / coda 1 of every layer; --layers picks a selection),
+   adapter [0 | I], the first injection skipped: r = 1 is the selected layers of the source.
+3. Continuations from the same retrofitted weights, the same data stream and the same number of optimizer steps:
+   "recurrent" (one per --seeds): the --recipe (mean depth ramping 1 -> 4 over 75% of the steps, "1-sqrt");
+   "no recurrence": the same recipe at a fixed depth of 1, i.e. the selected layers trained on as they are (the
+   same parameters train; at r = 1 a step costs less, so this arm sees the same data for fewer FLOPs).
 4. Greedy answers on fresh problems (EVAL_SEED, never drawn by training) at every difficulty and depth, with 95%
-   Wilson intervals, before and after; JSON and a plot per arm.
+   Wilson intervals, before and after; JSON and a plot per arm. --ship NAME writes the first seed's recurrent
+   result to checkpoints/NAME (its trained tensors and a manifest: recurrent_lm.sources.ship_trained), which
+   `--model NAME` then assembles with the installed source.
 
-    python benchmarks/retrofit.py                       # about 25 minutes on 2 idle CPU cores
-    python benchmarks/retrofit.py --steps-train 200     # a quick look
+    python benchmarks/retrofit.py                       # the random small Llama: about 25 minutes on 2 idle cores
+    python benchmarks/retrofit.py --source smollm2-135m-instruct --recipe retrofit-smollm2 --split 4 4 4 \
+        --layers 0-3,22-29 --steps-train 400 --seeds 0 1 2 --ship smollm2-recurrent \
+        --out benchmarks/results-retrofit-smollm2.json     # SmolLM2-135M: about 25 minutes per run
 """
 
 import argparse
@@ -52,9 +58,37 @@ def evaluate(model_dir: Path, problems: dict, depths: list[int], label: str) -> 
     return [{k: v for k, v in row.items() if k not in ("answers",)} for row in rows]
 
 
+def ship(args, run: Path, arm: dict, seconds: float) -> None:
+    """The recurrent arm's trained tensors and manifest into checkpoints/NAME (recurrent_lm.sources.ship_trained)."""
+    import platform
+
+    from recurrent_lm.recipes import resolve_recipe
+    from recurrent_lm.sources import ship_trained
+
+    trainable = ["adapter", "core"]
+    accuracy = {f"k={r['difficulty']} r={r['steps']}": r["accuracy"] for r in arm["rows"]}
+    manifest = {"config": args.recipe, "config_text": resolve_recipe(args.recipe).read_text(), "seed": arm["seed"],
+                "command": f"python benchmarks/retrofit.py --source {args.source} --recipe {args.recipe} --split "
+                           f"{' '.join(map(str, args.split))} --layers {args.layers} --steps-train {args.steps_train}",
+                "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} threads, "
+                           f"torch {torch.__version__}", "wall_seconds": round(seconds, 1),
+                "eval": {"problem_seed": EVAL_SEED, "n": args.n, "accuracy": accuracy,
+                         "note": "measured on the float32 model that trained; the shipped tensors are bfloat16"}}
+    out = BENCHMARKS.parent / "checkpoints" / args.ship
+    ship_trained(run / "model", out, args.source, trainable, manifest)
+    print(f"shipped {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, help="a local Llama-family checkpoint (default: a random small Llama)")
+    parser.add_argument("--source", help="a Llama-family directory, .gguf file or installed short name (default: a "
+                        "random small Llama)")
+    parser.add_argument("--recipe", default="retrofit-llama")
+    parser.add_argument("--split", type=int, nargs=3, default=[1, 2, 1], metavar=("PRELUDE", "CORE", "CODA"))
+    parser.add_argument("--layers", help="the source layers to keep, e.g. 0-3,22-29 (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds of the recurrent arm (default: --seed)")
+    parser.add_argument("--arms", nargs="+", default=["recurrent", "no recurrence"])
+    parser.add_argument("--ship", help="write the first recurrent seed's result to checkpoints/NAME")
     parser.add_argument("--task", default="permutation")
     parser.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -67,27 +101,36 @@ def main() -> None:
 
     args.runs.mkdir(parents=True, exist_ok=True)
     source = args.source or random_llama(args.runs / "source", args.task, args.seed)
-    retrofitted = retrofit(source, args.runs / "retrofitted", prelude=1, core=2, coda=1, mean_recurrence=4,
-                           mean_backprop_depth=2, overwrite=True)
+    prelude, core, coda = args.split
+    retrofitted = retrofit(source, args.runs / "retrofitted", prelude=prelude, core=core, coda=coda,
+                           layers=args.layers, mean_recurrence=4, mean_backprop_depth=2,
+                           skip_first_injection=args.source is not None, overwrite=True)
     task = get_task(args.task)
     problems = {d: task.problems(d, args.n, seed=EVAL_SEED) for d in args.difficulties}
     results = {"source": str(args.source or "random small Llama (d 128, 4 layers)"), "task": args.task,
                "trained_max_difficulty": 4, "eval_seed": EVAL_SEED, "n": args.n, "seed": args.seed,
-               "steps_train": args.steps_train, "split": "prelude 1 / core 2 / coda 1",
+               "steps_train": args.steps_train, "recipe": args.recipe, "layers": args.layers,
+               "split": f"prelude {prelude} / core {core} / coda {coda}",
                "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU float32",
                "before": evaluate(retrofitted, problems, args.depths, "before"), "arms": {}}
-    arms = {"recurrent": [], "no recurrence": ["--model.fixed_num_steps", "1", "--model.recurrence_curriculum", "null"]}
-    for name, extra in arms.items():
+    fixed = ["--model.fixed_num_steps", "1", "--model.recurrence_curriculum", "null"]
+    seeds = args.seeds or [args.seed]
+    arms = {**({f"recurrent seed {s}": ([], s) for s in seeds} if "recurrent" in args.arms else {}),
+            **({"no recurrence": (fixed, seeds[0])} if "no recurrence" in args.arms else {})}
+    for name, (extra, seed) in arms.items():
         run = args.runs / name.replace(" ", "-")
         started = time.perf_counter()
-        train_main(["--config", "retrofit-llama", "--model.init_from", str(retrofitted), "--data.tokenizer",
-                    str(retrofitted), "--trainer.max_steps", str(args.steps_train), "--seed_everything", str(args.seed),
+        train_main(["--config", args.recipe, "--model.init_from", str(retrofitted), "--data.tokenizer",
+                    str(retrofitted), "--trainer.max_steps", str(args.steps_train), "--seed_everything", str(seed),
+                    "--model.seed", str(seed), "--data.seed", str(seed), "--overwrite", "true",
                     "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
                     "--trainer.enable_progress_bar", "false", *extra])
         seconds = time.perf_counter() - started
-        results["arms"][name] = {"train_seconds": round(seconds, 1), "model": str(run / "model"),
+        results["arms"][name] = {"train_seconds": round(seconds, 1), "model": str(run / "model"), "seed": seed,
                                  "rows": evaluate(run / "model", problems, args.depths, name)}
         args.out.write_text(json.dumps(results, indent=1))
+        if args.ship and name == f"recurrent seed {seeds[0]}":
+            ship(args, run, results["arms"][name], seconds)
     curves = {"before (any depth)": results["before"], **{f"after: {n}": a["rows"] for n, a in results["arms"].items()}}
     for difficulty in args.difficulties:
         print(f"k={difficulty}: " + "; ".join(
