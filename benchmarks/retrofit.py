@@ -12,7 +12,7 @@ measurement, not a test).
    same parameters train; at r = 1 a step costs less, so this arm sees the same data for fewer FLOPs).
 4. Greedy answers on fresh problems (EVAL_SEED, never drawn by training) at every difficulty and depth, with 95%
    Wilson intervals, before and after; JSON and a plot per arm. --ship NAME writes the first seed's recurrent
-   result to checkpoints/NAME (its trained tensors and a manifest: recurrent_lm.sources.ship_trained), which
+   result to checkpoints/NAME (its trained tensors and a manifest: recurrent_lm.retrofit.ship_trained), which
    `--model NAME` then assembles with the installed source.
 
     python benchmarks/retrofit.py                       # the random small Llama: about 25 minutes on 2 idle cores
@@ -59,11 +59,11 @@ def evaluate(model_dir: Path, problems: dict, depths: list[int], label: str) -> 
 
 
 def ship(args, run: Path, arm: dict, seconds: float) -> None:
-    """The recurrent arm's trained tensors and manifest into checkpoints/NAME (recurrent_lm.sources.ship_trained)."""
+    """The recurrent arm's trained tensors and manifest into checkpoints/NAME (recurrent_lm.retrofit.ship_trained)."""
     import platform
 
     from recurrent_lm.recipes import resolve_recipe
-    from recurrent_lm.sources import ship_trained
+    from recurrent_lm.retrofit import ship_trained
 
     trainable = ["adapter", "core"]
     accuracy = {f"k={r['difficulty']} r={r['steps']}": r["accuracy"] for r in arm["rows"]}

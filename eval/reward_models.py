@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 from recurrent_lm import RecurrentConfig
 from recurrent_lm.data import collate, encode_step_labels, round_trip, single_token
 from recurrent_lm.flops import causal_lm_forward_flops
-from recurrent_lm.recipes import resolve_model_dir
+from recurrent_lm.loading import model_dir
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer, model_type, require_finite_weights
 from recurrent_lm.special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
 
@@ -133,7 +133,7 @@ def load_reward_model(path: str | Path, convention: Literal["auto", "step-tag", 
                       batch_size: int = 32) -> RewardModel:
     """A reward model from a local directory: this project's PRM, or a Hugging Face one of a known convention.
     `step_tag` is the tag (step-tag) or separator token (token-classification) after every step (default "#")."""
-    path = resolve_model_dir(path)  # a shipped checkpoint's name too (demo-prm)
+    path = model_dir(path)  # a shipped checkpoint's name too (demo-prm)
     if not path.exists():
         raise FileNotFoundError(f"reward model {path} does not exist")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):

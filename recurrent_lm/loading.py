@@ -11,13 +11,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from .config import RecurrentConfig, read_config_json
 from .model import RecurrentLM
 from .recipes import checkpoint_names, resolve_model_dir
+from .sources import INSTALLED, is_assembled, is_gguf, materialized, safetensors_files
+
+
+def model_dir(path: str | Path) -> Path:
+    """The directory a --model names: a directory, a shipped checkpoint's name, a GGUF file or an installed
+    model's short name (a transformers directory built from it once), or a shipped result that holds only its
+    trained tensors (the whole model, assembled once from its installed source). Every loader reads through this."""
+    if is_gguf(path) and (str(path).lower() in INSTALLED or Path(path).is_file()):
+        return materialized(path)
+    directory = resolve_model_dir(path)
+    if is_assembled(directory):
+        from .retrofit import assembled
+
+        return assembled(directory)
+    return directory
 
 
 def model_type(path: str | Path) -> str | None:
     """The model_type of a model directory's config.json."""
-    if resolve_model_dir(path).is_file():
+    if model_dir(path).is_file():
         raise NotADirectoryError(f"{path} is a file, not a model directory; give its folder ({Path(path).parent})")
-    config = resolve_model_dir(path) / "config.json"
+    config = model_dir(path) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (shipped checkpoints, "
                                 f"usable by name: {', '.join(checkpoint_names())})")
@@ -33,27 +48,12 @@ def require_recurrent(path: str | Path) -> Path:
     if kind != "recurrent_lm":
         hint = " (convert it first with `rlm convert-huginn`)" if kind == "huginn_raven" else ""
         raise ValueError(f"{path} holds a {kind!r} model, not a RecurrentLM{hint}")
-    return resolve_model_dir(path)
+    return model_dir(path)
 
 
 def load_config(path: str | Path) -> RecurrentConfig:
     """A RecurrentLM's config from a directory, without reading its weights."""
     return RecurrentConfig.from_pretrained(require_recurrent(path))
-
-
-def safetensors_files(directory: Path, name: str | Path, hint: str = "") -> list[Path]:
-    """The safetensors weight files of a model directory (`name` in the error); a directory with only pickled
-    weights (or none) is an error: they are never unpickled."""
-    weights = sorted(directory.glob("*.safetensors"))
-    folders = [str(w) for w in weights if not w.is_file()]
-    if folders:
-        raise IsADirectoryError(f"{folders[0]} is a folder, not a weights file")
-    if not weights:
-        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
-        found = f" (only pickled {', '.join(pickled)}{hint})" if pickled else ""
-        raise ValueError(f"{name} holds no safetensors weights{found}: recurrent-lm loads safetensors and never "
-                         "unpickles")
-    return weights
 
 
 def load_model(path: str | Path):
@@ -106,7 +106,7 @@ def load_any_causal_lm(path: str | Path):
     """A RecurrentLM, or any transformers causal LM directory (the CoT baseline may be an ordinary transformer)."""
     if model_type(path) == "recurrent_lm":
         return load_model(path)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir(path)).eval()
     require_finite_weights(model, path)
     return model
 
@@ -142,7 +142,7 @@ def load_model_and_tokenizer(path: str | Path, tokenizer: str | Path | None = No
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a directory (a model directory, or one written by `rlm tokenizer`)."""
-    path = resolve_model_dir(path)
+    path = model_dir(path)
     if path.is_file():
         raise NotADirectoryError(f"{path} is a file, not a tokenizer folder (one holding tokenizer.json)")
     if not (path / "tokenizer.json").is_file():

@@ -6,6 +6,8 @@ editable install and a wheel alike, wherever the user stands."""
 from importlib.resources import files
 from pathlib import Path
 
+from .sources import is_assembled
+
 
 def recipes_dir() -> Path:
     return Path(str(files("recurrent_lm.configs")))
@@ -34,24 +36,16 @@ def resolve_recipe(config: str | Path) -> Path:
 
 def checkpoint_names() -> list[str]:
     """The shipped models, usable by name: whole checkpoints, and results assembled with an installed source."""
-    from .sources import is_assembled
-
     return sorted(path.name for path in checkpoints_dir().iterdir()
                   if (path / "config.json").is_file() or is_assembled(path))
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory as given, or the name of a shipped checkpoint (`demo-latent`, `demo-cot`) when no such
-    directory exists where the user stands; a GGUF file or an installed model's short name, or a shipped result to
-    assemble with its installed source, as the directory built from it once (recurrent_lm.sources)."""
-    from . import sources  # light: torch loads only when something is built
-
-    if sources.is_gguf(path) and (str(path).lower() in sources.INSTALLED or Path(path).is_file()):
-        return sources.materialized(path)
+    directory exists where the user stands (a shipped result still to assemble: its folder;
+    recurrent_lm.loading.model_dir builds what needs building)."""
     path = Path(path)
     if path.exists() or path.parent != Path("."):
         return path
     shipped = checkpoints_dir() / path.name
-    if sources.is_assembled(shipped):
-        return sources.assembled(shipped)
-    return shipped if (shipped / "config.json").is_file() else path
+    return shipped if (shipped / "config.json").is_file() or is_assembled(shipped) else path

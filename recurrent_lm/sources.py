@@ -147,70 +147,16 @@ def is_assembled(shipped: Path) -> bool:
         manifest.read_text())
 
 
-def assembled(shipped: Path) -> Path:
-    """The whole RecurrentLM of a shipped partial result: its source retrofitted exactly as the manifest says, then
-    the shipped (trained) tensors put in place; refused when the installed source is not the file it was trained
-    from (sha256). Built on first use and cached."""
-    recipe = json.loads((shipped / "manifest.json").read_text())["assemble"]
-    source = source_path(recipe["source"])
-    if not source.is_file():
-        raise FileNotFoundError(f"{shipped.name} needs {recipe['source']}, which is not installed")
-    trained = shipped / "trained.safetensors"
-
-    def build(directory: Path) -> None:
-        if file_sha256(source) != recipe["source_sha256"]:
-            raise ValueError(f"{shipped.name} was trained from {recipe['source']} with sha256 "
-                             f"{recipe['source_sha256'][:12]}..., but the installed {source} differs")
-        import torch
-        from safetensors.torch import load_file, save_file
-
-        from .retrofit import retrofit
-
-        retrofit(recipe["source"], directory / "model", **recipe["retrofit"], overwrite=True)
-        weights = load_file(directory / "model" / "model.safetensors")
-        update = load_file(trained)
-        unknown = sorted(set(update) - set(weights))
-        if unknown:
-            raise ValueError(f"{trained} holds tensors the retrofitted model has not: {unknown[:3]}")
-        weights.update({name: tensor.to(torch.float32) for name, tensor in update.items()})
-        save_file(weights, directory / "model" / "model.safetensors", metadata={"format": "pt"})
-        for entry in (directory / "model").iterdir():
-            entry.rename(directory / entry.name)
-        (directory / "model").rmdir()
-        shutil.copy2(shipped / "manifest.json", directory / "manifest.json")
-
-    stat, source_stat = trained.stat(), source.stat()  # a changed source is built (and checked) again
-    return built_once(f"{shipped.name}-{stat.st_size}-{source_stat.st_size}-{int(source_stat.st_mtime)}", build)
-
-
-def ship_trained(model_dir: Path, out: Path, source: str, trainable: list[str], manifest: dict) -> Path:
-    """Write what training changed in a retrofitted model (the parameters under the `trainable` prefixes, in
-    bfloat16) and a manifest that says how to assemble the rest from `source` (its sha256, the retrofit's layer
-    selection and options, read from the model directory): a shipped result that `assembled` turns back into the
-    whole model. `manifest` adds the recipe, seed, machine, wall time and metrics."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    model_dir, out = Path(model_dir), Path(out)
-    retrofit_info = json.loads((model_dir / "retrofit.json").read_text())
-    config = json.loads((model_dir / "config.json").read_text())
-    prefixes = tuple(prefix.rstrip(".") + "." for prefix in trainable)
-    weights = load_file(model_dir / "model.safetensors")
-    trained = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in weights.items()
-               if name.startswith(prefixes)}
-    if not trained:
-        raise ValueError(f"{model_dir} has no parameter under {list(trainable)}")
-    split = retrofit_info["split"]
-    recipe = {"source": source, "source_sha256": file_sha256(source_path(source)),
-              "retrofit": {**split, "layers": ",".join(map(str, retrofit_info["layers"])),
-                           "skip_first_injection": config["skip_first_injection"],
-                           "mean_recurrence": config["mean_recurrence"],
-                           "mean_backprop_depth": config["mean_backprop_depth"]},
-              "trainable": list(trainable)}
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_file(trained, staging / "trained.safetensors", metadata={"format": "pt"})
-    (staging / "manifest.json").write_text(json.dumps({"assemble": recipe, **manifest}, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+def safetensors_files(directory: Path, name: str | Path, hint: str = "") -> list[Path]:
+    """The safetensors weight files of a model directory (`name` in the error); a directory with only pickled
+    weights (or none) is an error: they are never unpickled."""
+    weights = sorted(directory.glob("*.safetensors"))
+    folders = [str(w) for w in weights if not w.is_file()]
+    if folders:
+        raise IsADirectoryError(f"{folders[0]} is a folder, not a weights file")
+    if not weights:
+        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
+        found = f" (only pickled {', '.join(pickled)}{hint})" if pickled else ""
+        raise ValueError(f"{name} holds no safetensors weights{found}: recurrent-lm loads safetensors and never "
+                         "unpickles")
+    return weights

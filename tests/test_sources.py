@@ -138,7 +138,8 @@ def test_a_shipped_result_holds_what_training_changed_and_assembles_with_its_sou
     from safetensors.torch import load_file, save_file
 
     from recurrent_lm.loading import load_model
-    from recurrent_lm.sources import assembled, materialized, ship_trained
+    from recurrent_lm.retrofit import assembled, ship_trained
+    from recurrent_lm.sources import materialized
 
     monkeypatch.setenv("RLM_CACHE", str(tmp_path / "cache"))
     source = write_tiny_gguf(tmp_path / "tiny.gguf")

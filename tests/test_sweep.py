@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from recurrent_lm.answering import answer_problems
 from recurrent_lm.eval.sweep import sweep
 from recurrent_lm.loading import load_model, load_tokenizer
 from recurrent_lm.tasks import get_task, save_jsonl, task_tokenizer
