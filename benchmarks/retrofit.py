@@ -58,7 +58,7 @@ def evaluate(model_dir: Path, problems: dict, depths: list[int], label: str) -> 
     return [{k: v for k, v in row.items() if k not in ("answers",)} for row in rows]
 
 
-def ship(args, run: Path, arm: dict, seconds: float) -> None:
+def ship(args, run: Path, arm: dict, seconds: float, retrofitted: Path) -> None:
     """The recurrent arm's trained tensors and manifest into checkpoints/NAME (recurrent_lm.retrofit.ship_trained)."""
     import platform
 
@@ -75,7 +75,7 @@ def ship(args, run: Path, arm: dict, seconds: float) -> None:
                 "eval": {"problem_seed": EVAL_SEED, "n": args.n, "accuracy": accuracy,
                          "note": "measured on the float32 model that trained; the shipped tensors are bfloat16"}}
     out = BENCHMARKS.parent / "checkpoints" / args.ship
-    ship_trained(run / "model", out, args.source, trainable, manifest)
+    ship_trained(run / "model", out, args.source, trainable, manifest, retrofitted)
     print(f"shipped {out}")
 
 
@@ -130,7 +130,7 @@ def main() -> None:
                                  "rows": evaluate(run / "model", problems, args.depths, name)}
         args.out.write_text(json.dumps(results, indent=1))
         if args.ship and name == f"recurrent seed {seeds[0]}":
-            ship(args, run, results["arms"][name], seconds)
+            ship(args, run, results["arms"][name], seconds, retrofitted)
     curves = {"before (any depth)": results["before"], **{f"after: {n}": a["rows"] for n, a in results["arms"].items()}}
     for difficulty in args.difficulties:
         print(f"k={difficulty}: " + "; ".join(

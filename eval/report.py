@@ -119,9 +119,10 @@ def log_axis(ax) -> None:
     """Log x axis labelled at 1, 2 and 5 per decade only (matplotlib labels every minor tick of a narrow range,
     and the labels collide)."""
     ax.set_xscale("log")
-    from matplotlib.ticker import LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 2 and 2e+08, not 2x10^0
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 

@@ -263,16 +263,18 @@ def assembled(shipped: Path) -> Path:
     return built_once(f"{shipped.name}-{stat.st_size}-{source_stat.st_size}-{int(source_stat.st_mtime)}", build)
 
 
-def ship_trained(model_dir: Path, out: Path, source: str, trainable: list[str], manifest: dict) -> Path:
+def ship_trained(model_dir: Path, out: Path, source: str, trainable: list[str], manifest: dict,
+                 retrofitted: Path | None = None) -> Path:
     """Write what training changed in a retrofitted model (the parameters under the `trainable` prefixes, in
     bfloat16) and a manifest that says how to assemble the rest from `source` (its sha256, the retrofit's layer
     selection and options, read from the model directory): a shipped result that `assembled` turns back into the
-    whole model. `manifest` adds the recipe, seed, machine, wall time and metrics."""
+    whole model. `manifest` adds the recipe, seed, machine, wall time and metrics. `retrofitted`: the directory
+    `rlm retrofit` wrote (its retrofit.json), when model_dir is a trained export of it."""
     import torch
     from safetensors.torch import load_file, save_file
 
     model_dir, out = Path(model_dir), Path(out)
-    retrofit_info = json.loads((model_dir / "retrofit.json").read_text())
+    retrofit_info = json.loads((Path(retrofitted or model_dir) / "retrofit.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
     prefixes = tuple(prefix.rstrip(".") + "." for prefix in trainable)
     weights = load_file(model_dir / "model.safetensors")

