@@ -24,7 +24,8 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0) -> P
     # token 0 is <|endoftext|>, as in SmolLM2: transformers' reader adds it to a BPE vocabulary that lacks it
     tokens = (["<|endoftext|>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
               + ["Ġ", ".", ",", "Ġt", "he", "Ġthe"])
-    d, layers, heads, kv, ff, vocab = 64, 4, 4, 2, 128, len(tokens)
+    # spare embedding rows: older transformers readers add a few special tokens to the vocabulary (5.4: 5)
+    d, layers, heads, kv, ff, vocab = 64, 4, 4, 2, 128, len(tokens) + 16
     writer = gguf.GGUFWriter(str(path), architecture)
     for key, value in {"context_length": 128, "embedding_length": d, "block_count": layers,
                        "feed_forward_length": ff, "attention.head_count": heads, "attention.head_count_kv": kv,
@@ -36,7 +37,7 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0) -> P
         writer.add_uint32(f"tokenizer.ggml.{key}", value)
     writer.add_string("tokenizer.ggml.model", "gpt2")
     writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.token_type", [3, 3, 3] + [1] * (vocab - 3))
+    writer.add_array("tokenizer.ggml.token_type", [3, 3, 3] + [1] * (len(tokens) - 3))
     writer.add_array("tokenizer.ggml.merges", ["Ġ t", "h e", "Ġt he"])
 
     def weight(*shape):

@@ -196,7 +196,9 @@ def test_every_shipped_recipe_builds_on_cpu_and_a_gpu_recipe_trains_a_step(name,
                                                                               RecurrentDataModule)
     cli = build_cli(*classes, argv, prog="rlm finetune" if finetune else "rlm train")
     assert cli.trainer.strategy is not None and cli.model is not None and cli.datamodule is not None
-    if (recipe.get("trainer") or {}).get("accelerator") == "gpu":
+    fsdp2_on_old_torch = "FSDP2" in str((recipe.get("trainer") or {}).get("strategy")) and \
+        torch.torch_version.TorchVersion(torch.__version__) < "2.7"  # refused there, in one line (test_parallel.py)
+    if (recipe.get("trainer") or {}).get("accelerator") == "gpu" and not fsdp2_on_old_torch:
         cli = build_cli(*classes, argv + ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
                                           "--overwrite", "true"], prog="rlm train")
         fit_and_export(cli, cli.model.model, cli.datamodule.tokenizer, command="rlm train")
