@@ -30,7 +30,7 @@ from .config import ROPE_SCALINGS, RecurrentConfig, read_config_json
 from .options import DEPTH, ranges
 from .outputs import claimed_output
 from .model import RecurrentLM
-from .sources import built_once, file_sha256, is_gguf, load_gguf, safetensors_files, source_path
+from .sources import built_once, file_sha256, is_gguf, load_gguf, safetensors_files, save_tokenizer, source_path
 from .tasks import IntList, parse_int_list
 
 # model_type -> what distinguishes the family within the shared Llama layer layout
@@ -70,7 +70,7 @@ def read_source(src: str | Path):
         model, tokenizer = load_gguf(src)
         config = model.config.to_dict()
         require_family(config.get("model_type"), src)
-        return config, model.state_dict(), tokenizer.save_pretrained
+        return config, model.state_dict(), lambda directory: save_tokenizer(tokenizer, directory)
     src = Path(src)
     config = read_source_config(src)
 

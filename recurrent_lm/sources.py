@@ -90,6 +90,19 @@ def load_gguf(src: str | Path, tokenizer: bool = True):
     return plain.eval(), tok
 
 
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """Save a tokenizer read from a GGUF file, and read it back: some transformers releases (5.4 among them) save a
+    GGUF byte-level tokenizer that then reads text differently (spaces become unknown tokens), which would train and
+    score a model on garbled text without a word."""
+    from transformers import AutoTokenizer, __version__
+
+    tokenizer.save_pretrained(directory)
+    probe = "The capital of France is Paris. 12 + 30 = 42"
+    if AutoTokenizer.from_pretrained(directory)(probe).input_ids != tokenizer(probe).input_ids:
+        raise ValueError(f"transformers {__version__} saves this GGUF file's tokenizer so that it reads text "
+                         "differently from the original; upgrade transformers (pip install -U transformers)")
+
+
 def cache_dir() -> Path:
     if os.environ.get("RLM_CACHE"):
         return Path(os.environ["RLM_CACHE"])
@@ -135,7 +148,7 @@ def materialized(src: str | Path) -> Path:
     def build(directory: Path) -> None:
         model, tokenizer = load_gguf(path)
         model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
 
     return built_once(f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}", build)
 

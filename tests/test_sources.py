@@ -63,6 +63,8 @@ def test_a_gguf_file_retrofits_with_the_source_logits_at_one_step(tmp_path):
     source = write_tiny_gguf(tmp_path / "tiny.gguf")
     result = rlm("retrofit", str(source), str(tmp_path / "looped"), "--prelude", "1", "--core", "2", "--coda", "1",
                  "--skip_first_injection", "true")
+    if result.returncode == 1 and "reads text differently" in result.stderr:  # refused: a transformers bug
+        pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,8 +146,13 @@ def test_a_shipped_result_holds_what_training_changed_and_assembles_with_its_sou
 
     monkeypatch.setenv("RLM_CACHE", str(tmp_path / "cache"))
     source = write_tiny_gguf(tmp_path / "tiny.gguf")
-    trained_dir = retrofit(str(source), tmp_path / "looped", prelude=1, core=2, coda=1, layers="0,1,2,3",
-                           skip_first_injection=True)
+    try:
+        trained_dir = retrofit(str(source), tmp_path / "looped", prelude=1, core=2, coda=1, layers="0,1,2,3",
+                               skip_first_injection=True)
+    except ValueError as error:  # refused: a transformers release that saves GGUF tokenizers wrongly
+        if "reads text differently" not in str(error):
+            raise
+        pytest.skip(str(error))
     weights = load_file(trained_dir / "model.safetensors")  # "training": the loop moves, the rest does not
     torch.manual_seed(0)
     for name in weights:
