@@ -133,7 +133,7 @@ def models() -> None:
     import json
 
     from .recipes import checkpoints_dir
-    from .sources import INSTALLED, is_assembled
+    from .sources import EXTRA, INSTALLED, is_assembled
 
     rows = []
     for name in checkpoint_names():
@@ -149,7 +149,7 @@ def models() -> None:
     for name, (package, file, install) in INSTALLED.items():
         ready = importlib.util.find_spec(package) is not None and importlib.util.find_spec("gguf") is not None
         rows.append((name, f"installed source ({file}): a transformers causal LM",
-                     "ready" if ready else f"needs {install} and pip install -e \".[pretrained]\""))
+                     "ready" if ready else f"needs {install} and {EXTRA}"))
     width = max(len(row[0]) for row in rows)
     for name, kind, status in rows:
         print(f"{name:<{width}}  {kind}  [{status}]")

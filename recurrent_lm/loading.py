@@ -30,9 +30,10 @@ def model_dir(path: str | Path) -> Path:
 
 def model_type(path: str | Path) -> str | None:
     """The model_type of a model directory's config.json."""
-    if model_dir(path).is_file():
+    directory = model_dir(path)
+    if directory.is_file():
         raise NotADirectoryError(f"{path} is a file, not a model directory; give its folder ({Path(path).parent})")
-    config = model_dir(path) / "config.json"
+    config = directory / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (shipped checkpoints, "
                                 f"usable by name: {', '.join(checkpoint_names())})")

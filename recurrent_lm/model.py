@@ -147,8 +147,9 @@ class GatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # the two halves as two products of the fused weight's row blocks: contiguous outputs, and the same time
         gate, up = (F.linear(x, half) for half in self.fc.weight.chunk(2, dim=0))
-        hidden = F.silu(gate, inplace=not torch.is_grad_enabled())  # in place where autograd keeps nothing
-        return self.proj(hidden.mul_(up) if not torch.is_grad_enabled() else hidden * up)
+        if torch.is_grad_enabled():
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.silu(gate, inplace=True).mul_(up))  # in place where autograd keeps nothing
 
 
 class SandwichBlock(nn.Module):

@@ -19,7 +19,6 @@ both, so the model computes the same function with its own rotation.
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -246,17 +245,14 @@ def assembled(shipped: Path) -> Path:
         import torch
         from safetensors.torch import load_file, save_file
 
-        retrofit(recipe["source"], directory / "model", **recipe["retrofit"], overwrite=True)
-        weights = load_file(directory / "model" / "model.safetensors")
+        retrofit(recipe["source"], directory, **recipe["retrofit"], overwrite=True)
+        weights = load_file(directory / "model.safetensors")
         update = load_file(trained)
         unknown = sorted(set(update) - set(weights))
         if unknown:
             raise ValueError(f"{trained} holds tensors the retrofitted model has not: {unknown[:3]}")
         weights.update({name: tensor.to(torch.float32) for name, tensor in update.items()})
-        save_file(weights, directory / "model" / "model.safetensors", metadata={"format": "pt"})
-        for entry in (directory / "model").iterdir():
-            entry.rename(directory / entry.name)
-        (directory / "model").rmdir()
+        save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
         shutil.copy2(shipped / "manifest.json", directory / "manifest.json")
 
     stat, source_stat = trained.stat(), source.stat()  # a changed source is built (and checked) again
@@ -289,10 +285,7 @@ def ship_trained(model_dir: Path, out: Path, source: str, trainable: list[str], 
                            "mean_recurrence": config["mean_recurrence"],
                            "mean_backprop_depth": config["mean_backprop_depth"]},
               "trainable": list(trainable)}
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_file(trained, staging / "trained.safetensors", metadata={"format": "pt"})
-    (staging / "manifest.json").write_text(json.dumps({"assemble": recipe, **manifest}, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with claimed_output(out, option="OUT", overwrite=True, inputs=[model_dir], command="ship_trained") as output:
+        save_file(trained, output.path / "trained.safetensors", metadata={"format": "pt"})
+        (output.path / "manifest.json").write_text(json.dumps({"assemble": recipe, **manifest}, indent=1) + "\n")
     return out
