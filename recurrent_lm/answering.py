@@ -63,19 +63,27 @@ def accuracy(answers: Sequence[Answer]) -> float:
 
 def answer_flops(config, answer: Answer, max_steps: int, exit_criterion: str | None = None,
                  prompt_exit: bool = True) -> int:
-    """FLOPs a recurrent model spent on one answer, as if run alone: the prompt's forward pass (each position
-    charged the steps it ran), one forward per further generated token at its own depth, and the exit checks that
-    cost compute: the logit-lens passes of a logit-based criterion, or the learned gate's evaluations (after every
-    step a position ran but the last one possible). prompt_exit False: the prompt ran a fixed depth, without
-    checks."""
+    """FLOPs a recurrent model spent on one answer, as if run alone (`generated_flops`)."""
+    return generated_flops(config, answer.prompt_tokens, answer.new_tokens, answer.steps_per_token,
+                           answer.prompt_steps, max_steps, exit_criterion, prompt_exit)
+
+
+def generated_flops(config, prompt_tokens: int, new_tokens: int, steps_per_token: Sequence[int] | None,
+                    prompt_steps: Sequence[int] | None, max_steps: int, exit_criterion: str | None = None,
+                    prompt_exit: bool = True) -> int:
+    """FLOPs a recurrent model spent generating one sequence, as if run alone: the prompt's forward pass (each
+    position charged the steps it ran), one forward per further generated token at its own depth, and the exit
+    checks that cost compute: the logit-lens passes of a logit-based criterion, or the learned gate's evaluations
+    (after every step a position ran but the last one possible). prompt_exit False: the prompt ran a fixed depth,
+    without checks. Steps default to max_steps where not recorded."""
     rule = AdaptiveExit(exit_criterion) if exit_criterion is not None else None
     lens, gate = (rule is not None and rule.needs_logits), (rule is not None and rule.criterion == "gate")
 
     def checks(steps_run: list[int], costly: bool) -> list[int]:
         return [min(s, max_steps - 1) if costly else 0 for s in steps_run]
 
-    steps = answer.steps_per_token or [max_steps] * answer.new_tokens
-    prompt = answer.prompt_steps or [steps[0]] * answer.prompt_tokens
-    return generation_flops(config, answer.prompt_tokens, steps, prompt_steps=prompt,
+    steps = list(steps_per_token or [max_steps] * new_tokens)
+    prompt = list(prompt_steps or [steps[0] if steps else max_steps] * prompt_tokens)
+    return generation_flops(config, prompt_tokens, steps, prompt_steps=prompt,
                             lens_decodes=checks(steps, lens), prompt_lens_decodes=checks(prompt, lens and prompt_exit),
                             gate_checks=checks(steps, gate), prompt_gate_checks=checks(prompt, gate and prompt_exit)).flops

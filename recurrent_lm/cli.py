@@ -33,6 +33,7 @@ COMMANDS: dict = {
     "label-steps": ("recurrent_lm.eval.step_labels:label_steps", False),
     "select-traces": ("recurrent_lm.train.selection:select_traces", False),
     "demo": ("recurrent_lm.eval.demo:demo", False),
+    "serve": ("recurrent_lm.serving:serve", False),
     "tasks": {"list": ("recurrent_lm.commands:tasks_list", False),
               "sample": ("recurrent_lm.commands:tasks_sample", True),
               "export": ("recurrent_lm.commands:tasks_export", True)},
@@ -60,6 +61,8 @@ HELP = {
                      "write them as JSONL.",
     "demo": "Train (or load) the two studies' tiny latent and CoT models, compare depth, budget and votes on "
             "held-out",
+    "serve": "Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) with per-request "
+             "depth.",
     "tasks list": "List the reasoning tasks with their difficulty ranges.",
     "tasks sample": "Print problems as the model sees them: the prompt, then the completion it learns after \"|\".",
     "tasks export": "Write a fixed problem set to JSONL, to share and reuse as a test set (`--problems FILE` "
