@@ -27,11 +27,13 @@ import asyncio
 import json
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -464,10 +466,10 @@ class ServeSpec(LitSpec):
     """/v1/completions, /v1/chat/completions and /v1/models on one queue (LitServe's OpenAISpec serves chat only,
     without logprobs, and drops unknown fields)."""
 
-    def __init__(self, model_path: str, served: str, defaults: dict, cancelled):
+    def __init__(self, model_path: str, served: str, defaults: dict, shared: "Shared"):
         super().__init__()
         self.api_path = "/v1/completions"
-        self.model_path, self.served, self.defaults, self.cancelled = model_path, served, defaults, cancelled
+        self.model_path, self.served, self.defaults, self.shared = model_path, served, defaults, shared
         self.tokenizer = self.config = None
 
     @property
@@ -548,20 +550,26 @@ class ServeSpec(LitSpec):
     def submit(self, jobs: list[dict]) -> list:
         streams = []
         for job in jobs:
+            self.shared.inflight[job["id"]] = True  # a shutdown waits for it
             q, event = deque(), asyncio.Event()
             self.response_buffer[job["id"]] = ResponseBufferItem(response_queue=q, event=event)
             self.request_queue.put((self.response_queue_id, job["id"], time.monotonic(), job))
             streams.append(self.data_streamer(q, event, send_status=True))
         return streams
 
-    async def events(self, stream):
-        async for data, status in stream:
-            if status == LitAPIStatus.ERROR:
-                raise RuntimeError(f"the model failed on this request: {data}")
-            if data:
-                yield json.loads(data)
+    async def events(self, job, stream):
+        try:
+            async for data, status in stream:
+                if status == LitAPIStatus.ERROR:
+                    raise RuntimeError(f"the model failed on this request: {data}")
+                if data:
+                    yield json.loads(data)
+        finally:
+            self.shared.inflight.pop(job["id"], None)
 
     async def respond(self, request, chat: bool, background_tasks: BackgroundTasks):
+        if self.shared.draining.is_set():
+            return JSONResponse(error_body("the server is shutting down", kind="server_error"), status_code=503)
         try:
             jobs = self.jobs(request, chat)
         except ValueError as error:  # BadRequest, or the tokenizer refusing the text (outside its alphabet)
@@ -592,7 +600,7 @@ class ServeSpec(LitSpec):
 
     async def collect(self, job, stream) -> tuple[str, dict]:
         text, final = "", {}
-        async for event in self.events(stream):
+        async for event in self.events(job, stream):
             text += event.get("text", "")
             if "finish_reason" in event:
                 final = event
@@ -604,7 +612,7 @@ class ServeSpec(LitSpec):
 
         async def pump(job, stream):
             try:
-                async for event in self.events(stream):
+                async for event in self.events(job, stream):
                     await merged.put((job, event))
             except RuntimeError as error:
                 await merged.put((job, {"error": str(error)}))
@@ -644,7 +652,7 @@ class ServeSpec(LitSpec):
         finally:  # a client gone mid-stream: its rows stop at their next token
             for job in jobs:
                 if job["id"] not in finals:
-                    self.cancelled[job["id"]] = True
+                    self.shared.cancelled[job["id"]] = True
             for task in tasks:
                 task.cancel()
 
@@ -672,19 +680,33 @@ def usage(jobs: list[dict], finals: list[dict]) -> dict:
     return result
 
 
+@dataclass
+class Shared:
+    """State the HTTP processes, the inference worker and the main process share (multiprocessing proxies)."""
+
+    cancelled: dict  # job ids whose client went away: their rows stop at the next token
+    inflight: dict  # job ids submitted and not yet answered: a shutdown waits for them
+    draining: object  # an Event: set on shutdown, new requests then get a 503
+
+    @classmethod
+    def create(cls) -> "Shared":
+        manager = multiprocessing.get_context("spawn").Manager()
+        return cls(manager.dict(), manager.dict(), manager.Event())
+
+
 class ServedModel(LitAPI):
     """The inference worker: loads the model once and runs each batch of jobs through a Runner."""
 
-    def __init__(self, model_path: str, cancelled, **kwargs):
+    def __init__(self, model_path: str, shared: "Shared", **kwargs):
         super().__init__(**kwargs)
-        self.model_path, self.cancelled = model_path, cancelled
+        self.model_path, self.shared = model_path, shared
 
     def setup(self, device):
         from .loading import load_any_causal_lm, load_tokenizer
         tokenizer = load_tokenizer(self.model_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.runner = Runner(load_any_causal_lm(self.model_path).eval(), tokenizer, self.cancelled)
+        self.runner = Runner(load_any_causal_lm(self.model_path).eval(), tokenizer, self.shared.cancelled)
 
     def decode_request(self, request):
         return request
@@ -697,7 +719,7 @@ class ServedModel(LitAPI):
             yield from self.runner.run(jobs)
         finally:
             for job in jobs:
-                self.cancelled.pop(job["id"], None)
+                self.shared.cancelled.pop(job["id"], None)
 
     def unbatch(self, output):
         yield from output
@@ -710,7 +732,7 @@ def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
           name: str | None = None, num_steps: int | None = None, init_scale: float | None = None,
           exit_criterion: Literal[CRITERIA] | None = None, exit_threshold: float | None = None,  # type: ignore[valid-type]
           max_batch_size: int = 16, batch_timeout: float = 0.01, timeout: float = 120.0,
-          log_level: str = "warning") -> None:
+          drain_timeout: float = 60.0, log_level: str = "warning") -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) with per-request depth.
 
     Args:
@@ -727,6 +749,7 @@ def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
         max_batch_size: requests run together in one batch at most.
         batch_timeout: seconds the worker waits to fill a batch.
         timeout: seconds a request may wait in the queue before a 504.
+        drain_timeout: on SIGTERM or Ctrl-C, seconds to finish the requests in flight (new ones get a 503).
         log_level: uvicorn's and LitServe's log level.
     """
     from .loading import load_tokenizer, model_dir
@@ -740,10 +763,9 @@ def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
     served = name or (model if not Path(model).exists() else Path(model).resolve().name)
     defaults = {k: v for k, v in dict(num_steps=num_steps, init_scale=init_scale, exit_criterion=exit_criterion,
                                       exit_threshold=exit_threshold).items() if v is not None}
-    manager = multiprocessing.get_context("spawn").Manager()
-    cancelled = manager.dict()
-    spec = ServeSpec(str(directory), served, defaults, cancelled)
-    api = ServedModel(str(directory), cancelled, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+    shared = Shared.create()
+    spec = ServeSpec(str(directory), served, defaults, shared)
+    api = ServedModel(str(directory), shared, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                       api_path="/v1/completions", spec=spec)
     server = LitServer(api, accelerator="cpu" if not torch.cuda.is_available() else "auto", timeout=timeout)
 
@@ -761,4 +783,19 @@ def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
     server.app.add_exception_handler(HTTPException, http_error)
     print(f"serving {served} ({directory}) on http://{host}:{port}/v1 (completions, chat/completions, models)",
           flush=True)
+
+    def drain(signum, frame):
+        """SIGTERM (or Ctrl-C): refuse new requests, finish the ones in flight (up to `drain_timeout` seconds), then
+        LitServe's own graceful shutdown."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        shared.draining.set()
+        deadline = time.monotonic() + drain_timeout
+        while len(shared.inflight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(f"shut down ({len(shared.inflight)} requests unfinished)", flush=True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
     server.run(host=host, port=port, num_api_servers=1, log_level=log_level, generate_client_file=False)

@@ -50,6 +50,31 @@ metric_list:
     return folder
 
 
+def permutation_choice_task(folder: Path) -> Path:
+    """A local multiple-choice task "rlm_perm": 24 permutation problems (k = 1, 2), the composed permutation among
+    four candidates (its digits shuffled)."""
+    import random
+
+    from recurrent_lm.data import heldout_problems
+    from recurrent_lm.tasks import get_task
+
+    rng, rows = random.Random(0), []
+    for problem in heldout_problems(["permutation"], [1, 2], 12, seed=777):
+        wrong = set()
+        while len(wrong) < 3:
+            candidate = "".join(rng.sample(problem.answer, len(problem.answer)))
+            if candidate != problem.answer:
+                wrong.add(candidate)
+        choices = [problem.answer, *sorted(wrong)]
+        rng.shuffle(choices)
+        rows.append({"question": get_task("permutation").prompt(problem), "choices": choices,
+                     "answer": choices.index(problem.answer)})
+    data = folder / "perm.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_task(folder, "rlm_perm", data)
+    return folder
+
+
 @pytest.fixture
 def task_dir(tmp_path):
     return write_task(tmp_path, "rlm_toy", TOY)
@@ -78,25 +103,7 @@ def test_every_call_runs_at_the_requested_depth(model_dir):
 def test_a_shipped_model_scores_on_a_task_it_solves(tmp_path):
     """The saved tokenizer itself puts bos first, so lm-eval feeds the ids the model was trained on: the demo model
     picks the composed permutation out of four (chance 0.25) as it does through the project's own evaluation."""
-    import random
-
-    from recurrent_lm.data import heldout_problems
-    from recurrent_lm.tasks import get_task
-
-    rng, rows = random.Random(0), []
-    for problem in heldout_problems(["permutation"], [1, 2], 12, seed=777):
-        wrong = set()
-        while len(wrong) < 3:
-            candidate = "".join(rng.sample(problem.answer, len(problem.answer)))
-            if candidate != problem.answer:
-                wrong.add(candidate)
-        choices = [problem.answer, *sorted(wrong)]
-        rng.shuffle(choices)
-        rows.append({"question": get_task("permutation").prompt(problem), "choices": choices,
-                     "answer": choices.index(problem.answer)})
-    data = tmp_path / "perm.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    write_task(tmp_path, "rlm_perm", data)
+    permutation_choice_task(tmp_path)
     result = lm_eval_sweep("demo-latent", "rlm_perm", steps="4", out=tmp_path / "out", include_path=tmp_path)
     accuracy = next(r["value"] for r in result["rows"] if r["metric"] == "acc")
     assert accuracy >= 0.9  # 24 problems; without bos the same model scored near chance

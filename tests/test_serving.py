@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -184,6 +185,31 @@ def test_a_client_gone_mid_stream_leaves_the_server_serving(server, client, loca
     assert reply.choices[0].text == generate_locally(local, PROMPTS[1], 4)[0]
 
 
+def test_shutdown_finishes_the_requests_in_flight_and_refuses_new_ones(server):
+    """Last of the server tests: SIGTERM stops this module's server."""
+    base, process = server
+    replies = {}
+
+    def slow():
+        replies["slow"] = httpx.post(f"{base}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": PROMPTS[-1], "max_tokens": 8, "num_steps": 400, "init_scale": 0,
+            "temperature": 0})
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(1.0)  # queued and running
+    process.terminate()
+    time.sleep(0.5)
+    try:
+        late = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0]}, timeout=30)
+        assert late.status_code == 503
+    except httpx.TransportError:
+        pass  # or the listener is already closed
+    thread.join()
+    assert replies["slow"].status_code == 200 and replies["slow"].json()["usage"]["core_steps_per_token"] == 400
+    process.wait(timeout=60)
+
+
 # --- the pieces, in-process -------------------------------------------------------------------------------------------
 
 
@@ -236,3 +262,41 @@ def test_budget_forcing_per_request_on_a_chain_of_thought_model():
     (event,) = list(Runner(model, tok).run([job]))[-1]
     assert event["thinking_tokens"] <= 6 and "</think>" in event["text"]
     assert event["flops"] > 0
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_the_served_model_as_rlm_lm_eval_does(tmp_path):
+    """lm-eval's own API backend (loglikelihood with echo and logprobs, the depth in the model name) against the
+    in-process `rlm lm-eval` on the same multiple-choice task."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from recurrent_lm.eval.lm_eval import lm_eval_sweep
+    from recurrent_lm.loading import model_dir
+    from tests.test_lm_eval import permutation_choice_task
+
+    permutation_choice_task(tmp_path)
+    local = lm_eval_sweep(MODEL, "rlm_perm", steps="4", out=tmp_path / "out", include_path=tmp_path)
+    local_acc = next(r["value"] for r in local["rows"] if r["metric"] == "acc")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "recurrent_lm.cli", "serve", "--model", MODEL, "--port",
+                                str(port), "--init_scale", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        served = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["rlm_perm"], task_manager=TaskManager(include_path=str(tmp_path)),
+            model_args={"model": f"{MODEL}@4", "base_url": f"http://127.0.0.1:{port}/v1/completions",
+                        "tokenizer": str(model_dir(MODEL)), "tokenizer_backend": "huggingface",
+                        "add_bos_token": True, "num_concurrent": 4, "max_retries": 1})
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    served_acc = served["results"]["rlm_perm"]["acc,none"]
+    assert served_acc == pytest.approx(local_acc, abs=1 / 24)  # 24 documents: at most one flips
