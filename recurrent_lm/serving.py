@@ -217,6 +217,12 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(found)], True) if found else (text, False)
 
 
+def held_back(text: str, stops: list[str]) -> int:
+    """The length of the longest ending of `text` that begins some stop string (it may yet become one)."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if stop.startswith(text[-n:])), default=0)
+
+
 class QueueStreamer:
     """A transformers streamer that hands each step's new tokens to the thread reading them."""
 
@@ -340,14 +346,13 @@ class Runner:
         return None
 
     def visible_text(self, ids: list[int], stops: list[str], final: bool) -> str:
-        """What may be sent so far: up to a stop string; while going on, never a possible stop's start or a
-        half-decoded character."""
+        """What may be sent so far: up to a stop string; while going on, never a half-decoded character or an ending
+        that may be the start of a stop string."""
         text, found = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops)
         if final or found:
             return text
         text = text.rstrip("\ufffd")
-        hold = max((len(s) - 1 for s in stops), default=0)
-        return text[: len(text) - hold] if hold else text
+        return text[: len(text) - held_back(text, stops)]
 
     def final_event(self, i: int, job: dict, ids: list[int], sent: str, reason: str, out, batch) -> dict:
         text = self.visible_text(ids, job["stop"], final=True)

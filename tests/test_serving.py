@@ -266,9 +266,11 @@ def test_budget_forcing_per_request_on_a_chain_of_thought_model():
 
 @pytest.mark.slow
 def test_lm_eval_local_completions_scores_the_served_model_as_rlm_lm_eval_does(tmp_path):
-    """lm-eval's own API backend (loglikelihood with echo and logprobs, the depth in the model name) against the
-    in-process `rlm lm-eval` on the same multiple-choice task."""
+    """lm-eval's own API backend against the in-process `rlm lm-eval` on the same tasks at the same depth:
+    loglikelihood (echo and logprobs; the depth in the model name) and generation (exact match)."""
     pytest.importorskip("lm_eval")
+    import json
+
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -277,8 +279,30 @@ def test_lm_eval_local_completions_scores_the_served_model_as_rlm_lm_eval_does(t
     from tests.test_lm_eval import permutation_choice_task
 
     permutation_choice_task(tmp_path)
-    local = lm_eval_sweep(MODEL, "rlm_perm", steps="4", out=tmp_path / "out", include_path=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "perm.jsonl").read_text().splitlines()]
+    (tmp_path / "perm-gen.jsonl").write_text("".join(
+        json.dumps({"question": r["question"], "answer": r["choices"][r["answer"]]}) + "\n" for r in rows))
+    (tmp_path / "rlm_perm_gen.yaml").write_text(f"""task: rlm_perm_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "perm-gen.jsonl"}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["<eos>"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    local = lm_eval_sweep(MODEL, "rlm_perm,rlm_perm_gen", steps="4", out=tmp_path / "out", include_path=tmp_path)
     local_acc = next(r["value"] for r in local["rows"] if r["metric"] == "acc")
+    local_match = next(r["value"] for r in local["rows"] if r["metric"] == "exact_match")
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "recurrent_lm.cli", "serve", "--model", MODEL, "--port",
                                 str(port), "--init_scale", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -291,12 +315,30 @@ def test_lm_eval_local_completions_scores_the_served_model_as_rlm_lm_eval_does(t
             except httpx.HTTPError:
                 time.sleep(0.5)
         served = lm_eval.simple_evaluate(
-            model="local-completions", tasks=["rlm_perm"], task_manager=TaskManager(include_path=str(tmp_path)),
+            model="local-completions", tasks=["rlm_perm", "rlm_perm_gen"],
+            task_manager=TaskManager(include_path=str(tmp_path)),
             model_args={"model": f"{MODEL}@4", "base_url": f"http://127.0.0.1:{port}/v1/completions",
                         "tokenizer": str(model_dir(MODEL)), "tokenizer_backend": "huggingface",
                         "add_bos_token": True, "num_concurrent": 4, "max_retries": 1})
     finally:
         process.terminate()
-        process.wait(timeout=30)
-    served_acc = served["results"]["rlm_perm"]["acc,none"]
-    assert served_acc == pytest.approx(local_acc, abs=1 / 24)  # 24 documents: at most one flips
+        process.wait(timeout=60)
+    print(f"acc: served {served['results']['rlm_perm']['acc,none']}, in-process {local_acc}; exact match: served "
+          f"{served['results']['rlm_perm_gen']['exact_match,none']}, in-process {local_match}")
+    assert served["results"]["rlm_perm"]["acc,none"] == pytest.approx(local_acc, abs=1 / 24)  # one problem at most
+    assert served["results"]["rlm_perm_gen"]["exact_match,none"] == pytest.approx(local_match, abs=1 / 24)
+    assert local_match >= 0.8  # the generation task is one the model solves: a match of two zeros proves nothing
+
+
+
+
+def test_streamed_pieces_add_up_to_the_text_cut_at_a_stop_string(local):
+    model, tok = local
+    answer = get_task("permutation").completion(PROBLEMS[-1]).replace("<eos>", "")
+    settings = dict(served=MODEL, defaults={"num_steps": 16, "init_scale": 0}, max_positions=256, recurrent=True,
+                    has_thinking=False, chat=False)
+    ids = tok(PROMPTS[-1]).input_ids
+    for stop, expected in [(["<eos>"], answer), ([answer[2:4]], answer[:2]), ([answer[1:3], "x"], answer[:1])]:
+        (job,) = make_jobs(request(max_tokens=8, temperature=0, stop=stop), [ids], [PROMPTS[-1]], **settings)
+        pieces = [events[0]["text"] for events in Runner(model, tok).run([job]) if events[0]]
+        assert "".join(pieces) == expected, (stop, pieces)
