@@ -2,6 +2,7 @@
 run in-process (greedy, zero initial state: the server's text must be generate's text at the same depth)."""
 
 import concurrent.futures
+import contextlib
 import os
 import socket
 import subprocess
@@ -33,12 +34,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def running_server(*options: str):
+    """`rlm serve --model MODEL` on a free loopback port, healthy; SIGTERM (a drain) when the block ends."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "recurrent_lm.cli", "serve", "--model", MODEL, "--port",
-                                str(port), "--max_batch_size", "16", "--batch_timeout", "0.05"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                str(port), *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -54,9 +55,17 @@ def server():
     else:
         process.kill()
         pytest.fail("rlm serve did not become healthy in 120 s")
-    yield base, process
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield base, process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server("--max_batch_size", "16", "--batch_timeout", "0.05") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -303,26 +312,13 @@ metric_list:
     local = lm_eval_sweep(MODEL, "rlm_perm,rlm_perm_gen", steps="4", out=tmp_path / "out", include_path=tmp_path)
     local_acc = next(r["value"] for r in local["rows"] if r["metric"] == "acc")
     local_match = next(r["value"] for r in local["rows"] if r["metric"] == "exact_match")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "recurrent_lm.cli", "serve", "--model", MODEL, "--port",
-                                str(port), "--init_scale", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with running_server("--init_scale", "0") as (base, _):
         served = lm_eval.simple_evaluate(
             model="local-completions", tasks=["rlm_perm", "rlm_perm_gen"],
             task_manager=TaskManager(include_path=str(tmp_path)),
-            model_args={"model": f"{MODEL}@4", "base_url": f"http://127.0.0.1:{port}/v1/completions",
+            model_args={"model": f"{MODEL}@4", "base_url": f"{base}/v1/completions",
                         "tokenizer": str(model_dir(MODEL)), "tokenizer_backend": "huggingface",
                         "add_bos_token": True, "num_concurrent": 4, "max_retries": 1})
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
     print(f"acc: served {served['results']['rlm_perm']['acc,none']}, in-process {local_acc}; exact match: served "
           f"{served['results']['rlm_perm_gen']['exact_match,none']}, in-process {local_match}")
     assert served["results"]["rlm_perm"]["acc,none"] == pytest.approx(local_acc, abs=1 / 24)  # one problem at most
