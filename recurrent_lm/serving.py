@@ -757,17 +757,22 @@ def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
         drain_timeout: on SIGTERM or Ctrl-C, seconds to finish the requests in flight (new ones get a 503).
         log_level: uvicorn's and LitServe's log level.
     """
-    from .loading import load_tokenizer, model_dir
     from .depth import check_count
+    from .loading import load_tokenizer, model_dir, model_type
     check_count(port, "port", minimum=1024)
     if port > 65535:
         raise ValueError(f"port must be 1024..65535, got {port}")
     check_count(max_batch_size, "max_batch_size")
-    load_tokenizer(model)  # a bad --model fails now, in one line, before any process starts
+    kind = model_type(model)  # a bad --model fails now, in one line, before any process starts
+    load_tokenizer(model)
     directory = model_dir(model)
-    served = name or (model if not Path(model).exists() else Path(model).resolve().name)
     defaults = {k: v for k, v in dict(num_steps=num_steps, init_scale=init_scale, exit_criterion=exit_criterion,
                                       exit_threshold=exit_threshold).items() if v is not None}
+    if defaults and kind != "recurrent_lm":
+        raise ValueError(f"--{next(iter(defaults))} sets a recurrent model's depth; {model} is not a RecurrentLM")
+    from .generation import check_generation_args
+    check_generation_args(num_steps, None, exit_criterion, exit_threshold, 1, None, 4)
+    served = name or (model if not Path(model).exists() else Path(model).resolve().name)
     shared = Shared.create()
     spec = ServeSpec(str(directory), served, defaults, shared)
     api = ServedModel(str(directory), shared, max_batch_size=max_batch_size, batch_timeout=batch_timeout,

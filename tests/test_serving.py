@@ -338,3 +338,40 @@ def test_streamed_pieces_add_up_to_the_text_cut_at_a_stop_string(local):
         (job,) = make_jobs(request(max_tokens=8, temperature=0, stop=stop), [ids], [PROMPTS[-1]], **settings)
         pieces = [events[0]["text"] for events in Runner(model, tok).run([job]) if events[0]]
         assert "".join(pieces) == expected, (stop, pieces)
+
+
+def test_any_transformers_causal_lm_is_served_without_depth_fields():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recurrent_lm.flops import causal_lm_generation_flops
+    from recurrent_lm.tasks import task_tokenizer
+
+    tok = task_tokenizer(["permutation"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)).eval()
+    settings = dict(served="llama", defaults={}, max_positions=64, recurrent=False, has_thinking=False, chat=False)
+    ids = tok(PROMPTS[0]).input_ids
+    jobs = make_jobs(CompletionRequest(model="llama", prompt=PROMPTS[0], max_tokens=4, temperature=0, n=2), [ids],
+                     [PROMPTS[0]], **settings)
+    events = list(Runner(model, tok).run(jobs))
+    final = events[-1]
+    texts = ["".join(step[i]["text"] for step in events if step[i]) for i in range(len(jobs))]
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+    expected = expected[: expected.index(tok.eos_token_id)] if tok.eos_token_id in expected else expected
+    for text, event in zip(texts, final):
+        assert text == tok.decode(expected, skip_special_tokens=True)
+        assert event["flops"] == causal_lm_generation_flops(model, len(ids), event["completion_tokens"])
+        assert "core_steps_per_token" not in event
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_steps": 0}, "num_steps"), ({"port": 80}, "port"), ({"exit_threshold": 0.1}, "exit_criterion"),
+    ({"model": "no-such-model-dir"}, "not a model directory"),
+])
+def test_serve_refuses_bad_options_before_starting(options, message):
+    from recurrent_lm.serving import serve
+
+    with pytest.raises((ValueError, FileNotFoundError, NotADirectoryError), match=message):
+        serve(**{"model": MODEL, **options})
