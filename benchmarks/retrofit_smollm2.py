@@ -128,7 +128,7 @@ def collect(out: Path) -> dict:
     for k in range(1, 7):
         series = {}
         for name, arm in results["arms"].items():
-            for method in sorted({r["method"] for r in arm["rows"]}):
+            for method in sorted({r["method"] for r in arm["rows"]} - {"latent-oracle"}):  # oracle: in the JSON
                 rows = [r for r in arm["rows"] if r["difficulty"] == k and r["method"] == method
                         and not (name == "chain of thought" and method == "latent")]
                 if rows:
