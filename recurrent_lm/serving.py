@@ -2,7 +2,8 @@
 test-time compute knobs per request.
 
     rlm serve --model demo-latent --port 8000
-    curl http://127.0.0.1:8000/v1/completions -d '{"model": "demo-latent", "prompt": "a=3;b=a+4;b?", "num_steps": 16}'
+    curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
+        -d '{"model": "demo-latent", "prompt": "20413.12340?", "num_steps": 16, "init_scale": 0}'
 
 The engine is LitServe (Lightning's server): its HTTP processes validate and queue requests, an inference worker
 collects up to `max_batch_size` of them (waiting `batch_timeout` seconds) and runs them as left-padded batches. What
@@ -19,8 +20,9 @@ chain-of-thought model s1 budget forcing: max_thinking_tokens, min_thinking_toke
 `NAME@16` sets num_steps where the body does not (lm-eval sends no depth field).
 
 A batch runs as groups of rows that share their settings (depth, sampling, seed, budget): each group is one
-generate call whose rows stop at their own max_tokens, stop strings or disconnection (a finished row computes
-nothing more per position under adaptive exit; under a fixed depth it rides along as padding until its group ends).
+generate call whose rows stop at their own max_tokens, stop strings or disconnection (under adaptive exit each
+position computes only the steps it runs; a finished row rides along as padding until its group ends, and its
+usage charges only its own tokens).
 """
 
 import asyncio
