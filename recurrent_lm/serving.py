@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .adaptive import CRITERIA
+from .options import DEPTH, ranges
 
 try:  # the engine: pip install -e ".[serve]"
     from fastapi import BackgroundTasks
@@ -735,6 +736,8 @@ class ServedModel(LitAPI):
         yield from output
 
 
+@ranges(port="[1024, 65535]", num_steps=DEPTH, init_scale=">= 0", exit_threshold="> 0", max_batch_size=">= 1",
+        batch_timeout=">= 0", timeout="> 0", drain_timeout=">= 0")
 def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1", port: int = 8000,
           name: str | None = None, num_steps: int | None = None, init_scale: float | None = None,
           exit_criterion: Literal[CRITERIA] | None = None, exit_threshold: float | None = None,  # type: ignore[valid-type]
@@ -759,12 +762,7 @@ def serve(model: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
         drain_timeout: on SIGTERM or Ctrl-C, seconds to finish the requests in flight (new ones get a 503).
         log_level: uvicorn's and LitServe's log level.
     """
-    from .depth import check_count
     from .loading import load_tokenizer, model_dir, model_type
-    check_count(port, "port", minimum=1024)
-    if port > 65535:
-        raise ValueError(f"port must be 1024..65535, got {port}")
-    check_count(max_batch_size, "max_batch_size")
     kind = model_type(model)  # a bad --model fails now, in one line, before any process starts
     load_tokenizer(model)
     directory = model_dir(model)
