@@ -71,8 +71,8 @@ ARMS = {
                  f"--trainer.default_root_dir {COT_RUN}",
         "run": COT_RUN,
         "eval": f"rlm compare --latent smollm2-recurrent --cot {COT_RUN}/model {EVAL} --steps 1,2,4,8 "
-                "--exit_criterion none --budgets 0,8,16,32,64 --votes 1,4,8 --vote_budget 64 "
-                "--methods latent,budget,majority --trained_max_difficulty 4"},
+                "--exit_criterion none --budgets 0,16,32,64 --votes 1,4 --vote_budget 64 "
+                "--methods budget,majority --trained_max_difficulty 4"},
 }
 PREPARE = [f"rlm retrofit smollm2-135m-instruct {LOOPED} {SPLIT}",
            f"rlm retrofit smollm2-135m-instruct {WHOLE} --prelude 10 --core 10 --coda 10 --skip_first_injection true",
@@ -110,13 +110,17 @@ def collect(out: Path) -> dict:
                "eval": EVAL + " (k = 1: 120 distinct problems, its test problems are training problems)",
                "machine": "x86_64 Linux, 2-core VM, torch 2.13.0+cpu, float32, runs beside other work",
                "prepare": PREPARE, "arms": {}}
+    earlier = json.loads(out.read_text())["arms"] if out.is_file() else {}
     for name, arm in ARMS.items():
         evaluated = evaluation_dir(name) / "results.json"
         if not evaluated.is_file():
             print(f"{name}: not evaluated yet ({evaluated})")
             continue
         config = arm["run"] / "version_0" / "config.yaml"
-        flops = training_flops(config) if config.is_file() else None
+        if earlier.get(name, {}).get("train") == arm["train"] and earlier[name].get("training_flops"):
+            flops = {k: earlier[name][k] for k in ("training_flops", "optimizer_steps")}  # measured before
+        else:
+            flops = training_flops(config) if config.is_file() else None
         rows = [{k: r[k] for k in ("method", "setting", "difficulty", "n", "accuracy", "ci_low", "ci_high",
                                    "flops_per_problem") if k in r}
                 for r in json.loads(evaluated.read_text())["rows"]]
