@@ -191,26 +191,29 @@ def make_jobs(request: Sampling, prompts: list[list[int]], texts: list[str], ser
 # --- the batch runner (inference worker) ------------------------------------------------------------------------------
 
 
+def finish_reason(job: dict, generated: list[int], tokenizer, cancelled) -> str | None:
+    """Why a row ends after these generated tokens (eos aside): a stop string, its max_tokens, or its client gone."""
+    if job["stop"] and cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), job["stop"])[1]:
+        return "stop"
+    if len(generated) >= job["max_tokens"]:
+        return "length"
+    if job["id"] in cancelled:
+        return "cancelled"
+    return None
+
+
 class RowStops:
-    """transformers stopping criterion, per row: its own max_tokens, stop strings, or a cancelled request."""
+    """transformers stopping criterion, per row: `finish_reason`, applied inside generate."""
 
     def __init__(self, jobs: list[dict], prompt_length: int, tokenizer, cancelled):
         self.jobs, self.prompt_length, self.tokenizer, self.cancelled = jobs, prompt_length, tokenizer, cancelled
         self.done = [False] * len(jobs)
-        self.reason = [None] * len(jobs)
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        produced = input_ids.shape[1] - self.prompt_length
         for i, job in enumerate(self.jobs):
-            if self.done[i]:
-                continue
-            if job["id"] in self.cancelled:
-                self.done[i], self.reason[i] = True, "cancelled"
-            elif produced >= job["max_tokens"]:
-                self.done[i], self.reason[i] = True, "length"
-            elif job["stop"] and cut_at_stop(self.tokenizer.decode(input_ids[i, self.prompt_length:],
-                                                                   skip_special_tokens=True), job["stop"])[1]:
-                self.done[i], self.reason[i] = True, "stop"
+            if not self.done[i]:
+                generated = input_ids[i, self.prompt_length:].tolist()
+                self.done[i] = finish_reason(job, generated, self.tokenizer, self.cancelled) is not None
         return torch.tensor(self.done, device=input_ids.device)
 
 
@@ -336,17 +339,11 @@ class Runner:
 
     def take(self, job: dict, generated: list[int], token: int) -> str | None:
         """Add a generated token to a row (eos stays out of its text); the row's finish reason if it ends here
-        (the same rules RowStops makes generate apply)."""
+        (`finish_reason`, the rule RowStops makes generate apply)."""
         if token == self.tokenizer.eos_token_id:
             return "eos"
         generated.append(token)
-        if job["stop"] and cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), job["stop"])[1]:
-            return "stop"
-        if len(generated) >= job["max_tokens"]:
-            return "length"
-        if job["id"] in self.cancelled:
-            return "cancelled"
-        return None
+        return finish_reason(job, generated, self.tokenizer, self.cancelled)
 
     def visible_text(self, ids: list[int], stops: list[str], final: bool) -> str:
         """What may be sent so far: up to a stop string; while going on, never a half-decoded character or an ending
