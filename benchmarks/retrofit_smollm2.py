@@ -46,12 +46,12 @@ def recurrent(seed: int) -> dict:
             "run": run, "eval": f"rlm sweep --model {model} {EVAL} --steps 1,2,4,8 --exit_criteria []"}
 
 
-def trained_as(name: str, init: Path, steps: int, extra: str) -> dict:
+def trained_as(name: str, init: Path, steps: int, extra: str, depths: str = "1,2,4,8") -> dict:
     run = RUNS / name
     return {"train": f"rlm train --config retrofit-smollm2 --model.init_from {init} --data.tokenizer {init} "
                      f"--trainer.max_steps {steps} --model.fixed_num_steps 1 --model.recurrence_curriculum null {extra} "
                      f"--trainer.default_root_dir {run} --trainer.logger.init_args.save_dir {run}",
-            "run": run, "eval": f"rlm sweep --model {run}/model {EVAL} --steps 1,2,4,8 --exit_criteria []"}
+            "run": run, "eval": f"rlm sweep --model {run}/model {EVAL} --steps {depths} --exit_criteria []"}
 
 
 COT_RUN = RUNS / "cot-smollm2"
@@ -60,8 +60,9 @@ ARMS = {
     # 491 steps: the recurrent seed 0's training FLOPs; the first run of this arm took 650 steps (1.32x them)
     "fixed depth 1": trained_as("retrofit-smollm2-r1e", LOOPED, 491, ""),
     "fixed depth 1, 650 steps": trained_as("retrofit-smollm2-r1", LOOPED, 650, ""),
-    # 210 steps of the whole model, every weight: the recurrent seed 0's training FLOPs
-    "whole source, no recurrence": trained_as("retrofit-smollm2-full", WHOLE, 210, "--model.trainable null"),
+    # 210 steps of the whole model, every weight: the recurrent seed 0's training FLOPs; evaluated as trained (one
+    # pass of its 30 layers: more core steps would repeat 10 layers it never learned to repeat)
+    "whole source, no recurrence": trained_as("retrofit-smollm2-full", WHOLE, 210, "--model.trainable null", "1"),
     # 65 steps at batch 32 of chains of thought (about 80 tokens padded): the recurrent seed 0's training FLOPs
     "chain of thought": {
         "train": f"rlm finetune --config s1 --model.model smollm2-135m-instruct --data.train_files [{TRACES}] "

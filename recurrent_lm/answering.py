@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from .adaptive import AdaptiveExit
-from .data import collate, prompt_ids
-from .flops import generation_flops
+from .data import collate, hint_labels, prompt_ids
+from .flops import generation_flops, positions_flops
+from .model import declared_arguments
 from .tasks import Problem, get_task
 
 
@@ -29,6 +30,14 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
                     batch_size: int = 64, **generate_kwargs) -> list[Answer]:
     """Greedy answers to problems (left-padded batches). generate_kwargs go to model.generate (num_steps,
     exit_criterion, ... for a RecurrentLM)."""
+    read = [i for i, p in enumerate(problems) if get_task(p.task).answered_at_hints]
+    if read:  # answered in one forward pass over the prompt; the others generate
+        written = [i for i in range(len(problems)) if i not in set(read)]
+        both = dict(zip(read, read_answers(model, tokenizer, [problems[i] for i in read], batch_size, cot,
+                                           **generate_kwargs)))
+        both.update(zip(written, answer_problems(model, tokenizer, [problems[i] for i in written], cot,
+                                                 max_new_tokens, batch_size, **generate_kwargs)))
+        return [both[i] for i in range(len(problems))]
     answers = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
@@ -57,6 +66,43 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
     return answers
 
 
+@torch.no_grad()
+def read_answers(model, tokenizer, problems: Sequence[Problem], batch_size: int = 64, cot: bool = False,
+                 **generate_kwargs) -> list[Answer]:
+    """Answers of tasks answered at their hints (prefix sums): one forward pass over each left-padded batch of
+    prompts, the greedy prediction at every hint position, joined. The depth arguments of generate_kwargs that
+    the model's forward takes (num_steps, init_scale, exit_criterion, exit_threshold, min_steps) apply to every
+    position; prompt_num_steps, where given, is the depth (fixed, no exit). prompt_steps records the steps each
+    position ran."""
+    if cot:
+        raise ValueError(f"task {problems[0].task!r} is answered at every position of its prompt: it has no chain "
+                         "of thought to answer with")
+    settings = dict(generate_kwargs)
+    if settings.get("prompt_num_steps") is not None:
+        settings.update(num_steps=settings["prompt_num_steps"], exit_criterion=None, exit_threshold=None)
+    accepted = declared_arguments(type(model).forward) - {"input_ids", "attention_mask", "labels"}
+    settings = {k: v for k, v in settings.items() if k in accepted and v is not None}
+    answers = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        encoded = [tokenizer(get_task(p.task).prompt(p), return_offsets_mapping=True,
+                             return_special_tokens_mask=True) for p in chunk]
+        batch = collate([{"input_ids": e["input_ids"]} for e in encoded], tokenizer.pad_token_id, padding_side="left")
+        out = model(batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
+                    **settings)
+        predicted = out.logits.argmax(-1).cpu()
+        steps_used = getattr(out, "steps_used", None)
+        for i, (problem, e) in enumerate(zip(chunk, encoded)):
+            pad = batch["input_ids"].shape[1] - len(e["input_ids"])
+            ids = [int(predicted[i, pad + index - 1]) for index, _ in hint_labels(tokenizer, e, problem.hints)]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            task = get_task(problem.task)
+            real = batch["attention_mask"][i].bool()
+            answers.append(Answer(problem, text, text, task.score(text, problem), 0, int(real.sum()), None,
+                                  steps_used[i][real].tolist() if steps_used is not None else None))
+    return answers
+
+
 def accuracy(answers: Sequence[Answer]) -> float:
     return sum(a.score for a in answers) / len(answers) if answers else float("nan")
 
@@ -75,7 +121,8 @@ def generated_flops(config, prompt_tokens: int, new_tokens: int, steps_per_token
     position charged the steps it ran), one forward per further generated token at its own depth, and the exit
     checks that cost compute: the logit-lens passes of a logit-based criterion, or the learned gate's evaluations
     (after every step a position ran but the last one possible). prompt_exit False: the prompt ran a fixed depth,
-    without checks. Steps default to max_steps where not recorded."""
+    without checks. Steps default to max_steps where not recorded. An answer with no generated token was read at
+    the prompt's positions (read_answers): one forward over the prompt with logits at every position."""
     rule = AdaptiveExit(exit_criterion) if exit_criterion is not None else None
     lens, gate = (rule is not None and rule.needs_logits), (rule is not None and rule.criterion == "gate")
 
@@ -84,6 +131,9 @@ def generated_flops(config, prompt_tokens: int, new_tokens: int, steps_per_token
 
     steps = list(steps_per_token or [max_steps] * new_tokens)
     prompt = list(prompt_steps or [steps[0] if steps else max_steps] * prompt_tokens)
+    if not steps:  # an answer read at every prompt position (read_answers): one forward, logits everywhere
+        return positions_flops(config, prompt, logit_tokens=prompt_tokens,
+                               lens_decodes=checks(prompt, lens), gate_checks=checks(prompt, gate)).flops
     return generation_flops(config, prompt_tokens, steps, prompt_steps=prompt,
                             lens_decodes=checks(steps, lens), prompt_lens_decodes=checks(prompt, lens and prompt_exit),
                             gate_checks=checks(steps, gate), prompt_gate_checks=checks(prompt, gate and prompt_exit)).flops

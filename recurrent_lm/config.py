@@ -125,6 +125,13 @@ class RecurrentConfig(PreTrainedConfig):
             Nguyen & Salazar, used by Huginn), with output projections further scaled by
             1 / sqrt(2 * effective depth at mean_recurrence).
         tie_word_embeddings: share the LM head with the token embedding.
+        abacus_positions: rows of a learned table of positions counted within each number (McLeish et al. 2024's
+            Abacus embeddings, arXiv 2405.17399): a token of `abacus_token_ids` gets 1 + its place in the run of
+            such tokens it belongs to (the first digit of every number is 1), any other token 0, and that row is
+            added to its embedding. Digits of the same significance then share a position in every operand and in
+            the answer, at any length. 0: no table (the default). It must exceed the longest run plus the
+            training offset (`model.abacus_offset` of rlm train).
+        abacus_token_ids: the token ids that are counted (a task tokenizer's digits).
         exit_gate_width: hidden width of a learned exit gate on the latent state (0: none). The gate estimates,
             per position and step, whether the prediction has settled; the "gate" exit criterion reads it
             (recurrent_lm.adaptive). It is trained on a frozen model (`rlm train --config demo-exit-gate`).
@@ -167,6 +174,8 @@ class RecurrentConfig(PreTrainedConfig):
     initializer_range: float | None = None
     tie_word_embeddings: bool = True
     exit_gate_width: int = 0
+    abacus_positions: int = 0
+    abacus_token_ids: list[int] | None = None
     block_type: str = "sandwich"
     num_key_value_heads: int | None = None
     attention_bias: bool = False
@@ -210,7 +219,10 @@ class RecurrentConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 why = " (a recurrent-depth model needs a core)" if name == "num_core_layers" else ""
                 raise ConfigFieldError(name, f"{name} must be at least 1, got {getattr(self, name)}{why}")
-        for name in ("num_prelude_layers", "num_coda_layers", "exit_gate_width"):
+        if self.abacus_positions and not self.abacus_token_ids:
+            raise ConfigFieldError("abacus_token_ids", "abacus_positions counts runs of the abacus_token_ids: give "
+                                   "them (e.g. the ids of the digits)")
+        for name in ("num_prelude_layers", "num_coda_layers", "exit_gate_width", "abacus_positions"):
             if getattr(self, name) < 0:
                 raise ConfigFieldError(name, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:

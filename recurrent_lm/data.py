@@ -59,14 +59,24 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
     input_ids = prompt_ids + thinking_ids + answer_ids
     supervised = {"answer": len(answer_ids), "completion": len(thinking_ids) + len(answer_ids), "all": len(input_ids) - 1}
     labels = [IGNORE] * (len(input_ids) - supervised[loss_on]) + input_ids[len(input_ids) - supervised[loss_on]:]
-    if hints and problem.hints:
-        starts = {start: i for i, ((start, _), special) in
-                  enumerate(zip(encoded_prompt["offset_mapping"], encoded_prompt["special_tokens_mask"])) if not special}
-        for offset, target in problem.hints:
-            target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-            if offset in starts and len(target_ids) == 1:  # a hint needs a token boundary and a one-token target
-                labels[starts[offset]] = target_ids[0]
+    if (hints or task.answered_at_hints) and problem.hints:  # a task answered at its hints always learns them
+        for index, target in hint_labels(tokenizer, encoded_prompt, problem.hints):
+            labels[index] = target
     return {"input_ids": input_ids, "labels": labels}
+
+
+def hint_labels(tokenizer, encoded_prompt, hints: Sequence[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(label index, target id) of each hint that falls on a token boundary of the prompt and has a one-token
+    target: the token starting at the hint's offset gets the target as its label, so the position before it (having
+    read the prompt up to the offset) predicts it. `encoded_prompt` holds offset_mapping and special_tokens_mask."""
+    starts = {start: i for i, ((start, _), special) in
+              enumerate(zip(encoded_prompt["offset_mapping"], encoded_prompt["special_tokens_mask"])) if not special}
+    labels = []
+    for offset, target in hints:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if offset in starts and len(target_ids) == 1:
+            labels.append((starts[offset], target_ids[0]))
+    return labels
 
 
 def round_trip(tokenizer, text: str, what: str) -> list[int]:

@@ -278,6 +278,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         self.norm = RMSNorm(d, config.rms_norm_eps)  # shared: after the core (if latent_norm) and after the coda
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.exit_gate = ExitGate(d, config.exit_gate_width) if config.exit_gate_width else None
+        self.abacus = nn.Embedding(config.abacus_positions, d) if config.abacus_positions else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -304,9 +305,21 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
     # --- the three stages ------------------------------------------------------------------------------------------
 
-    def run_prelude(self, input_ids: Tensor, rope, mask, cache=None) -> Tensor:
-        """Token embedding (times sqrt(d)) and the prelude blocks: e, the input every core step re-injects."""
-        x = self.embed_tokens(input_ids) * self.config.embedding_scale
+    def abacus_ids(self, input_ids: Tensor) -> Tensor:
+        """(batch, seq) Abacus positions of a whole sequence: 1 + the place of each counted token in its run of
+        counted tokens (config.abacus_token_ids), 0 for any other token."""
+        counted = torch.isin(input_ids, torch.tensor(self.config.abacus_token_ids, device=input_ids.device)).long()
+        total = counted.cumsum(-1)
+        run_start = (total * (1 - counted)).cummax(-1).values  # the count at the last uncounted token
+        return (total - run_start) * counted
+
+    def run_prelude(self, input_ids: Tensor, rope, mask, cache=None, abacus_ids: Tensor | None = None) -> Tensor:
+        """Token embedding (times sqrt(d)), plus the Abacus positions where the model has them, and the prelude
+        blocks: e, the input every core step re-injects."""
+        x = self.embed_tokens(input_ids)
+        if self.abacus is not None:
+            x = x + self.abacus(abacus_ids)
+        x = x * self.config.embedding_scale
         for i, block in enumerate(self.prelude):
             x = block(x, rope, mask, cache, ("prelude", i))
         return x
@@ -361,6 +374,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         min_steps: int = 1,
         position_depths: Tensor | None = None,
+        abacus_ids: Tensor | None = None,
         check_inputs: bool = True,
         return_dict: bool | None = None,
         past_key_values: RecurrentCache | None = None,
@@ -394,6 +408,9 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             position_depths: (batch, seq) core steps for each position, each in 1..num_steps: a position stops
                 there as if it had exited (a router's choice, or a training draw of per-position depth); with an
                 exit rule too, whichever comes first.
+            abacus_ids: (batch, seq) positions in the Abacus table (config.abacus_positions), e.g. shifted by a
+                random offset in training; by default counted from input_ids, which must then hold the whole
+                sequence (generate passes them for the tokens it feeds after the prompt).
             check_inputs: check the token ids against the vocabulary, the positions against
                 max_position_embeddings and the attention mask for padding, each a host sync. generate checks the
                 prompt and turns them off for the tokens it feeds itself (in range by construction), so that a
@@ -432,7 +449,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             core_slots=None if torch.is_grad_enabled() else 1)
         if kv is not None:
             kv.begin(seq_len)
-        embedded = self.run_prelude(input_ids, rope, mask, kv)
+        embedded = self.run_prelude(input_ids, rope, mask, kv, self._abacus_ids(abacus_ids, input_ids, past_len,
+                                                                                 check_inputs))
         state = self._start_state(embedded, initial_state, init_scale, generator)
         padding = None  # left padding of this call's positions: under per-position depth it stops after one step
         if per_position and attention_mask is not None and not bool(attention_mask[:, past_len:].all()):
@@ -613,6 +631,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         accepted = declared_arguments(type(self).forward)
         inputs = {name: value for name, value in inputs.items() if name in accepted}
+        if self.abacus is not None:  # counted over the whole sequence, for the tokens this call feeds
+            inputs["abacus_ids"] = self.abacus_ids(input_ids)[:, -inputs["input_ids"].shape[1]:]
         if not padded_prompt:
             inputs.pop("attention_mask", None), inputs.pop("position_ids", None)  # both follow from the cache length
         if depth_log:  # the prompt is behind: every later token is one this generate chose
@@ -632,6 +652,25 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         if model_kwargs.get("continuous_cot"):
             model_kwargs["initial_state"] = outputs.latent_state[:, -1:]
         return model_kwargs
+
+    def _abacus_ids(self, abacus_ids: Tensor | None, input_ids: Tensor, past_len: int, values: bool) -> Tensor | None:
+        if self.abacus is None:
+            if abacus_ids is not None:
+                raise ValueError("abacus_ids given to a model without Abacus positions (config.abacus_positions 0)")
+            return None
+        if abacus_ids is None:
+            if past_len:
+                raise ValueError("a model with Abacus positions continuing from a cache needs the new tokens' "
+                                 "abacus_ids (counted over the whole sequence: model.abacus_ids)")
+            abacus_ids = self.abacus_ids(input_ids)
+        if abacus_ids.shape != input_ids.shape:
+            raise ValueError(f"abacus_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(abacus_ids.shape)}")
+        limit = self.config.abacus_positions
+        if values and abacus_ids.numel() and (int(abacus_ids.min()) < 0 or int(abacus_ids.max()) >= limit):
+            raise ValueError(f"an Abacus position reaches {int(abacus_ids.max())}: the table has {limit} rows "
+                             "(config.abacus_positions: the longest number plus the training offset)")
+        return abacus_ids
 
     def _check_token_ids(self, input_ids: Tensor, values: bool = True) -> None:
         if input_ids.ndim != 2:

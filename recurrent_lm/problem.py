@@ -41,6 +41,9 @@ class Task(ABC):
     alphabet: str  # every character a rendered problem may contain (special tokens aside)
     description: str
     step_separator: str | None = ";"  # ends every step of a chain of thought (None: no steps to search over)
+    # The answer is not written after the prompt but read at the hints' positions, one forward pass over the prompt
+    # (recurrent_lm.answering): the problem's answer is its hints' targets joined, and its completion is eos alone.
+    answered_at_hints: bool = False
 
     def check_difficulty(self, difficulty: int) -> None:
         if not self.min_difficulty <= difficulty <= self.max_difficulty:
@@ -71,6 +74,11 @@ class Task(ABC):
         return problem.question + (stated + THINK_START if cot else "")
 
     def completion(self, problem: Problem, cot: bool = False) -> str:
+        if self.answered_at_hints:
+            if cot:
+                raise ValueError(f"task {self.name!r} is answered at every position of its prompt, in one forward "
+                                 "pass: it has no chain of thought")
+            return EOS
         thinking = "".join(step + ";" for step in problem.steps) + THINK_END if cot else ""
         return thinking + problem.answer + EOS
 

@@ -162,9 +162,92 @@ class PointerTask(Task):
         return Problem(self.name, difficulty, f"{table}?{chain[0]}", chain[-1], tuple(chain[1:]))
 
 
+# --- 5. the looped-model literature's benchmarks: difficulty is length ----------------------------------------------
+
+
+class PrefixSumsTask(Task):
+    """10110?  n random bits; the answer is the running parity after every bit ("11011"), the prefix-sums task of
+    Schwarzschild et al. 2021 and Bansal et al. 2022 (arXiv 2106.04537, 2202.05826; difficulty = n). The model
+    writes no answer text: it answers at every bit's position at once (`answered_at_hints`: the hint after bit i is
+    the parity through bit i, read from the logits there in one forward pass), as their networks do, and a problem
+    is right only when every position is (exact-sequence accuracy)."""
+
+    name = "prefix-sums"
+    max_difficulty = 1024
+    alphabet = "01?"
+    description = "running parity of n bits, answered at every position (difficulty = n bits)"
+    step_separator = None
+    answered_at_hints = True
+
+    def distinct_problems(self, difficulty: int) -> int:
+        return 2**difficulty
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        bits = [rng.randrange(2) for _ in range(difficulty)]
+        running, parities = 0, []
+        for bit in bits:
+            running ^= bit
+            parities.append(str(running))
+        hints = tuple((i + 1, parity) for i, parity in enumerate(parities))
+        return Problem(self.name, difficulty, "".join(map(str, bits)) + "?", "".join(parities), (), hints)
+
+
+class AdditionTask(Task):
+    """4021+93=  Add two numbers written least significant digit first (McLeish et al. 2024, arXiv 2405.17399:
+    1204 + 39 = 1243, answered "3421"); difficulty n = the longer operand's digits, the other has 1..n (uniform),
+    neither has a leading zero. Reversed digits let a left-to-right model write each digit once its carry is known.
+    The chain of thought writes the running sum digit by digit, each with its carry ("3c0;")."""
+
+    name = "addition"
+    max_difficulty = 256
+    alphabet = "0123456789+=c;"
+    description = "addition of two numbers, digits least significant first (difficulty = the longer one's digits)"
+
+    def distinct_problems(self, difficulty: int) -> int:
+        exactly, at_most = (10 if difficulty == 1 else 9 * 10 ** (difficulty - 1)), 10**difficulty
+        return exactly * (2 * at_most - exactly)  # ordered pairs whose longer operand has exactly n digits
+
+    @staticmethod
+    def _number(digits: int, rng: random.Random) -> int:
+        return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        lengths = [difficulty, rng.randint(1, difficulty)]
+        rng.shuffle(lengths)
+        a, b = (self._number(n, rng) for n in lengths)
+        total, steps, carry = a + b, [], 0
+        ra, rb = str(a)[::-1], str(b)[::-1]
+        for i in range(len(str(total))):
+            column = (int(ra[i]) if i < len(ra) else 0) + (int(rb[i]) if i < len(rb) else 0) + carry
+            carry = column // 10
+            steps.append(f"{column % 10}c{carry}")
+        return Problem(self.name, difficulty, f"{ra}+{rb}=", str(total)[::-1], tuple(steps))
+
+
+class CopyTask(Task):
+    """abba?  Copy n symbols (of 8) after the question mark (Fan et al. 2024's copy task, arXiv 2409.15647;
+    difficulty = n). The answer's i-th symbol is the input's i-th: a model must find each by its place in the
+    input, which positions that count from each string's start make the same at every length."""
+
+    name = "copy"
+    max_difficulty = 256
+    symbols = "abcdefgh"
+    alphabet = symbols + "?"
+    description = "copy n symbols (difficulty = n)"
+    step_separator = None
+
+    def distinct_problems(self, difficulty: int) -> int:
+        return len(self.symbols) ** difficulty
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        text = "".join(rng.choice(self.symbols) for _ in range(difficulty))
+        return Problem(self.name, difficulty, text + "?", text)
+
+
 # --- registry, JSONL ------------------------------------------------------------------------------------------------
 
-TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask(), PointerTask())}
+TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask(), PointerTask(),
+                                                        PrefixSumsTask(), AdditionTask(), CopyTask())}
 
 
 def problem_set(tasks: Sequence[Task], difficulties: Sequence[int], n: int, seed: int,

@@ -132,7 +132,8 @@ class RecurrentDataModule(L.LightningDataModule):
 
         def batch(indices):  # problems travel as indices into val_set: tensors only cross devices
             encoded = [encode_problem(self.tokenizer, get_task(self.val_set[i].task), self.val_set[i], self.hparams.cot,
-                                      self.hparams.loss_on, state_thinking_length=self.hparams.state_thinking_length)
+                                      self.hparams.loss_on, self.hparams.hints,
+                                      state_thinking_length=self.hparams.state_thinking_length)
                        for i in indices]
             return {**collate(encoded, self.tokenizer.pad_token_id), "problem_index": torch.tensor(indices)}
 

@@ -31,7 +31,7 @@ SETTINGS_FIELDS = ("exit_gate_width", "mean_recurrence", "mean_backprop_depth")
 
 @ranges("model.", learning_rate="> 0", weight_decay=">= 0", betas="[0, 1)", warmup_steps=">= 0", min_lr_ratio="[0, 1]",
         decay_fraction="(0, 1]", fixed_num_steps=">= 1", steps_per_difficulty=">= 1", extra_steps=">= 0",
-        seed=">= 0", eval_depths=">= 1", exit_gate_depth=">= 2")
+        seed=">= 0", eval_depths=">= 1", exit_gate_depth=">= 2", progressive_loss="[0, 1]", abacus_offset=">= 0")
 class RecurrentLMModule(L.LightningModule):
     """Trains a RecurrentLM.
 
@@ -85,6 +85,16 @@ class RecurrentLMModule(L.LightningModule):
             take a loss run r and, at their deeper steps, read the others' latest keys and values, as they do at
             inference when those exit early (recurrent_lm.active's KV sharing): the model learns not to need
             later steps of the prompt, so that exiting it early is safe.
+        progressive_loss: the progressive loss of Bansal et al. 2022 (arXiv 2202.05826) with this weight a: of the
+            step's depth m (drawn by whichever rule above), n steps uniform in 0..m-1 run without gradient from the
+            initial state, then k uniform in 1..m-n more (the last mean_backprop_depth of them with gradient); the
+            loss is (1 - a) CE(after m steps) + a CE(after n + k). The model learns to improve any state it is
+            handed, not one unroll from the start; 1 (theirs for prefix sums) keeps the partial unroll only. None:
+            the loss after the m steps alone.
+        abacus_offset: in training, every batch's Abacus positions (architecture.abacus_positions) are shifted by one
+            offset drawn uniformly in 0..abacus_offset (McLeish et al. 2024: 100), so that the table's rows past
+            the trained lengths train too; at test time the offset is 0. The table must hold the longest trained
+            number plus this offset.
         exit_gate_depth: the depth of the unrolls the exit gate learns from (at least the depths it will serve).
             The unrolls start from the model's random initial state (init_scale), as training does; the shipped
             gate agrees with its targets as often from a zero state (0.971 against 0.968 on 64 problems).
@@ -99,7 +109,8 @@ class RecurrentLMModule(L.LightningModule):
                  objective: Literal["lm", "exit_gate"] = "lm", exit_gate_depth: int = 16,
                  recurrence_curriculum: RecurrenceCurriculum | None = None, trainable: list[str] | None = None,
                  sharding: ShardingPlan = ShardingPlan(), activation_checkpointing: bool = False, compile: bool = False,
-                 prompt_depth: Literal["same", "random"] = "same"):
+                 prompt_depth: Literal["same", "random"] = "same", progressive_loss: float | None = None,
+                 abacus_offset: int = 0):
         super().__init__()
         if len(set(eval_depths)) < len(eval_depths):
             raise ValueError(f"model.eval_depths {list(eval_depths)} gives a depth twice; give each once")
@@ -120,6 +131,10 @@ class RecurrentLMModule(L.LightningModule):
         if recurrence_curriculum is not None and (fixed_num_steps is not None or steps_per_difficulty is not None):
             raise ValueError("model.recurrence_curriculum ramps the sampled depth: it excludes fixed_num_steps and "
                              "steps_per_difficulty")
+        if abacus_offset and self.model.abacus is None:
+            raise ValueError("model.abacus_offset shifts Abacus positions: set model.architecture.abacus_positions")
+        if progressive_loss is not None and prompt_depth == "random":
+            raise ValueError("model.progressive_loss unrolls part of the step's depth: it excludes prompt_depth random")
         if trainable is not None:
             if objective != "lm":
                 raise ValueError("model.trainable chooses what of the language model trains: objective lm")
@@ -249,18 +264,32 @@ class RecurrentLMModule(L.LightningModule):
         position_depths = None
         if self.hparams.prompt_depth == "random":
             position_depths = prompt_depths(batch["labels"], num_steps.total, self._generator(self.global_step, salt=2))
-        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         num_steps=num_steps, generator=self._generator(self.global_step, salt=1),
-                         position_depths=position_depths)
+        abacus_ids = None
+        if self.hparams.abacus_offset:  # one offset per batch, the same on every rank
+            offset = int(torch.randint(0, self.hparams.abacus_offset + 1, (), generator=self._generator(
+                self.global_step, salt=4)))
+            abacus_ids = self.model.abacus_ids(batch["input_ids"])
+            abacus_ids = abacus_ids + offset * (abacus_ids > 0)
+        weight = self.hparams.progressive_loss
+        runs = [(num_steps, 1.0)] if weight is None else [
+            (progressive_num_steps(num_steps.total, self.model.config.mean_backprop_depth,
+                                   self._generator(self.global_step, salt=3)), weight), (num_steps, 1.0 - weight)]
+        loss = 0.0
+        for steps, share in runs:
+            if share > 0:
+                out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                 num_steps=steps, generator=self._generator(self.global_step, salt=1),
+                                 position_depths=position_depths, abacus_ids=abacus_ids)
+                loss = loss + share * out.loss
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
-        self.log_dict({"train/loss": out.loss, "train/num_steps": float(sum(num_steps)),
+        self.log_dict({"train/loss": loss, "train/num_steps": float(sum(num_steps)),
                        "train/mean_recurrence": float(self.mean_recurrence_at(self.global_step)),
                        "train/backprop_steps": float(num_steps[1]),
                        "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, prog_bar=True)
         if self._step_started is not None:
             self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._step_started))
         self._step_started = time.perf_counter()
-        return out.loss
+        return loss
 
     def exit_gate_step(self, batch):
         """Unroll the frozen model to exit_gate_depth without a graph, then fit the gate on every step's state."""
@@ -320,6 +349,15 @@ class RecurrentLMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, hparams.warmup_steps, total, hparams.schedule, hparams.min_lr_ratio, hparams.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def progressive_num_steps(depth: int, backprop_depth: int, generator: torch.Generator) -> StepCounts:
+    """The progressive loss's partial unroll of a depth-m step (Bansal et al. 2022): n uniform in 0..m-1 steps
+    without gradient, then k uniform in 1..m-n, of which the last `backprop_depth` get gradients."""
+    n = int(torch.randint(0, depth, (), generator=generator))
+    k = int(torch.randint(1, depth - n + 1, (), generator=generator))
+    with_grad = min(k, backprop_depth)
+    return StepCounts(n + k - with_grad, with_grad)
 
 
 def prompt_depths(labels: Tensor, total: int, generator: torch.Generator) -> Tensor:

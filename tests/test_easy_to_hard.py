@@ -1,0 +1,180 @@
+"""The looped-model literature's benchmarks: prefix sums (answered at every position), addition with Abacus
+positions, copy; the progressive loss; the model options they need."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from recurrent_lm import RecurrentConfig, RecurrentLM
+from recurrent_lm.answering import answer_flops, answer_problems
+from recurrent_lm.data import IGNORE, encode_problem
+from recurrent_lm.flops import forward_flops
+from recurrent_lm.tasks import get_task, task_tokenizer
+from recurrent_lm.train.module import RecurrentLMModule, progressive_num_steps
+
+
+def test_prefix_sums_answer_is_the_running_parity_at_every_position():
+    task = get_task("prefix-sums")
+    for problem in task.problems(40, 20, seed=3):
+        bits = problem.question.rstrip("?")
+        assert len(bits) == 40 and problem.question.endswith("?")
+        assert problem.answer == "".join(str(bits[: i + 1].count("1") % 2) for i in range(40))
+        assert [t for _, t in problem.hints] == list(problem.answer)
+        assert task.completion(problem) == "<eos>"  # nothing is written after the prompt
+    with pytest.raises(ValueError, match="no chain of thought"):
+        task.render(problem, cot=True)
+
+
+def test_prefix_sums_labels_every_bit_even_without_the_hints_option():
+    tokenizer, task = task_tokenizer(["prefix-sums"]), get_task("prefix-sums")
+    problem = task.problems(6, 1, seed=0)[0]
+    encoded = encode_problem(tokenizer, task, problem, hints=False)
+    labels = encoded["labels"]
+    # position t predicts label t + 1: the bit at token t (bos is token 0) predicts its running parity
+    predicted = [tokenizer.decode([labels[t + 1]]) for t in range(1, 7)]
+    assert "".join(predicted) == problem.answer
+    assert labels[0] == IGNORE and labels[-1] == tokenizer.eos_token_id
+
+
+def test_addition_is_right_reversed_and_its_operands_have_the_difficultys_length():
+    task = get_task("addition")
+    for n in (1, 3, 12):
+        for problem in task.problems(n, 30, seed=5):
+            a, b = problem.question.rstrip("=").split("+")
+            assert max(len(a), len(b)) == n and min(len(a), len(b)) >= 1
+            assert all(len(x) == 1 or x[-1] != "0" for x in (a, b))  # no leading zero (reversed: the last digit)
+            assert int(problem.answer[::-1]) == int(a[::-1]) + int(b[::-1])
+            chain = task.completion(problem, cot=True).split("</think>")[0]
+            assert "".join(step[0] for step in chain.split(";")[:-1]) == problem.answer
+    assert task.distinct_problems(1) == 100 and task.distinct_problems(2) == 90 * 200 - 90 * 90
+
+
+def test_copy_answer_is_the_input():
+    for problem in get_task("copy").problems(9, 5, seed=1):
+        assert problem.question == problem.answer + "?" and len(problem.answer) == 9
+
+
+class ParityOracle(torch.nn.Module):
+    """A stand-in model whose logits at every position name the running parity of the bits read so far (and,
+    `wrong` set, the opposite at that bit), to check where read_answers reads."""
+
+    def __init__(self, tokenizer, wrong: int | None = None):
+        super().__init__()
+        self.ids = {c: tokenizer.convert_tokens_to_ids(c) for c in "01"}
+        self.vocab, self.wrong, self.calls = len(tokenizer), wrong, []
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask=None, num_steps=None, init_scale=None):
+        self.calls.append(num_steps)
+        parity = torch.cumsum((input_ids == self.ids["1"]).long(), -1) % 2
+        if self.wrong is not None:
+            bits = torch.cumsum(((input_ids == self.ids["0"]) | (input_ids == self.ids["1"])).long(), -1)
+            parity = torch.where(bits == self.wrong + 1, 1 - parity, parity)
+        target = torch.where(parity == 1, self.ids["1"], self.ids["0"])
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, self.vocab).float())
+
+
+def test_prefix_sums_are_read_at_every_bit_of_left_padded_batches():
+    tokenizer, task = task_tokenizer(["prefix-sums"]), get_task("prefix-sums")
+    problems = task.problems(5, 3, seed=0) + task.problems(17, 3, seed=0)  # two lengths: left padding in a batch
+    oracle = ParityOracle(tokenizer)
+    answers = answer_problems(oracle, tokenizer, problems, batch_size=4, num_steps=7, init_scale=0.0,
+                              exit_criterion=None)
+    assert [a.answer for a in answers] == [p.answer for p in problems] and all(a.score == 1.0 for a in answers)
+    assert oracle.calls == [7, 7] and all(a.new_tokens == 0 for a in answers)
+    wrong = answer_problems(ParityOracle(tokenizer, wrong=4), tokenizer, problems, batch_size=4, num_steps=7)
+    assert all(a.score == 0.0 and len(a.answer) == a.problem.difficulty for a in wrong)
+
+
+def test_a_read_answer_costs_one_forward_over_the_prompt_with_logits_everywhere():
+    tokenizer, task = task_tokenizer(["prefix-sums"]), get_task("prefix-sums")
+    config = RecurrentConfig.preset("debug", vocab_size=len(tokenizer))
+    model = RecurrentLM(config).eval()
+    problems = task.problems(12, 2, seed=0)
+    answers = answer_problems(model, tokenizer, problems, num_steps=3, init_scale=0.0)
+    length = answers[0].prompt_tokens
+    assert length == 14  # bos, 12 bits, ?
+    expected = forward_flops(config, 3, length, logit_tokens=length).flops
+    assert answer_flops(config, answers[0], 3) == expected
+    with pytest.raises(ValueError, match="no chain of thought"):
+        answer_problems(model, tokenizer, problems, cot=True, num_steps=3)
+
+
+def abacus_model(**overrides) -> tuple[RecurrentLM, object]:
+    tokenizer = task_tokenizer(["addition"])
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    config = RecurrentConfig.preset("debug", vocab_size=len(tokenizer), use_rope=False, abacus_positions=32,
+                                    abacus_token_ids=digits, **overrides)
+    torch.manual_seed(0)
+    return RecurrentLM(config).eval(), tokenizer
+
+
+def test_abacus_positions_count_within_each_number():
+    model, tokenizer = abacus_model()
+    ids = torch.tensor([tokenizer("12+345=67").input_ids])  # bos first
+    assert model.abacus_ids(ids).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]
+
+
+def test_abacus_generation_with_a_cache_equals_full_forwards():
+    """generate feeds each new token's Abacus position, counted over the whole sequence: its greedy tokens are the
+    argmax of forwards over the full sequence without a cache."""
+    model, tokenizer = abacus_model()
+    prompt = torch.tensor([tokenizer("4021+93=").input_ids])
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, num_steps=3, init_scale=0.0,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
+    for t in range(prompt.shape[1], sequence.shape[0]):
+        logits = model(sequence[None, :t], num_steps=3, init_scale=0.0).logits[0, -1]
+        assert int(logits.argmax()) == int(sequence[t])
+    cache_out = model(prompt, num_steps=3, init_scale=0.0, use_cache=True)
+    with pytest.raises(ValueError, match="needs the new tokens' abacus_ids"):
+        model(sequence[None, prompt.shape[1]:prompt.shape[1] + 1], cache=cache_out.cache, num_steps=3)
+    with pytest.raises(ValueError, match="table has 32 rows"):
+        model(prompt, abacus_ids=torch.full_like(prompt, 40), num_steps=1)
+
+
+def test_a_model_without_abacus_positions_keeps_its_weights_and_refuses_abacus_ids(tiny_model):
+    assert not any(name.startswith("abacus") for name, _ in tiny_model.named_parameters())
+    with pytest.raises(ValueError, match="without Abacus positions"):
+        tiny_model(torch.tensor([[1, 2, 3]]), abacus_ids=torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="abacus_token_ids"):
+        RecurrentConfig.preset("debug", abacus_positions=8)
+
+
+def test_abacus_offset_trains_rows_past_the_trained_lengths():
+    """With model.abacus_offset, every batch's positions are shifted by one draw: rows beyond the longest trained
+    number (3 digits + the answer's carry: rows 1..4) get gradients; without it they never do."""
+    from recurrent_lm.data import collate
+
+    _, tokenizer = abacus_model()
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    problems = get_task("addition").problems(3, 8, seed=0)
+    task = get_task("addition")
+    batch = collate([encode_problem(tokenizer, task, p) for p in problems], tokenizer.pad_token_id)
+
+    def trained_rows(offset: int) -> set[int]:
+        architecture = dict(preset="debug", vocab_size=len(tokenizer), use_rope=False, abacus_positions=32,
+                            abacus_token_ids=digits)
+        module = RecurrentLMModule(architecture, abacus_offset=offset)
+        module.log_dict = module.log = lambda *args, **kwargs: None
+        module._trainer = SimpleNamespace(world_size=1, optimizers=[SimpleNamespace(param_groups=[{"lr": 0}])],
+                                          max_steps=10, global_step=0)
+        rows = set()
+        for step in range(6):
+            module.model.zero_grad()
+            module._trainer.global_step = step
+            module.training_step(batch, step).backward()
+            rows |= set(module.model.abacus.weight.grad.abs().sum(-1).nonzero().flatten().tolist())
+        return rows
+
+    assert max(trained_rows(0)) <= 4
+    assert max(trained_rows(20)) > 4
+
+
+def test_progressive_unroll_draws_stay_inside_the_step_depth():
+    draws = [progressive_num_steps(10, 3, torch.Generator().manual_seed(s)) for s in range(400)]
+    totals = [d.total for d in draws]
+    assert min(totals) == 1 and max(totals) == 10 and all(1 <= d.grad <= 3 for d in draws)
+    assert {d.no_grad for d in draws} >= set(range(0, 8))
+    assert progressive_num_steps(1, 4, torch.Generator()) == (0, 1)
