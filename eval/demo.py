@@ -137,9 +137,10 @@ def write_manifest(model_dir: Path, config: Path, overrides: list[str], seconds:
     return manifest
 
 
-def train_model(name: str, out: Path, extra: list[str]) -> Path:
-    """`rlm train --config configs/{name}.yaml` into out/{name}; returns the exported model directory."""
-    run = out / name
+def train_model(name: str, out: Path, extra: list[str], run_name: str | None = None) -> Path:
+    """`rlm train --config configs/{name}.yaml` into out/{run_name or name}, with a manifest.json beside the
+    exported model; returns the exported model directory."""
+    run = out / (run_name or name)
     config = CONFIGS / f"{name}.yaml"
     overrides = ["--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run), *extra]
     start = time.perf_counter()

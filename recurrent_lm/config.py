@@ -125,6 +125,11 @@ class RecurrentConfig(PreTrainedConfig):
             Nguyen & Salazar, used by Huginn), with output projections further scaled by
             1 / sqrt(2 * effective depth at mean_recurrence).
         tie_word_embeddings: share the LM head with the token embedding.
+        attention_window: each query attends to itself and the attention_window - 1 tokens before it only
+            (sliding-window attention); None: every earlier token. A window of 2 or 3 is the transformer's form of
+            the deep-thinking networks' kernel-3 convolutions (Bansal et al. 2022): what a position knows of
+            tokens further back arrives one core step at a time, so the depth a string needs grows with its
+            length and one step's rule is the same at every length.
         abacus_positions: rows of a learned table of positions counted within each number (McLeish et al. 2024's
             Abacus embeddings, arXiv 2405.17399): a token of `abacus_token_ids` gets 1 + its place in the run of
             such tokens it belongs to (the first digit of every number is 1), any other token 0, and that row is
@@ -174,6 +179,7 @@ class RecurrentConfig(PreTrainedConfig):
     initializer_range: float | None = None
     tie_word_embeddings: bool = True
     exit_gate_width: int = 0
+    attention_window: int | None = None
     abacus_positions: int = 0
     abacus_token_ids: list[int] | None = None
     block_type: str = "sandwich"
@@ -219,6 +225,9 @@ class RecurrentConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 why = " (a recurrent-depth model needs a core)" if name == "num_core_layers" else ""
                 raise ConfigFieldError(name, f"{name} must be at least 1, got {getattr(self, name)}{why}")
+        if self.attention_window is not None and self.attention_window < 1:
+            raise ConfigFieldError("attention_window", f"attention_window must be >= 1 (a query sees itself), got "
+                                   f"{self.attention_window}")
         if self.abacus_positions and not self.abacus_token_ids:
             raise ConfigFieldError("abacus_token_ids", "abacus_positions counts runs of the abacus_token_ids: give "
                                    "them (e.g. the ids of the digits)")

@@ -437,7 +437,8 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device,
                                        check_inputs)
         rope = rope_angles(position_ids, config.head_dim, config.rope_theta, config.rope_scaling) if config.use_rope else None
-        mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device, scan=check_inputs)
+        mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device, scan=check_inputs,
+                              window=config.attention_window)
 
         exit_rule = AdaptiveExit(exit_criterion, exit_threshold, min_steps) if exit_criterion is not None else None
         check_position_depths(position_depths, (batch, seq_len), depth.total)
@@ -734,19 +735,23 @@ def declared_arguments(function) -> frozenset[str]:
     return frozenset(inspect.signature(function).parameters)
 
 
-def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device, scan: bool = True) -> Tensor | None:
+def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device, scan: bool = True,
+                   window: int | None = None) -> Tensor | None:
     """Boolean SDPA mask (batch, 1, q, past + q), True = may attend; None where plain causal attention is exact.
 
     Padded keys are masked out. A padded query still sees itself, so no row is empty (an all-False row makes SDPA
     return NaN); its output is garbage that no real token ever reads. scan=False takes a given mask as padded
-    without looking (looking is a host sync).
+    without looking (looking is a host sync). `window`: a query sees only itself and the window - 1 tokens before
+    it (config.attention_window).
     """
     padded = attention_mask is not None and (not scan or not bool(attention_mask.all()))
-    if not padded and (past_len == 0 or q_len == 1):
+    if not padded and window is None and (past_len == 0 or q_len == 1):
         return None
     q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
     k_pos = torch.arange(past_len + q_len, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None]
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)[None]
     if padded:
         allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos == q_pos)[None]
     return allowed[:, None]

@@ -178,3 +178,23 @@ def test_progressive_unroll_draws_stay_inside_the_step_depth():
     assert min(totals) == 1 and max(totals) == 10 and all(1 <= d.grad <= 3 for d in draws)
     assert {d.no_grad for d in draws} >= set(range(0, 8))
     assert progressive_num_steps(1, 4, torch.Generator()) == (0, 1)
+
+
+def test_attention_window_limits_how_far_back_a_position_sees_per_layer():
+    """Window 2: each layer reaches one token further back, so with 1 + 2r + 1 layers position 5 reads token 0
+    (5 back) at r = 2 but not at r = 1; generation with a cache masks the same keys as a full forward."""
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig.preset("debug", attention_window=2)).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    changed = ids.clone()
+    changed[0, 0] = 11
+    for steps, reaches in ((1, False), (2, True)):
+        a, b = (model(x, num_steps=steps, init_scale=0.0).logits[0, 5] for x in (ids, changed))
+        assert (not torch.allclose(a, b)) == reaches, steps
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, num_steps=2, init_scale=0.0, pad_token_id=0,
+                         eos_token_id=None)
+    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
+    for t in range(ids.shape[1], sequence.shape[0]):
+        assert int(model(sequence[None, :t], num_steps=2, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    with pytest.raises(ValueError, match="attention_window must be >= 1"):
+        RecurrentConfig.preset("debug", attention_window=0)

@@ -1,0 +1,167 @@
+"""The looped-model literature's own benchmarks, trained on CPU and tested on longer inputs, beside the published
+numbers (a measurement, not a test). Settings and published figures: docs/easy-to-hard.md.
+
+Each task has recipes (configs/NAME.yaml, with overrides for the variants tried) and a test: `rlm sweep` at
+lengths up to 4-5x the longest trained one and at test-time depths up to well past the training depth, on fresh
+problems (EVAL_SEED: problem seeds "task/length/EVAL_SEED"; the training stream draws "train/..." ones). Every
+recipe tried keeps its results: benchmarks/results-easy-to-hard-TASK.json holds every variant and seed, with the
+exact commands, and a plot per task shows accuracy against depth at every length.
+
+    python benchmarks/easy_to_hard.py --run                     # train and test what is missing (3 seeds a recipe)
+    python benchmarks/easy_to_hard.py --run --tasks prefix-sums --seeds 0
+    python benchmarks/easy_to_hard.py                           # collect: the results files, plots and table
+    python benchmarks/easy_to_hard.py --ship                    # the quoted seed's model -> checkpoints/TASK
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent
+RUNS = Path("runs") / "easy-to-hard"
+EVAL_SEED = 777_101
+
+# task -> what is tested, the recipes tried (name: overrides of configs/RECIPE.yaml), the one the README quotes, and
+# the published numbers of the nearest setting
+TASKS = {
+    "prefix-sums": {
+        "recipe": "prefix-sums", "trained": "1-16 bits",
+        "test": "--difficulties 16,32,64,128,256 --steps 8,16,32,64,128,192 --n 100",
+        # name: (overrides of the recipe, seeds)
+        "variants": {"window 2": ([], (0, 1, 2)),
+                     "full attention": (["--model.architecture.attention_window", "null"], (0,)),
+                     "window 2, progressive loss": (["--model.progressive_loss", "1"], (0,))},
+        "quoted": "window 2",
+        "published": [
+            {"source": "Bansal et al. 2022 (DT-net, arXiv 2202.05826), appendix table",
+             "setting": "1D conv net, 3.1M parameters, input recalled every iteration, progressive loss a = 1; "
+                        "trained on 32 bits (8,000 strings, 150 epochs), 30 iterations; best iteration per test",
+             "result": "512 bits: 97.12 +- 1.88% at its best iteration (237); without recall 11.26%; "
+                       "feed-forward 0.00%"}]},
+    "addition": {
+        "recipe": "addition", "trained": "operands of 1-10 digits",
+        "test": "--difficulties 10,20,30,40,50 --steps 1,2,4,8,16 --n 100",
+        "variants": {"abacus, looped": ([], (0, 1, 2))}, "quoted": "abacus, looped",
+        "published": [
+            {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)",
+             "setting": "decoder, width 1024, 8 layers x 2 recurrences, input injection, Abacus positions with "
+                        "offsets 0-100; trained on operands of 1-20 digits (20M samples, 24 GPU hours)",
+             "result": "mean accuracy beyond 20 digits 99.1% (standard Abacus transformer 92.9%); up to 99% at 100 "
+                       "digits"}]},
+}
+
+
+def run_dir(variant: str, seed: int) -> Path:
+    return RUNS / f"{variant.replace(', ', '-').replace(' ', '-')}-s{seed}"
+
+
+def train_and_test(task: str, variant: str, seed: int) -> Path:
+    """`rlm train` (with a manifest, as the demo's models have) and `rlm sweep` of one variant and seed, each done
+    once; returns the sweep's folder."""
+    from recurrent_lm.eval.demo import train_model
+    from recurrent_lm.eval.sweep import sweep
+
+    spec, run = TASKS[task], run_dir(variant, seed)
+    seeds = ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed)]
+    if not (run / "model" / "model.safetensors").is_file():
+        train_model(spec["recipe"], run.parent, [*spec["variants"][variant][0], *seeds], run_name=run.name)
+    tested = run / "sweep"
+    if not (tested / "results.json").is_file():
+        print(f"$ rlm sweep --model {run}/model --task {task} {spec['test']} --seed {EVAL_SEED}", flush=True)
+        options = dict(zip(*[iter(spec["test"].replace("--", "").split())] * 2))
+        sweep(run / "model", task=task, seed=EVAL_SEED, exit_criteria=[], dynamics=0, out=tested,
+              difficulties=options["difficulties"], steps=options["steps"], n=int(options["n"]))
+    return tested
+
+
+def summary(rows: list[dict], trained_depth_of) -> list[dict]:
+    """Per length: accuracy at the depth training used for that length, and at the best depth (and which)."""
+    table = []
+    for length in sorted({r["difficulty"] for r in rows}):
+        curve = sorted((r for r in rows if r["difficulty"] == length), key=lambda r: r["steps"])
+        best = max(curve, key=lambda r: (r["accuracy"], -r["steps"]))
+        at_trained = min(curve, key=lambda r: abs(r["steps"] - trained_depth_of(length)))
+        table.append({"length": length, "best_depth": best["steps"], "best_accuracy": best["accuracy"],
+                      "best_ci": [best["ci_low"], best["ci_high"]], "training_depth": at_trained["steps"],
+                      "accuracy_at_training_depth": at_trained["accuracy"]})
+    return table
+
+
+def training_depth(task: str):
+    """The depth a model of this task trained at, as a function of the length: prefix sums tie it to the length
+    (the longest trained string's, beyond it), addition draws it around its mean (4)."""
+    if task == "prefix-sums":
+        return lambda length: min(length, 16) + 2  # n steps for n bits, plus 0-4 more
+    return lambda length: 4
+
+
+def collect(task: str, seeds: list[int]) -> dict:
+    from recurrent_lm.eval.report import line_plot
+
+    spec = TASKS[task]
+    results = {"task": task, "trained": spec["trained"], "test": f"{spec['test']} --seed {EVAL_SEED}",
+               "machine": "x86_64 Linux, 2-core VM, torch 2.13.0+cpu, float32, runs beside other work",
+               "published": spec["published"], "variants": {}}
+    for variant, (overrides, variant_seeds) in spec["variants"].items():
+        for seed in sorted(set(seeds) & set(variant_seeds)):
+            tested = run_dir(variant, seed) / "sweep" / "results.json"
+            if not tested.is_file():
+                print(f"{task}, {variant}, seed {seed}: not tested yet ({tested})")
+                continue
+            manifest = json.loads((run_dir(variant, seed) / "model" / "manifest.json").read_text())
+            rows = [{k: r[k] for k in ("difficulty", "steps", "n", "accuracy", "ci_low", "ci_high",
+                                       "flops_per_problem")}
+                    for r in json.loads(tested.read_text())["rows"] if r["method"] == "latent"]
+            results["variants"].setdefault(variant, {"overrides": overrides, "seeds": {}})["seeds"][seed] = {
+                "command": manifest["command"], "wall_seconds": manifest["wall_seconds"], "rows": rows,
+                "summary": summary(rows, training_depth(task))}
+    out = BENCHMARKS / f"results-easy-to-hard-{task}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for variant, measured in results["variants"].items():
+        series = {}
+        for seed, run in measured["seeds"].items():
+            for length in sorted({r["difficulty"] for r in run["rows"]}):
+                points = sorted((r["steps"], r["accuracy"]) for r in run["rows"] if r["difficulty"] == length)
+                series[f"{length}, seed {seed}"] = ([p[0] for p in points], [p[1] for p in points])
+        slug = variant.replace(", ", "-").replace(" ", "-")
+        line_plot(BENCHMARKS / f"results-easy-to-hard-{task}-{slug}.png", series, "test-time depth (core steps)",
+                  "exact accuracy", f"{task} ({variant}), trained on {spec['trained']}: length, seed", logx=True)
+    print(f"wrote {out}")
+    return results
+
+
+def ship(task: str) -> Path:
+    """The quoted variant's seed-0 model (trained by `rlm train --config RECIPE`) to checkpoints/TASK."""
+    spec = TASKS[task]
+    source, target = run_dir(spec["quoted"], 0) / "model", BENCHMARKS.parent / "checkpoints" / task
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    print(f"shipped {source} -> {target}")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", action="store_true", help="train and test the recipes and seeds not done yet")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--variants", nargs="+", help="only these recipe variants (default: every one)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="of those each variant runs")
+    parser.add_argument("--ship", action="store_true", help="copy each task's quoted seed-0 model to checkpoints/")
+    args = parser.parse_args()
+    sys.path.insert(0, str(BENCHMARKS))
+    for task in args.tasks:
+        if args.run:
+            for variant, (_, seeds) in TASKS[task]["variants"].items():
+                if args.variants is None or variant in args.variants:
+                    for seed in sorted(set(args.seeds) & set(seeds)):
+                        train_and_test(task, variant, seed)
+        collect(task, args.seeds)
+        if args.ship:
+            ship(task)
+
+
+if __name__ == "__main__":
+    main()
