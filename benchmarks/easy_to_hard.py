@@ -28,7 +28,7 @@ EVAL_SEED = 777_101
 TASKS = {
     "prefix-sums": {
         "recipe": "prefix-sums", "trained": "1-16 bits",
-        "test": "--difficulties 16,32,64,128,256 --steps 8,16,32,64,128,192 --n 100",
+        "test": "--difficulties 16,32,64,128,256 --steps 8,16,32,64,128,256,320 --n 100",
         # name: (overrides of the recipe, seeds)
         "variants": {"window 2": ([], (0, 1, 2)),
                      "full attention": (["--model.architecture.attention_window", "null"], (0,)),
