@@ -27,7 +27,7 @@ EVAL_SEED = 777_101
 # the published numbers of the nearest setting
 TASKS = {
     "prefix-sums": {
-        "recipe": "prefix-sums", "trained": "1-16 bits",
+        "recipe": "prefix-sums", "trained": "1-16 bits", "unit": "bits",
         "test": "--difficulties 16,32,64,128,256 --steps 8,16,32,64,128,256,320 --n 100",
         # name: (overrides of the recipe, seeds)
         "variants": {"window 2": ([], (0, 1, 2)),
@@ -41,7 +41,7 @@ TASKS = {
              "result": "512 bits: 97.12 +- 1.88% at its best iteration (237); without recall 11.26%; "
                        "feed-forward 0.00%"}]},
     "addition": {
-        "recipe": "addition", "trained": "operands of 1-10 digits",
+        "recipe": "addition", "trained": "operands of 1-10 digits", "unit": "digits",
         "test": "--difficulties 10,20,30,40,50 --steps 1,2,4,8,16 --n 100",
         "variants": {"abacus, looped": ([], (0, 1, 2))}, "quoted": "abacus, looped",
         "published": [
@@ -119,15 +119,22 @@ def collect(task: str, seeds: list[int]) -> dict:
                 "summary": summary(rows, training_depth(task))}
     out = BENCHMARKS / f"results-easy-to-hard-{task}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
+    for variant, measured in results["variants"].items():  # the table docs/easy-to-hard.md quotes
+        lines = [f"{task}, {variant}: per length, each seed's best accuracy (at depth) / at the training depth"]
+        for i, row in enumerate(next(iter(measured["seeds"].values()))["summary"]):
+            cells = [f"{run['summary'][i]['best_accuracy']:.2f} (r={run['summary'][i]['best_depth']}) / "
+                     f"{run['summary'][i]['accuracy_at_training_depth']:.2f}" for run in measured["seeds"].values()]
+            lines.append(f"| {row['length']} | " + " | ".join(cells) + " |")
+        print("\n".join(lines))
     for variant, measured in results["variants"].items():
         series = {}
         for seed, run in measured["seeds"].items():
             for length in sorted({r["difficulty"] for r in run["rows"]}):
                 points = sorted((r["steps"], r["accuracy"]) for r in run["rows"] if r["difficulty"] == length)
-                series[f"{length}, seed {seed}"] = ([p[0] for p in points], [p[1] for p in points])
+                series[f"{length} {spec['unit']}, seed {seed}"] = ([p[0] for p in points], [p[1] for p in points])
         slug = variant.replace(", ", "-").replace(" ", "-")
         line_plot(BENCHMARKS / f"results-easy-to-hard-{task}-{slug}.png", series, "test-time depth (core steps)",
-                  "exact accuracy", f"{task} ({variant}), trained on {spec['trained']}: length, seed", logx=True)
+                  "exact accuracy", f"{task} ({variant}), trained on {spec['trained']}", logx=True)
     print(f"wrote {out}")
     return results
 

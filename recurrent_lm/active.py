@@ -41,7 +41,7 @@ class ActiveSet:
             keys = torch.arange(past_len + seq, device=running.device)
             allowed = keys[None, :] <= past_len + position[:, None]  # (N, keys)
         else:
-            allowed = mask[batch, 0, position]
+            allowed = mask.expand(rows, -1, -1, -1)[batch, 0, position]  # a mask shared by the rows has batch 1
         width = int(counts.max())
         laid_out = allowed.new_ones((rows * width,) + allowed.shape[1:])  # an empty slot may see every key (no NaN)
         laid_out[batch * width + slot] = allowed

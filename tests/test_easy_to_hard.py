@@ -198,3 +198,20 @@ def test_attention_window_limits_how_far_back_a_position_sees_per_layer():
         assert int(model(sequence[None, :t], num_steps=2, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
     with pytest.raises(ValueError, match="attention_window must be >= 1"):
         RecurrentConfig.preset("debug", attention_window=0)
+
+
+def test_adaptive_exit_under_an_attention_window_sees_the_same_keys_as_fixed_depth():
+    """Packed running positions (recurrent_lm.active) take the window's mask too: a threshold no position meets
+    runs every position to the maximum and gives the fixed-depth logits."""
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig.preset("debug", attention_window=2)).eval()
+    ids = torch.randint(3, 200, (3, 9))
+    fixed = model(ids, num_steps=4, init_scale=0.0).logits
+    adaptive = model(ids, num_steps=4, init_scale=0.0, exit_criterion="kl", exit_threshold=1e-30)
+    assert bool((adaptive.steps_used == 4).all()) and torch.allclose(adaptive.logits, fixed, atol=1e-5)
+    depths = torch.randint(1, 5, ids.shape, generator=torch.Generator().manual_seed(0))
+    mixed = model(ids, num_steps=4, init_scale=0.0, position_depths=depths)  # some positions stop, some run on
+    assert torch.equal(mixed.steps_used, depths)
+    for row in range(3):  # the first position sees itself only: its logits are fixed depth's at its own depth
+        alone = model(ids[row : row + 1, :1], num_steps=int(depths[row, 0]), init_scale=0.0).logits[0, 0]
+        assert torch.allclose(mixed.logits[row, 0], alone, atol=1e-5)
