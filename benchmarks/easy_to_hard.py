@@ -43,7 +43,12 @@ TASKS = {
     "addition": {
         "recipe": "addition", "trained": "operands of 1-10 digits", "unit": "digits",
         "test": "--difficulties 10,20,30,40,50 --steps 1,2,4,8,16 --n 100",
-        "variants": {"abacus, looped": ([], (0, 1, 2))}, "quoted": "abacus, looped",
+        "variants": {"abacus, looped": ([], (0, 1, 2)),
+                     "rotary positions, no abacus": (["--model.architecture.use_rope", "true",
+                                                      "--model.architecture.abacus_positions", "0",
+                                                      "--model.architecture.abacus_token_ids", "null",
+                                                      "--model.abacus_offset", "0"], (0,))},
+        "quoted": "abacus, looped",
         "published": [
             {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)",
              "setting": "decoder, width 1024, 8 layers x 2 recurrences, input injection, Abacus positions with "

@@ -41,3 +41,26 @@ def test_shipped_prefix_sums_model_needs_and_uses_depth_beyond_its_training_leng
     strings = ["".join(rng.choice("01") for _ in range(64)) for _ in range(24)]
     assert prefix_sums_accuracy(model, tokenizer, strings, depth=64) >= 0.9
     assert prefix_sums_accuracy(model, tokenizer, strings, depth=16) <= 0.3
+
+
+def addition_accuracy(model, tokenizer, pairs: list[tuple[int, int]], depth: int) -> float:
+    """The README's addition definition: the prompt is both numbers written least significant digit first, "+"
+    between them and "=" after; the answer, the sum written the same way, is generated greedily up to eos."""
+    right = 0
+    for a, b in pairs:
+        ids = tokenizer(f"{str(a)[::-1]}+{str(b)[::-1]}=", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=len(str(a + b)) + 2, do_sample=False, num_steps=depth,
+                             init_scale=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        sequence = out if isinstance(out, torch.Tensor) else out.sequences
+        text = tokenizer.decode(sequence[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        right += text == str(a + b)[::-1]
+    return right / len(pairs)
+
+
+def test_shipped_addition_model_adds_numbers_of_its_training_length():
+    """Operands of 8-10 digits (trained: 1-10). Longer ones are where it fails (docs/easy-to-hard.md)."""
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINTS / "addition").eval()
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "addition")
+    rng = random.Random(20261208)
+    pairs = [(rng.randrange(10**7, 10**10), rng.randrange(10**7, 10**10)) for _ in range(24)]
+    assert addition_accuracy(model, tokenizer, pairs, depth=4) >= 0.9
