@@ -12,6 +12,9 @@ GOLDEN = {
     "permutation": "01234.42103.24031?",
     "parity": "101?",
     "pointer": "ajbmcdddecfcgohhiijckelimnnnohpb?k",
+    "prefix-sums": "111?",
+    "addition": "9+413=",
+    "copy": "eha?",
 }
 
 
@@ -30,6 +33,12 @@ def test_gold_rendering_parses_back_to_the_answer(name, cot):
     for difficulty in (task.min_difficulty, 2, 5, task.max_difficulty):
         for problem in task.problems(difficulty, 10, seed=difficulty):
             assert problem.difficulty == difficulty
+            if task.answered_at_hints:  # no text to parse: the answer is read at the hints (test_easy_to_hard.py)
+                assert "".join(target for _, target in problem.hints) == problem.answer
+                with pytest.raises(ValueError, match="no chain of thought"):
+                    task.render(problem, cot=True)
+                assert task.render(problem) == problem.question + "<eos>"
+                continue
             assert set(task.render(problem, cot).replace("<think>", "").replace("</think>", "")
                        .replace("<eos>", "")) <= set(task.alphabet)
             completion = task.completion(problem, cot)
