@@ -206,6 +206,10 @@ def tasks_export(name: str, out: str, difficulties: IntList = "1-4", n: int = 10
         raise ValueError(f"name: {name!r} names a task twice; name each once")
     tasks = [get_task(part) for part in names]
     difficulty_list = parse_int_list(difficulties, "--difficulties")
+    unwritten = [t.name for t in tasks if t.answered_at_hints]
+    if format == "traces" and unwritten:
+        raise ValueError(f"--format traces: task {unwritten[0]!r} is answered at every position of its prompt, not "
+                         "by a chain of thought; export its problems (--format problems)")
     with claimed_output(out, option="OUT", kind="file", overwrite=overwrite, command="rlm tasks export") as output:
         problems = problem_set(tasks, difficulty_list, n, seed, shuffle)
         if format == "traces":

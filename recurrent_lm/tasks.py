@@ -227,21 +227,21 @@ class AdditionTask(Task):
 class CopyTask(Task):
     """abba?  Copy n symbols (of 8) after the question mark (Fan et al. 2024's copy task, arXiv 2409.15647;
     difficulty = n). The answer's i-th symbol is the input's i-th: a model must find each by its place in the
-    input, which positions that count from each string's start make the same at every length."""
+    input, which positions that count from each string's start make the same at every length. The chain of thought
+    writes the symbols one step each ("a;b;b;a;")."""
 
     name = "copy"
     max_difficulty = 256
     symbols = "abcdefgh"
-    alphabet = symbols + "?"
+    alphabet = symbols + "?;"
     description = "copy n symbols (difficulty = n)"
-    step_separator = None
 
     def distinct_problems(self, difficulty: int) -> int:
         return len(self.symbols) ** difficulty
 
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
         text = "".join(rng.choice(self.symbols) for _ in range(difficulty))
-        return Problem(self.name, difficulty, text + "?", text)
+        return Problem(self.name, difficulty, text + "?", text, tuple(text))
 
 
 # --- registry, JSONL ------------------------------------------------------------------------------------------------
