@@ -131,15 +131,20 @@ def collect(task: str, seeds: list[int]) -> dict:
                      f"{run['summary'][i]['accuracy_at_training_depth']:.2f}" for run in measured["seeds"].values()]
             lines.append(f"| {row['length']} | " + " | ".join(cells) + " |")
         print("\n".join(lines))
-    for variant, measured in results["variants"].items():
-        series = {}
-        for seed, run in measured["seeds"].items():
-            for length in sorted({r["difficulty"] for r in run["rows"]}):
-                points = sorted((r["steps"], r["accuracy"]) for r in run["rows"] if r["difficulty"] == length)
-                series[f"{length} {spec['unit']}, seed {seed}"] = ([p[0] for p in points], [p[1] for p in points])
+    for variant, measured in results["variants"].items():  # a line per length: the seeds' mean, a band min..max
+        series, bands, runs = {}, {}, list(measured["seeds"].values())
+        for length in sorted({r["difficulty"] for r in runs[0]["rows"]}):
+            curves = [sorted((r["steps"], r["accuracy"]) for r in run["rows"] if r["difficulty"] == length)
+                      for run in runs]
+            depths, values = [p[0] for p in curves[0]], list(zip(*[[p[1] for p in c] for c in curves]))
+            label = f"{length} {spec['unit']}"
+            series[label] = (depths, [sum(v) / len(v) for v in values])
+            bands[label] = ([min(v) for v in values], [max(v) for v in values])
         slug = variant.replace(", ", "-").replace(" ", "-")
+        seeds_text = f"seeds {', '.join(map(str, measured['seeds']))}: mean, band min-max"
         line_plot(BENCHMARKS / f"results-easy-to-hard-{task}-{slug}.png", series, "test-time depth (core steps)",
-                  "exact accuracy", f"{task} ({variant}), trained on {spec['trained']}", logx=True)
+                  "exact accuracy", f"{task} ({variant}), trained on {spec['trained']}\n{seeds_text}", logx=True,
+                  bands=bands)
     print(f"wrote {out}")
     return results
 
