@@ -28,7 +28,9 @@ EVAL_SEED = 777_101
 TASKS = {
     "prefix-sums": {
         "recipe": "prefix-sums", "trained": "1-16 bits", "unit": "bits",
-        "test": "--difficulties 16,32,64,128,256 --steps 8,16,32,64,128,256,320 --n 100",
+        "test": {"difficulties": "16,32,64,128,256", "steps": "8,16,32,64,128,256,320", "n": 100},
+        # the depth training used at a length: n steps for n bits (the longest trained string's beyond), plus 0-4
+        "training_depth": lambda length: min(length, 16) + 2,
         # name: (overrides of the recipe, seeds)
         "variants": {"window 2": ([], (0, 1, 2)),
                      "full attention": (["--model.architecture.attention_window", "null"], (0,)),
@@ -42,7 +44,8 @@ TASKS = {
                        "feed-forward 0.00%"}]},
     "addition": {
         "recipe": "addition", "trained": "operands of 1-10 digits", "unit": "digits",
-        "test": "--difficulties 10,20,30,40,50 --steps 1,2,4,8,16 --n 100",
+        "test": {"difficulties": "10,20,30,40,50", "steps": "1,2,4,8,16", "n": 100},
+        "training_depth": lambda length: 4,  # drawn around its mean, 4
         "variants": {"abacus, looped": ([], (0, 1, 2)),
                      "rotary positions, no abacus": (["--model.architecture.use_rope", "true",
                                                       "--model.architecture.abacus_positions", "0",
@@ -58,8 +61,17 @@ TASKS = {
 }
 
 
+def slug(variant: str) -> str:
+    return variant.replace(", ", "-").replace(" ", "-")
+
+
 def run_dir(variant: str, seed: int) -> Path:
-    return RUNS / f"{variant.replace(', ', '-').replace(' ', '-')}-s{seed}"
+    return RUNS / f"{slug(variant)}-s{seed}"
+
+
+def test_options(spec: dict) -> str:
+    """The test as `rlm sweep` options."""
+    return " ".join(f"--{name} {value}" for name, value in spec["test"].items())
 
 
 def train_and_test(task: str, variant: str, seed: int) -> Path:
@@ -74,10 +86,8 @@ def train_and_test(task: str, variant: str, seed: int) -> Path:
         train_model(spec["recipe"], run.parent, [*spec["variants"][variant][0], *seeds], run_name=run.name)
     tested = run / "sweep"
     if not (tested / "results.json").is_file():
-        print(f"$ rlm sweep --model {run}/model --task {task} {spec['test']} --seed {EVAL_SEED}", flush=True)
-        options = dict(zip(*[iter(spec["test"].replace("--", "").split())] * 2))
-        sweep(run / "model", task=task, seed=EVAL_SEED, exit_criteria=[], dynamics=0, out=tested,
-              difficulties=options["difficulties"], steps=options["steps"], n=int(options["n"]))
+        print(f"$ rlm sweep --model {run}/model --task {task} {test_options(spec)} --seed {EVAL_SEED}", flush=True)
+        sweep(run / "model", task=task, seed=EVAL_SEED, exit_criteria=[], dynamics=0, out=tested, **spec["test"])
     return tested
 
 
@@ -94,19 +104,11 @@ def summary(rows: list[dict], trained_depth_of) -> list[dict]:
     return table
 
 
-def training_depth(task: str):
-    """The depth a model of this task trained at, as a function of the length: prefix sums tie it to the length
-    (the longest trained string's, beyond it), addition draws it around its mean (4)."""
-    if task == "prefix-sums":
-        return lambda length: min(length, 16) + 2  # n steps for n bits, plus 0-4 more
-    return lambda length: 4
-
-
 def collect(task: str, seeds: list[int]) -> dict:
     from recurrent_lm.eval.report import line_plot
 
     spec = TASKS[task]
-    results = {"task": task, "trained": spec["trained"], "test": f"{spec['test']} --seed {EVAL_SEED}",
+    results = {"task": task, "trained": spec["trained"], "test": f"{test_options(spec)} --seed {EVAL_SEED}",
                "machine": "x86_64 Linux, 2-core VM, torch 2.13.0+cpu, float32, runs beside other work",
                "published": spec["published"], "variants": {}}
     for variant, (overrides, variant_seeds) in spec["variants"].items():
@@ -121,7 +123,7 @@ def collect(task: str, seeds: list[int]) -> dict:
                     for r in json.loads(tested.read_text())["rows"] if r["method"] == "latent"]
             results["variants"].setdefault(variant, {"overrides": overrides, "seeds": {}})["seeds"][seed] = {
                 "command": manifest["command"], "wall_seconds": manifest["wall_seconds"], "rows": rows,
-                "summary": summary(rows, training_depth(task))}
+                "summary": summary(rows, spec["training_depth"])}
     out = BENCHMARKS / f"results-easy-to-hard-{task}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     for variant, measured in results["variants"].items():  # the table docs/easy-to-hard.md quotes
@@ -140,9 +142,9 @@ def collect(task: str, seeds: list[int]) -> dict:
             label = f"{length} {spec['unit']}"
             series[label] = (depths, [sum(v) / len(v) for v in values])
             bands[label] = ([min(v) for v in values], [max(v) for v in values])
-        slug = variant.replace(", ", "-").replace(" ", "-")
         seeds_text = f"seeds {', '.join(map(str, measured['seeds']))}: mean, band min-max"
-        line_plot(BENCHMARKS / f"results-easy-to-hard-{task}-{slug}.png", series, "test-time depth (core steps)",
+        line_plot(BENCHMARKS / f"results-easy-to-hard-{task}-{slug(variant)}.png", series,
+                  "test-time depth (core steps)",
                   "exact accuracy", f"{task} ({variant}), trained on {spec['trained']}\n{seeds_text}", logx=True,
                   bands=bands)
     print(f"wrote {out}")

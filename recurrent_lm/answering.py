@@ -32,7 +32,7 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
     exit_criterion, ... for a RecurrentLM)."""
     read = [i for i, p in enumerate(problems) if get_task(p.task).answered_at_hints]
     if read:  # answered in one forward pass over the prompt; the others generate
-        written = [i for i in range(len(problems)) if i not in set(read)]
+        written = sorted(set(range(len(problems))) - set(read))
         both = dict(zip(read, read_answers(model, tokenizer, [problems[i] for i in read], batch_size, cot,
                                            **generate_kwargs)))
         both.update(zip(written, answer_problems(model, tokenizer, [problems[i] for i in written], cot,

@@ -18,7 +18,8 @@ from torch import Tensor
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
-from recurrent_lm.depth import RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps
+from recurrent_lm.depth import (RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps,
+                                 truncated)
 from recurrent_lm.loading import load_config, load_model
 from recurrent_lm.options import ranges
 
@@ -356,8 +357,7 @@ def progressive_num_steps(depth: int, backprop_depth: int, generator: torch.Gene
     without gradient, then k uniform in 1..m-n, of which the last `backprop_depth` get gradients."""
     n = int(torch.randint(0, depth, (), generator=generator))
     k = int(torch.randint(1, depth - n + 1, (), generator=generator))
-    with_grad = min(k, backprop_depth)
-    return StepCounts(n + k - with_grad, with_grad)
+    return truncated(n + k, backprop_depth)
 
 
 def prompt_depths(labels: Tensor, total: int, generator: torch.Generator) -> Tensor:
