@@ -18,6 +18,7 @@ Evaluation: 50 fresh problems per k = 1-6 (seed 777005, never drawn by training;
 so its test problems are training problems), greedy, zero initial state, 95% Wilson intervals.
 
     python benchmarks/retrofit_smollm2.py --run        # train and evaluate every arm not done yet (hours on 2 cores)
+    python benchmarks/retrofit_smollm2.py --run --arms "fixed depth 1"   # one arm
     python benchmarks/retrofit_smollm2.py              # collect: results JSON and plot from the finished arms
 """
 
@@ -89,11 +90,12 @@ def evaluation_dir(name: str) -> Path:
     return RUNS / "smollm2-study" / name.replace(" ", "-").replace(",", "")
 
 
-def run_all() -> None:
+def run_all(arms: list[str]) -> None:
     for command, made in zip(PREPARE, (LOOPED, WHOLE, TRACES)):
         if not made.exists():
             sh(command)
-    for name, arm in ARMS.items():
+    for name in arms:
+        arm = ARMS[name]
         if not (arm["run"] / "model").is_dir():
             sh(arm["train"])
         out = evaluation_dir(name)
@@ -115,7 +117,11 @@ def collect(out: Path) -> dict:
     for name, arm in ARMS.items():
         evaluated = evaluation_dir(name) / "results.json"
         if not evaluated.is_file():
-            print(f"{name}: not evaluated yet ({evaluated})")
+            if name in earlier:  # evaluated on an earlier machine: its record stays
+                results["arms"][name] = earlier[name]
+                print(f"{name}: kept from {out}")
+            else:
+                print(f"{name}: not evaluated yet ({evaluated})")
             continue
         config = arm["run"] / "version_0" / "config.yaml"
         if earlier.get(name, {}).get("train") == arm["train"] and earlier[name].get("training_flops"):
@@ -148,10 +154,12 @@ def collect(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="store_true", help="train and evaluate the arms not done yet, then collect")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), metavar="ARM",
+                        help=f"the arms --run does (default: all): {', '.join(map(repr, ARMS))}")
     parser.add_argument("--out", type=Path, default=BENCHMARKS / "results-retrofit-smollm2-study.json")
     args = parser.parse_args()
     if args.run:
-        run_all()
+        run_all(args.arms)
     sys.path.insert(0, str(BENCHMARKS))
     collect(args.out)
 

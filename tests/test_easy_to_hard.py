@@ -8,6 +8,7 @@ import torch
 
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.answering import answer_flops, answer_problems
+from recurrent_lm.cache import CACHE_NAME
 from recurrent_lm.data import IGNORE, encode_problem
 from recurrent_lm.flops import forward_flops
 from recurrent_lm.tasks import get_task, task_tokenizer
@@ -129,7 +130,8 @@ def test_abacus_generation_with_a_cache_equals_full_forwards():
         assert int(logits.argmax()) == int(sequence[t])
     cache_out = model(prompt, num_steps=3, init_scale=0.0, use_cache=True)
     with pytest.raises(ValueError, match="needs the new tokens' abacus_ids"):
-        model(sequence[None, prompt.shape[1]:prompt.shape[1] + 1], cache=cache_out.cache, num_steps=3)
+        model(sequence[None, prompt.shape[1]:prompt.shape[1] + 1], num_steps=3,
+                  **{CACHE_NAME: getattr(cache_out, CACHE_NAME)})
     with pytest.raises(ValueError, match="table has 32 rows"):
         model(prompt, abacus_ids=torch.full_like(prompt, 40), num_steps=1)
 
