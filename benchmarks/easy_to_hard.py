@@ -47,6 +47,10 @@ TASKS = {
         "test": {"difficulties": "10,20,30,40,50", "steps": "1,2,4,8,16", "n": 100},
         "training_depth": lambda length: 4,  # drawn around its mean, 4
         "variants": {"abacus, looped": ([], (0, 1, 2)),
+                     # the first recipe's failures past 12 digits are mostly answers ended too early, and sharper
+                     # attention at test time alone lifts 20 digits from 0.11 to 0.58 (teacher-forced): train it in
+                     "abacus, looped, log-scaled attention": (["--model.architecture.attention_log_scale", "true"],
+                                                              (0, 1, 2)),
                      "rotary positions, no abacus": (["--model.architecture.use_rope", "true",
                                                       "--model.architecture.abacus_positions", "0",
                                                       "--model.architecture.abacus_token_ids", "null",

@@ -130,6 +130,11 @@ class RecurrentConfig(PreTrainedConfig):
             the deep-thinking networks' kernel-3 convolutions (Bansal et al. 2022): what a position knows of
             tokens further back arrives one core step at a time, so the depth a string needs grows with its
             length and one step's rule is the same at every length.
+        attention_log_scale: multiply each query by log(n), n the number of keys it may attend to (Chiang &
+            Cholak 2022, arXiv 2202.12172; "scalable softmax", Nakanishi 2025, arXiv 2501.19399). Softmax over n
+            keys flattens as n grows, so a head that picks one key out of a trained length's worth of tokens
+            picks it less surely out of a longer input's; the log n factor keeps the picked key's weight as the
+            input lengthens. False (the default): the plain 1 / sqrt(head_dim).
         abacus_positions: rows of a learned table of positions counted within each number (McLeish et al. 2024's
             Abacus embeddings, arXiv 2405.17399): a token of `abacus_token_ids` gets 1 + its place in the run of
             such tokens it belongs to (the first digit of every number is 1), any other token 0, and that row is
@@ -180,6 +185,7 @@ class RecurrentConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     exit_gate_width: int = 0
     attention_window: int | None = None
+    attention_log_scale: bool = False
     abacus_positions: int = 0
     abacus_token_ids: list[int] | None = None
     block_type: str = "sandwich"

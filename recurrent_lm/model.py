@@ -104,6 +104,7 @@ class Attention(nn.Module):
         self.qk_bias = nn.Parameter(torch.zeros(2, config.num_attention_heads, 1, config.head_dim)) if config.qk_bias else None
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.proj.is_residual_output = True  # scaled down at init, see RecurrentPreTrainedModel._init_weights
+        self.log_scale = config.attention_log_scale
 
     def projection_bias(self) -> Tensor | None:
         """The qkv projection's bias with the qk bias folded in: adding a per-head, per-channel bias to q and k
@@ -128,6 +129,8 @@ class Attention(nn.Module):
             q = active.to_rows(q[0].transpose(0, 1)).transpose(1, 2)  # h n d -> n h d -> b w h d -> b h w d
             mask = active.mask
         # mask None means plain causal attention over q (no padding, nothing cached) or one query seeing everything
+        if self.log_scale:
+            q = q * visible_keys(mask, q.shape[2], k.shape[2], q.device).log().to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                            enable_gqa=self.kv_heads != self.num_heads)
         if active is None:
@@ -733,6 +736,14 @@ def check_position_depths(depths: Tensor | None, shape: tuple[int, int], total: 
 def declared_arguments(function) -> frozenset[str]:
     """The parameter names of a function, read once (generation asks for forward's at every token)."""
     return frozenset(inspect.signature(function).parameters)
+
+
+def visible_keys(mask: Tensor | None, q_len: int, k_len: int, device) -> Tensor:
+    """How many keys each query may attend to, (batch or 1, 1, q, 1) float: the True entries of an SDPA mask's
+    row, or, without one (plain causal attention), the query's place among the keys."""
+    if mask is not None:
+        return mask.sum(-1, keepdim=True, dtype=torch.float32)
+    return torch.arange(k_len - q_len + 1, k_len + 1, device=device, dtype=torch.float32)[:, None]
 
 
 def attention_bias(attention_mask: Tensor | None, q_len: int, past_len: int, device, scan: bool = True,

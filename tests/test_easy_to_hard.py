@@ -217,3 +217,47 @@ def test_adaptive_exit_under_an_attention_window_sees_the_same_keys_as_fixed_dep
     for row in range(3):  # the first position sees itself only: its logits are fixed depth's at its own depth
         alone = model(ids[row : row + 1, :1], num_steps=int(depths[row, 0]), init_scale=0.0).logits[0, 0]
         assert torch.allclose(mixed.logits[row, 0], alone, atol=1e-5)
+
+
+def test_attention_log_scale_sharpens_each_query_by_the_log_of_the_keys_it_sees():
+    """attention_log_scale: softmax(log(n) q.k / sqrt(d)) with n the keys a query may attend to (padding not
+    counted); computed by hand here, once without a mask (plain causal) and once left-padded."""
+    from recurrent_lm.model import Attention, attention_bias
+
+    config = RecurrentConfig.preset("debug", use_rope=False, qk_bias=False, attention_log_scale=True)
+    torch.manual_seed(0)
+    attention = Attention(config).eval()
+    x = torch.randn(2, 5, config.hidden_size)
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    for mask in (None, attention_bias(padding, 5, 0, x.device)):
+        q, k, v = (t.unflatten(-1, (config.num_attention_heads, -1)).transpose(1, 2)
+                   for t in attention.qkv(x).split(attention.split, dim=-1))
+        allowed = torch.ones(5, 5).tril().bool()[None, None] if mask is None else mask
+        n = allowed.sum(-1, keepdim=True).float()
+        scores = (q @ k.transpose(-1, -2)) * n.log() / config.head_dim**0.5
+        expected = attention.proj((scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(1, 2).flatten(2))
+        assert torch.allclose(attention(x, None, mask), expected, atol=1e-5)
+
+
+def test_attention_log_scale_keeps_cached_padded_and_packed_forwards_equal():
+    """With attention_log_scale the count of keys follows the cache, the padding and the packed running positions
+    of adaptive exit: generation equals full forwards, a left-padded row equals the row alone, and an exit
+    threshold no position meets gives the fixed-depth logits."""
+    model, tokenizer = abacus_model(attention_log_scale=True)
+    plain, _ = abacus_model()
+    prompt = torch.tensor([tokenizer("4021+93=").input_ids])
+    assert not torch.allclose(model(prompt, num_steps=3, init_scale=0.0).logits,
+                              plain(prompt, num_steps=3, init_scale=0.0).logits)  # the same weights, other scores
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, num_steps=3, init_scale=0.0,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
+    for t in range(prompt.shape[1], sequence.shape[0]):
+        assert int(model(sequence[None, :t], num_steps=3, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    short = torch.tensor([tokenizer("21+93=").input_ids])
+    padded = torch.cat([torch.full((1, 2), tokenizer.pad_token_id), short], 1)
+    both = model(torch.cat([padded, prompt]), attention_mask=torch.tensor([[0, 0] + [1] * 7, [1] * 9]),
+                 num_steps=3, init_scale=0.0).logits
+    assert torch.allclose(both[0, 2:], model(short, num_steps=3, init_scale=0.0).logits[0], atol=1e-5)
+    fixed = model(sequence[None], num_steps=4, init_scale=0.0).logits
+    adaptive = model(sequence[None], num_steps=4, init_scale=0.0, exit_criterion="kl", exit_threshold=1e-30)
+    assert torch.allclose(adaptive.logits, fixed, atol=1e-5)
