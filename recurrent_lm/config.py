@@ -142,6 +142,11 @@ class RecurrentConfig(PreTrainedConfig):
             the answer, at any length. 0: no table (the default). It must exceed the longest run plus the
             training offset (`model.abacus_offset` of rlm train).
         abacus_token_ids: the token ids that are counted (a task tokenizer's digits).
+        abacus_rope: rotate queries and keys by the Abacus position (a counted token's place in its run, 0 for
+            any other token) instead of the sequence position: a score then depends on the difference of two
+            digits' places within their numbers ("the next digit of the other operand" is +1 at any length and
+            any offset), not on how far apart they are in the text. Needs use_rope and abacus_token_ids; works
+            with or without the learned table (abacus_positions).
         exit_gate_width: hidden width of a learned exit gate on the latent state (0: none). The gate estimates,
             per position and step, whether the prediction has settled; the "gate" exit criterion reads it
             (recurrent_lm.adaptive). It is trained on a frozen model (`rlm train --config demo-exit-gate`).
@@ -188,6 +193,7 @@ class RecurrentConfig(PreTrainedConfig):
     attention_log_scale: bool = False
     abacus_positions: int = 0
     abacus_token_ids: list[int] | None = None
+    abacus_rope: bool = False
     block_type: str = "sandwich"
     num_key_value_heads: int | None = None
     attention_bias: bool = False
@@ -234,9 +240,12 @@ class RecurrentConfig(PreTrainedConfig):
         if self.attention_window is not None and self.attention_window < 1:
             raise ConfigFieldError("attention_window", f"attention_window must be >= 1 (a query sees itself), got "
                                    f"{self.attention_window}")
-        if self.abacus_positions and not self.abacus_token_ids:
-            raise ConfigFieldError("abacus_token_ids", "abacus_positions counts runs of the abacus_token_ids: give "
+        if (self.abacus_positions or self.abacus_rope) and not self.abacus_token_ids:
+            raise ConfigFieldError("abacus_token_ids", "Abacus positions count runs of the abacus_token_ids: give "
                                    "them (e.g. the ids of the digits)")
+        if self.abacus_rope and not self.use_rope:
+            raise ConfigFieldError("abacus_rope", "abacus_rope rotates by the Abacus positions: it needs "
+                                   "use_rope: true")
         for name in ("num_prelude_layers", "num_coda_layers", "exit_gate_width", "abacus_positions"):
             if getattr(self, name) < 0:
                 raise ConfigFieldError(name, f"{name} must be >= 0, got {getattr(self, name)}")

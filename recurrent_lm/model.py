@@ -439,7 +439,9 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
 
         position_ids = self._positions(position_ids, attention_mask, batch, seq_len, past_len, input_ids.device,
                                        check_inputs)
-        rope = rope_angles(position_ids, config.head_dim, config.rope_theta, config.rope_scaling) if config.use_rope else None
+        abacus_ids = self._abacus_ids(abacus_ids, input_ids, past_len, check_inputs)
+        rotated_by = abacus_ids if config.abacus_rope else position_ids
+        rope = rope_angles(rotated_by, config.head_dim, config.rope_theta, config.rope_scaling) if config.use_rope else None
         mask = attention_bias(attention_mask, seq_len, past_len, input_ids.device, scan=check_inputs,
                               window=config.attention_window)
 
@@ -453,8 +455,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             core_slots=None if torch.is_grad_enabled() else 1)
         if kv is not None:
             kv.begin(seq_len)
-        embedded = self.run_prelude(input_ids, rope, mask, kv, self._abacus_ids(abacus_ids, input_ids, past_len,
-                                                                                 check_inputs))
+        embedded = self.run_prelude(input_ids, rope, mask, kv, abacus_ids)
         state = self._start_state(embedded, initial_state, init_scale, generator)
         padding = None  # left padding of this call's positions: under per-position depth it stops after one step
         if per_position and attention_mask is not None and not bool(attention_mask[:, past_len:].all()):
@@ -635,7 +636,7 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         accepted = declared_arguments(type(self).forward)
         inputs = {name: value for name, value in inputs.items() if name in accepted}
-        if self.abacus is not None:  # counted over the whole sequence, for the tokens this call feeds
+        if self.counts_abacus:  # counted over the whole sequence, for the tokens this call feeds
             inputs["abacus_ids"] = self.abacus_ids(input_ids)[:, -inputs["input_ids"].shape[1]:]
         if not padded_prompt:
             inputs.pop("attention_mask", None), inputs.pop("position_ids", None)  # both follow from the cache length
@@ -657,10 +658,16 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
             model_kwargs["initial_state"] = outputs.latent_state[:, -1:]
         return model_kwargs
 
+    @property
+    def counts_abacus(self) -> bool:
+        """Whether the model reads Abacus positions: a learned table of them, rotary positions from them, or both."""
+        return self.abacus is not None or self.config.abacus_rope
+
     def _abacus_ids(self, abacus_ids: Tensor | None, input_ids: Tensor, past_len: int, values: bool) -> Tensor | None:
-        if self.abacus is None:
+        if not self.counts_abacus:
             if abacus_ids is not None:
-                raise ValueError("abacus_ids given to a model without Abacus positions (config.abacus_positions 0)")
+                raise ValueError("abacus_ids given to a model without Abacus positions (config.abacus_positions 0, "
+                                 "abacus_rope false)")
             return None
         if abacus_ids is None:
             if past_len:
@@ -670,10 +677,14 @@ class RecurrentLM(RecurrentPreTrainedModel, GenerationMixin):
         if abacus_ids.shape != input_ids.shape:
             raise ValueError(f"abacus_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(abacus_ids.shape)}")
-        limit = self.config.abacus_positions
-        if values and abacus_ids.numel() and (int(abacus_ids.min()) < 0 or int(abacus_ids.max()) >= limit):
-            raise ValueError(f"an Abacus position reaches {int(abacus_ids.max())}: the table has {limit} rows "
-                             "(config.abacus_positions: the longest number plus the training offset)")
+        if values and abacus_ids.numel():  # one host sync for both bounds
+            low, high = torch.stack(abacus_ids.aminmax()).tolist()
+            if low < 0:
+                raise ValueError(f"abacus_ids must be >= 0, got {low}")
+            if self.abacus is not None and high >= self.config.abacus_positions:
+                raise ValueError(f"an Abacus position reaches {high}: the table has "
+                                 f"{self.config.abacus_positions} rows (config.abacus_positions: the longest number "
+                                 "plus the training offset)")
         return abacus_ids
 
     def _check_token_ids(self, input_ids: Tensor, values: bool = True) -> None:

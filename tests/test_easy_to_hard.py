@@ -105,8 +105,8 @@ def test_a_read_answer_costs_one_forward_over_the_prompt_with_logits_everywhere(
 def abacus_model(**overrides) -> tuple[RecurrentLM, object]:
     tokenizer = task_tokenizer(["addition"])
     digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
-    config = RecurrentConfig.preset("debug", vocab_size=len(tokenizer), use_rope=False, abacus_positions=32,
-                                    abacus_token_ids=digits, **overrides)
+    config = RecurrentConfig.preset("debug", **{"vocab_size": len(tokenizer), "use_rope": False,
+                                                "abacus_positions": 32, "abacus_token_ids": digits, **overrides})
     torch.manual_seed(0)
     return RecurrentLM(config).eval(), tokenizer
 
@@ -261,3 +261,31 @@ def test_attention_log_scale_keeps_cached_padded_and_packed_forwards_equal():
     fixed = model(sequence[None], num_steps=4, init_scale=0.0).logits
     adaptive = model(sequence[None], num_steps=4, init_scale=0.0, exit_criterion="kl", exit_threshold=1e-30)
     assert torch.allclose(adaptive.logits, fixed, atol=1e-5)
+
+
+def test_abacus_rope_rotates_by_the_place_of_each_digit_in_its_number():
+    """abacus_rope: queries and keys turn by the Abacus position, so scores depend on differences of digit places
+    only. Without the learned table, shifting every position by the same amount leaves the logits unchanged;
+    sequence positions would give other logits; cached generation equals full forwards."""
+    model, tokenizer = abacus_model(use_rope=True, abacus_rope=True, abacus_positions=0)
+    sequential, _ = abacus_model(use_rope=True)
+    sequential.load_state_dict(model.state_dict(), strict=False)
+    ids = torch.tensor([tokenizer("4021+93=3421").input_ids])
+    places = model.abacus_ids(ids)
+    logits = model(ids, num_steps=3, init_scale=0.0).logits
+    shifted = model(ids, abacus_ids=places + 7, num_steps=3, init_scale=0.0).logits
+    assert torch.allclose(logits, shifted, atol=1e-5)
+    assert not torch.allclose(logits, model(ids, abacus_ids=places * 2, num_steps=3, init_scale=0.0).logits)
+    assert not torch.allclose(logits[:, 1:], sequential(ids, num_steps=3, init_scale=0.0).logits[:, 1:])
+    prompt = ids[:, :9]
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False, num_steps=3, init_scale=0.0,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
+    for t in range(prompt.shape[1], sequence.shape[0]):
+        assert int(model(sequence[None, :t], num_steps=3, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    with pytest.raises(ValueError, match="needs use_rope"):
+        RecurrentConfig.preset("debug", use_rope=False, abacus_rope=True, abacus_token_ids=[1, 2])
+    with pytest.raises(ValueError, match="abacus_token_ids"):
+        RecurrentConfig.preset("debug", abacus_rope=True)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        model(ids, abacus_ids=places - 1, num_steps=1)

@@ -132,8 +132,9 @@ class RecurrentLMModule(L.LightningModule):
         if recurrence_curriculum is not None and (fixed_num_steps is not None or steps_per_difficulty is not None):
             raise ValueError("model.recurrence_curriculum ramps the sampled depth: it excludes fixed_num_steps and "
                              "steps_per_difficulty")
-        if abacus_offset and self.model.abacus is None:
-            raise ValueError("model.abacus_offset shifts Abacus positions: set model.architecture.abacus_positions")
+        if abacus_offset and not self.model.counts_abacus:
+            raise ValueError("model.abacus_offset shifts Abacus positions: set model.architecture.abacus_positions "
+                             "or abacus_rope")
         if progressive_loss is not None and prompt_depth == "random":
             raise ValueError("model.progressive_loss unrolls part of the step's depth: it excludes prompt_depth random")
         if trainable is not None:
