@@ -61,6 +61,9 @@ TASKS = {
                      "abacus rope, looped": (["--model.architecture.use_rope", "true",
                                               "--model.architecture.abacus_rope", "true",
                                               "--model.architecture.abacus_positions", "0"], (0, 1, 2)),
+                     # the table's rows spread as a sorted random sample of 1..60 per batch (Ruoss et al.'s
+                     # randomized positions): every pair of rows occurs together in training
+                     "abacus random places, looped": (["--model.abacus_places", "random"], (0, 1, 2)),
                      "rotary positions, no abacus": (["--model.architecture.use_rope", "true",
                                                       "--model.architecture.abacus_positions", "0",
                                                       "--model.architecture.abacus_token_ids", "null",
@@ -91,7 +94,11 @@ TASKS = {
         "variants": {"NoPE": ([], (0,)),
                      "Abacus": (["--model.architecture.abacus_positions", "128",
                                  "--model.architecture.abacus_token_ids", "[7,8,9,10,11,12,13,14]",
-                                 "--model.abacus_offset", "50"], (0, 1, 2))},
+                                 "--model.abacus_offset", "50"], (0, 1, 2)),
+                     "Abacus, random places": (["--model.architecture.abacus_positions", "128",
+                                                "--model.architecture.abacus_token_ids", "[7,8,9,10,11,12,13,14]",
+                                                "--model.abacus_offset", "50", "--model.abacus_places", "random"],
+                                               (0, 1, 2))},
         "quoted": "Abacus",
         "published": [FAN_ET_AL | {"result": "copy near-perfect at the trained maximum + 10 (30 symbols)"}]},
 }

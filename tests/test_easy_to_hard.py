@@ -289,3 +289,36 @@ def test_abacus_rope_rotates_by_the_place_of_each_digit_in_its_number():
         RecurrentConfig.preset("debug", abacus_rope=True)
     with pytest.raises(ValueError, match="must be >= 0"):
         model(ids, abacus_ids=places - 1, num_steps=1)
+
+
+def test_random_abacus_places_keep_each_place_shared_and_ordered_and_reach_every_row():
+    """model.abacus_places random: a batch's places map to a sorted random sample of rows 1..longest + offset, the
+    same for every number (the units digits of both operands and the answer share a row), increasing with the
+    place; over a few batches every row of the range occurs, and rows far apart occur in one number."""
+    from recurrent_lm.data import collate
+
+    _, tokenizer = abacus_model()
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    task = get_task("addition")
+    batch = collate([encode_problem(tokenizer, task, p) for p in task.problems(3, 8, seed=0)], tokenizer.pad_token_id)
+    architecture = dict(preset="debug", vocab_size=len(tokenizer), use_rope=False, abacus_positions=32,
+                        abacus_token_ids=digits)
+    module = RecurrentLMModule(architecture, abacus_offset=12, abacus_places="random")
+    module._trainer = SimpleNamespace(global_step=0)
+    places = module.model.abacus_ids(batch["input_ids"])
+    seen, spans = set(), []
+    for step in range(30):
+        module._trainer.global_step = step
+        rows = module.training_abacus_ids(batch["input_ids"])
+        mapping = {}
+        for place, row in zip(places.flatten().tolist(), rows.flatten().tolist()):
+            assert (row == 0) == (place == 0)
+            assert mapping.setdefault(place, row) == row  # one row per place, in every number
+        ordered = [mapping[p] for p in sorted(mapping) if p > 0]
+        assert ordered == sorted(set(ordered))
+        seen |= set(ordered)
+        spans.append(ordered[-1] - ordered[0])
+    longest = int(places.max())
+    assert seen == set(range(1, longest + 12 + 1)) and max(spans) > longest
+    with pytest.raises(ValueError, match="abacus_offset > 0"):
+        RecurrentLMModule(architecture, abacus_places="random")

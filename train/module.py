@@ -96,6 +96,12 @@ class RecurrentLMModule(L.LightningModule):
             offset drawn uniformly in 0..abacus_offset (McLeish et al. 2024: 100), so that the table's rows past
             the trained lengths train too; at test time the offset is 0. The table must hold the longest trained
             number plus this offset.
+        abacus_places: how a batch's Abacus positions are spread over the rows 1..(its longest number +
+            abacus_offset): "offset", one contiguous block at a random start (McLeish et al.); "random", a sorted
+            random sample of those rows, one per place, the same for every number of the batch (the randomized
+            positions of Ruoss et al. 2023, arXiv 2305.16843). With "random" every pair of rows occurs together in
+            training, so a test number longer than any trained one meets no pair of rows it never had to tell
+            apart; the model must then find "the next digit" as the next row present, not the row plus one.
         exit_gate_depth: the depth of the unrolls the exit gate learns from (at least the depths it will serve).
             The unrolls start from the model's random initial state (init_scale), as training does; the shipped
             gate agrees with its targets as often from a zero state (0.971 against 0.968 on 64 problems).
@@ -111,7 +117,7 @@ class RecurrentLMModule(L.LightningModule):
                  recurrence_curriculum: RecurrenceCurriculum | None = None, trainable: list[str] | None = None,
                  sharding: ShardingPlan = ShardingPlan(), activation_checkpointing: bool = False, compile: bool = False,
                  prompt_depth: Literal["same", "random"] = "same", progressive_loss: float | None = None,
-                 abacus_offset: int = 0):
+                 abacus_offset: int = 0, abacus_places: Literal["offset", "random"] = "offset"):
         super().__init__()
         if len(set(eval_depths)) < len(eval_depths):
             raise ValueError(f"model.eval_depths {list(eval_depths)} gives a depth twice; give each once")
@@ -135,6 +141,9 @@ class RecurrentLMModule(L.LightningModule):
         if abacus_offset and not self.model.counts_abacus:
             raise ValueError("model.abacus_offset shifts Abacus positions: set model.architecture.abacus_positions "
                              "or abacus_rope")
+        if abacus_places == "random" and not abacus_offset:
+            raise ValueError("model.abacus_places random samples rows among the longest number + abacus_offset: set "
+                             "model.abacus_offset > 0")
         if progressive_loss is not None and prompt_depth == "random":
             raise ValueError("model.progressive_loss unrolls part of the step's depth: it excludes prompt_depth random")
         if trainable is not None:
@@ -266,12 +275,7 @@ class RecurrentLMModule(L.LightningModule):
         position_depths = None
         if self.hparams.prompt_depth == "random":
             position_depths = prompt_depths(batch["labels"], num_steps.total, self._generator(self.global_step, salt=2))
-        abacus_ids = None
-        if self.hparams.abacus_offset:  # one offset per batch, the same on every rank
-            offset = int(torch.randint(0, self.hparams.abacus_offset + 1, (), generator=self._generator(
-                self.global_step, salt=4)))
-            abacus_ids = self.model.abacus_ids(batch["input_ids"])
-            abacus_ids = abacus_ids + offset * (abacus_ids > 0)
+        abacus_ids = self.training_abacus_ids(batch["input_ids"]) if self.hparams.abacus_offset else None
         weight = self.hparams.progressive_loss
         runs = [(num_steps, 1.0)] if weight is None else [
             (progressive_num_steps(num_steps.total, self.model.config.mean_backprop_depth,
@@ -292,6 +296,18 @@ class RecurrentLMModule(L.LightningModule):
             self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._step_started))
         self._step_started = time.perf_counter()
         return loss
+
+    def training_abacus_ids(self, input_ids: Tensor) -> Tensor:
+        """The batch's Abacus positions spread over the table's rows (abacus_places), one draw per batch, the same
+        on every rank."""
+        places = self.model.abacus_ids(input_ids)
+        generator = self._generator(self.global_step, salt=4)
+        if self.hparams.abacus_places == "offset":
+            offset = int(torch.randint(0, self.hparams.abacus_offset + 1, (), generator=generator))
+            return places + offset * (places > 0)
+        longest = int(places.max())
+        rows = torch.randperm(longest + self.hparams.abacus_offset, generator=generator)[:longest].sort().values + 1
+        return torch.cat([rows.new_zeros(1), rows]).to(places.device)[places]
 
     def exit_gate_step(self, batch):
         """Unroll the frozen model to exit_gate_depth without a graph, then fit the gate on every step's state."""
