@@ -64,3 +64,23 @@ def test_shipped_addition_model_adds_numbers_of_its_training_length():
     rng = random.Random(20261208)
     pairs = [(rng.randrange(10**7, 10**10), rng.randrange(10**7, 10**10)) for _ in range(24)]
     assert addition_accuracy(model, tokenizer, pairs, depth=4) >= 0.9
+
+
+def test_shipped_parity_model_needs_and_uses_depth_beyond_its_training_lengths():
+    """The README's parity definition: the bits then "?", the answer "1" when an odd number of them are 1, written
+    greedily after the prompt. Trained on at most 20 bits: 40-bit strings (2x) are answered with 40 core steps,
+    and at the training depth (20) no better than a coin can."""
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINTS / "parity").eval()
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "parity")
+    rng = random.Random(20261209)
+    strings = ["".join(rng.choice("01") for _ in range(40)) for _ in range(32)]
+    ids = tokenizer([bits + "?" for bits in strings], return_tensors="pt").input_ids  # one length: no padding
+
+    def accuracy(depth: int) -> float:
+        with torch.no_grad():
+            predicted = model(ids, num_steps=depth, init_scale=0.0).logits[:, -1].argmax(-1)
+        truth = ["1" if bits.count("1") % 2 else "0" for bits in strings]
+        return sum(tokenizer.decode([int(p)]) == t for p, t in zip(predicted, truth)) / len(strings)
+
+    assert accuracy(40) >= 0.9
+    assert accuracy(20) <= 0.75
