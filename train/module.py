@@ -298,8 +298,8 @@ class RecurrentLMModule(L.LightningModule):
         return loss
 
     def training_abacus_ids(self, input_ids: Tensor) -> Tensor:
-        """The batch's Abacus positions spread over the table's rows (abacus_places), one draw per batch, the same
-        on every rank."""
+        """The batch's Abacus positions spread over the table's rows (abacus_places), one draw per batch (an offset
+        is the same on every rank; random places follow each rank's longest number)."""
         places = self.model.abacus_ids(input_ids)
         generator = self._generator(self.global_step, salt=4)
         if self.hparams.abacus_places == "offset":
