@@ -28,14 +28,24 @@ FAN_ET_AL = {"source": "Fan et al. 2024 (looped transformers, arXiv 2409.15647)"
                         "T(n) loops (n for parity and copy), lengths 1-20 with a curriculum; 6,400 test examples; "
                         "model size and steps not read"}
 
+# Abacus positions over the copy task's symbols (their ids in its tokenizer), rows up to 64 symbols + the offset
+COPY_ABACUS = ["--model.architecture.abacus_positions", "128",
+               "--model.architecture.abacus_token_ids", "[7,8,9,10,11,12,13,14]", "--model.abacus_offset", "50"]
+
+
+def tied_depth(longest_trained: int):
+    """The depth training used at a length when it ties depth to length: n steps for n symbols (the longest trained
+    one's beyond it), plus 0-4 more (their mean: 2)."""
+    return lambda length: min(length, longest_trained) + 2
+
+
 # task -> what is tested, the recipes tried (name: overrides of configs/RECIPE.yaml), the one the README quotes, and
 # the published numbers of the nearest setting
 TASKS = {
     "prefix-sums": {
         "recipe": "prefix-sums", "trained": "1-16 bits", "unit": "bits",
         "test": {"difficulties": "16,32,64,128,256", "steps": "8,16,32,64,128,256,320", "n": 100},
-        # the depth training used at a length: n steps for n bits (the longest trained string's beyond), plus 0-4
-        "training_depth": lambda length: min(length, 16) + 2,
+        "training_depth": tied_depth(16),
         # name: (overrides of the recipe, seeds)
         "variants": {"window 2": ([], (0, 1, 2)),
                      "full attention": (["--model.architecture.attention_window", "null"], (0,)),
@@ -78,7 +88,7 @@ TASKS = {
     "parity": {
         "recipe": "parity", "trained": "1-20 bits", "unit": "bits",
         "test": {"difficulties": "20,30,40,64", "steps": "8,20,30,40,64,80", "n": 100},
-        "training_depth": lambda length: min(length, 20) + 2,  # n steps for n bits, plus 0-4
+        "training_depth": tied_depth(20),
         # full attention without positions stays at chance on every length, 20 included, within 1,500 steps; a
         # window of 2 passes the running parity one position per layer, as in prefix sums
         "variants": {"NoPE": ([], (0,)),
@@ -91,17 +101,12 @@ TASKS = {
     "copy": {
         "recipe": "copy", "trained": "1-20 symbols", "unit": "symbols",
         "test": {"difficulties": "20,30,40,64", "steps": "8,20,30,40,64,80", "n": 100},
-        "training_depth": lambda length: min(length, 20) + 2,
+        "training_depth": tied_depth(20),
         # without positions the model learns about 60% of the symbols and no whole string within 1,500 steps;
         # Abacus positions over the symbols give the i-th answer symbol the i-th input symbol's position
         "variants": {"NoPE": ([], (0,)),
-                     "Abacus": (["--model.architecture.abacus_positions", "128",
-                                 "--model.architecture.abacus_token_ids", "[7,8,9,10,11,12,13,14]",
-                                 "--model.abacus_offset", "50"], (0, 1, 2)),
-                     "Abacus, random places": (["--model.architecture.abacus_positions", "128",
-                                                "--model.architecture.abacus_token_ids", "[7,8,9,10,11,12,13,14]",
-                                                "--model.abacus_offset", "50", "--model.abacus_places", "random"],
-                                               (0, 1, 2))},
+                     "Abacus": (COPY_ABACUS, (0, 1, 2)),
+                     "Abacus, random places": ([*COPY_ABACUS, "--model.abacus_places", "random"], (0, 1, 2))},
         "quoted": "Abacus",
         "published": [FAN_ET_AL | {"result": "copy near-perfect at the trained maximum + 10 (30 symbols)"}]},
 }
@@ -161,20 +166,19 @@ def collect(task: str, seeds: list[int]) -> dict:
     for variant, (overrides, variant_seeds) in spec["variants"].items():
         for seed in sorted(set(seeds) & set(variant_seeds)):
             tested = run_dir(task, variant, seed) / "sweep" / "results.json"
-            kept = earlier.get(variant, {}).get("seeds", {}).get(str(seed))
-            if not tested.is_file() and kept:  # measured on an earlier machine: its record stays
-                results["variants"].setdefault(variant, {"overrides": overrides, "seeds": {}})["seeds"][seed] = kept
-                continue
-            if not tested.is_file():
+            if tested.is_file():
+                manifest = json.loads((run_dir(task, variant, seed) / "model" / "manifest.json").read_text())
+                rows = [{k: r[k] for k in ("difficulty", "steps", "n", "accuracy", "ci_low", "ci_high",
+                                           "flops_per_problem")}
+                        for r in json.loads(tested.read_text())["rows"] if r["method"] == "latent"]
+                record = {"command": manifest["command"], "wall_seconds": manifest["wall_seconds"], "rows": rows,
+                          "summary": summary(rows, spec["training_depth"])}
+            elif str(seed) in earlier.get(variant, {}).get("seeds", {}):  # measured on an earlier machine: kept
+                record = earlier[variant]["seeds"][str(seed)]
+            else:
                 print(f"{task}, {variant}, seed {seed}: not tested yet ({tested})")
                 continue
-            manifest = json.loads((run_dir(task, variant, seed) / "model" / "manifest.json").read_text())
-            rows = [{k: r[k] for k in ("difficulty", "steps", "n", "accuracy", "ci_low", "ci_high",
-                                       "flops_per_problem")}
-                    for r in json.loads(tested.read_text())["rows"] if r["method"] == "latent"]
-            results["variants"].setdefault(variant, {"overrides": overrides, "seeds": {}})["seeds"][seed] = {
-                "command": manifest["command"], "wall_seconds": manifest["wall_seconds"], "rows": rows,
-                "summary": summary(rows, spec["training_depth"])}
+            results["variants"].setdefault(variant, {"overrides": overrides, "seeds": {}})["seeds"][seed] = record
     out.write_text(json.dumps(results, indent=1) + "\n")
     for variant, measured in results["variants"].items():  # the table docs/easy-to-hard.md quotes
         lines = [f"{task}, {variant}: per length, each seed's best accuracy (at depth) / at the training depth"]

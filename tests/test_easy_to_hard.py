@@ -117,17 +117,23 @@ def test_abacus_positions_count_within_each_number():
     assert model.abacus_ids(ids).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]
 
 
+def generated_as_full_forwards(model, prompt: torch.Tensor, steps: int, new_tokens: int, pad_token_id: int):
+    """Greedy generation with a cache, checked token by token against the argmax of a forward over the whole
+    sequence without one; returns the generated sequence."""
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, num_steps=steps, init_scale=0.0,
+                         pad_token_id=pad_token_id, eos_token_id=None)
+    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
+    for t in range(prompt.shape[1], sequence.shape[0]):
+        assert int(model(sequence[None, :t], num_steps=steps, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    return sequence
+
+
 def test_abacus_generation_with_a_cache_equals_full_forwards():
     """generate feeds each new token's Abacus position, counted over the whole sequence: its greedy tokens are the
     argmax of forwards over the full sequence without a cache."""
     model, tokenizer = abacus_model()
     prompt = torch.tensor([tokenizer("4021+93=").input_ids])
-    out = model.generate(prompt, max_new_tokens=6, do_sample=False, num_steps=3, init_scale=0.0,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
-    for t in range(prompt.shape[1], sequence.shape[0]):
-        logits = model(sequence[None, :t], num_steps=3, init_scale=0.0).logits[0, -1]
-        assert int(logits.argmax()) == int(sequence[t])
+    sequence = generated_as_full_forwards(model, prompt, 3, 6, tokenizer.pad_token_id)
     cache_out = model(prompt, num_steps=3, init_scale=0.0, use_cache=True)
     with pytest.raises(ValueError, match="needs the new tokens' abacus_ids"):
         model(sequence[None, prompt.shape[1]:prompt.shape[1] + 1], num_steps=3,
@@ -193,11 +199,7 @@ def test_attention_window_limits_how_far_back_a_position_sees_per_layer():
     for steps, reaches in ((1, False), (2, True)):
         a, b = (model(x, num_steps=steps, init_scale=0.0).logits[0, 5] for x in (ids, changed))
         assert (not torch.allclose(a, b)) == reaches, steps
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, num_steps=2, init_scale=0.0, pad_token_id=0,
-                         eos_token_id=None)
-    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
-    for t in range(ids.shape[1], sequence.shape[0]):
-        assert int(model(sequence[None, :t], num_steps=2, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    generated_as_full_forwards(model, ids, 2, 5, pad_token_id=0)
     with pytest.raises(ValueError, match="attention_window must be >= 1"):
         RecurrentConfig.preset("debug", attention_window=0)
 
@@ -248,11 +250,7 @@ def test_attention_log_scale_keeps_cached_padded_and_packed_forwards_equal():
     prompt = torch.tensor([tokenizer("4021+93=").input_ids])
     assert not torch.allclose(model(prompt, num_steps=3, init_scale=0.0).logits,
                               plain(prompt, num_steps=3, init_scale=0.0).logits)  # the same weights, other scores
-    out = model.generate(prompt, max_new_tokens=6, do_sample=False, num_steps=3, init_scale=0.0,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
-    for t in range(prompt.shape[1], sequence.shape[0]):
-        assert int(model(sequence[None, :t], num_steps=3, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    sequence = generated_as_full_forwards(model, prompt, 3, 6, tokenizer.pad_token_id)
     short = torch.tensor([tokenizer("21+93=").input_ids])
     padded = torch.cat([torch.full((1, 2), tokenizer.pad_token_id), short], 1)
     both = model(torch.cat([padded, prompt]), attention_mask=torch.tensor([[0, 0] + [1] * 7, [1] * 9]),
@@ -278,11 +276,7 @@ def test_abacus_rope_rotates_by_the_place_of_each_digit_in_its_number():
     assert not torch.allclose(logits, model(ids, abacus_ids=places * 2, num_steps=3, init_scale=0.0).logits)
     assert not torch.allclose(logits[:, 1:], sequential(ids, num_steps=3, init_scale=0.0).logits[:, 1:])
     prompt = ids[:, :9]
-    out = model.generate(prompt, max_new_tokens=5, do_sample=False, num_steps=3, init_scale=0.0,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    sequence = out[0] if isinstance(out, torch.Tensor) else out.sequences[0]
-    for t in range(prompt.shape[1], sequence.shape[0]):
-        assert int(model(sequence[None, :t], num_steps=3, init_scale=0.0).logits[0, -1].argmax()) == int(sequence[t])
+    generated_as_full_forwards(model, prompt, 3, 5, tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="needs use_rope"):
         RecurrentConfig.preset("debug", use_rope=False, abacus_rope=True, abacus_token_ids=[1, 2])
     with pytest.raises(ValueError, match="abacus_token_ids"):
