@@ -28,6 +28,10 @@ FAN_ET_AL = {"source": "Fan et al. 2024 (looped transformers, arXiv 2409.15647)"
                         "T(n) loops (n for parity and copy), lengths 1-20 with a curriculum; 6,400 test examples; "
                         "model size and steps not read"}
 
+MCLEISH_ET_AL = {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)",
+                 "result": "mean accuracy beyond 20 digits 99.1% (standard Abacus transformer 92.9%); up to 99% at "
+                           "100 digits"}
+
 # Abacus positions over the copy task's symbols (their ids in its tokenizer), rows up to 64 symbols + the offset
 COPY_ABACUS = ["--model.architecture.abacus_positions", "128",
                "--model.architecture.abacus_token_ids", "[7,8,9,10,11,12,13,14]", "--model.abacus_offset", "50"]
@@ -80,11 +84,20 @@ TASKS = {
                                                       "--model.abacus_offset", "0"], (0,))},
         "quoted": "abacus, looped",
         "published": [
-            {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)",
-             "setting": "decoder, width 1024, 8 layers x 2 recurrences, input injection, Abacus positions with "
-                        "offsets 0-100; trained on operands of 1-20 digits (20M samples, 24 GPU hours)",
-             "result": "mean accuracy beyond 20 digits 99.1% (standard Abacus transformer 92.9%); up to 99% at 100 "
-                       "digits"}]},
+            MCLEISH_ET_AL | {"setting": "decoder, width 1024, 8 layers x 2 recurrences, input injection, Abacus "
+                                        "positions with offsets 0-100; trained on operands of 1-20 digits (20M "
+                                        "samples, 24 GPU hours)"}]},
+    # Fan et al.'s form of the same task: n + 1 answer slots filled in one forward pass, the depth tied to the length
+    "addition-slots": {
+        "recipe": "addition-slots", "trained": "operands of 1-10 digits", "unit": "digits",
+        "test": {"difficulties": "10,20,30,40", "steps": "4,11,16,21,31,41,51", "n": 100},
+        "training_depth": tied_depth(10),
+        "variants": {"Abacus, slots": ([], (0, 1, 2))},
+        "quoted": "Abacus, slots",
+        "published": [FAN_ET_AL | {"result": "addition near-perfect at the trained maximum + 10"},
+                      MCLEISH_ET_AL | {"setting": "the answer written digit by digit (no slots); width 1024, 8 "
+                                                  "layers x 2 recurrences, input injection, Abacus offsets 0-100; "
+                                                  "operands of 1-20 digits (20M samples)"}]},
     "parity": {
         "recipe": "parity", "trained": "1-20 bits", "unit": "bits",
         "test": {"difficulties": "20,30,40,64", "steps": "8,20,30,40,64,80", "n": 100},

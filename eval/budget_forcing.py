@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from recurrent_lm.data import collate, single_token
+from recurrent_lm.data import collate, generated_text, prompt_format, single_token
 from recurrent_lm.tokenization import THINK_END, THINK_START
 
 
@@ -84,7 +84,8 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
     budget = max_thinking if max_thinking is not None else 10**9
     prefixes = []
     for prompt in prompts:
-        ids = tokenizer(prompt).input_ids  # with the tokenizer's own special tokens (bos, for ours)
+        # with the tokenizer's own special tokens (bos, for ours), except a chat template's text, which has its own
+        ids = tokenizer(prompt, add_special_tokens=prompt_format(tokenizer) == "plain").input_ids
         prefixes.append(ids if ids and ids[-1] == start_id else ids + [start_id])
     thinking = [[] for _ in prompts]
     waits = [0] * len(prompts)
@@ -125,7 +126,7 @@ def budget_forced_generate(model, tokenizer, prompts: Sequence[str], max_thinkin
         appended = 1 + (len(answer_prompt_ids) if cut[i] else 0)
         results.append(BudgetResult(
             thinking_ids=thinking[i], answer_ids=answers[i], thinking=tokenizer.decode(thinking[i]),
-            answer_text=tokenizer.decode(answers[i]), waits_inserted=waits[i], cut_by_budget=cut[i],
+            answer_text=generated_text(tokenizer, answers[i]), waits_inserted=waits[i], cut_by_budget=cut[i],
             prompt_tokens=len(prefixes[i]), new_tokens=len(thinking[i]) + appended + len(answers[i])))
     return results
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from recurrent_lm.data import prompt_ids
+from recurrent_lm.data import prompt_ids, prompt_text
 from recurrent_lm.flops import causal_lm_generation_flops
 from recurrent_lm.problem import Problem, split_steps
 from recurrent_lm.special_tokens import THINK_END
@@ -49,7 +49,7 @@ def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int 
     requests = [(index, problem) for index, problem in enumerate(problems) for _ in range(samples)]
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
-        prompts = [get_task(p.task).prompt(p, cot=True, thinking_budget=stated_budget) for _, p in chunk]
+        prompts = [prompt_text(tokenizer, p, cot=True, thinking_budget=stated_budget) for _, p in chunk]
         results = budget_forced_generate(model, tokenizer, prompts, max_thinking=budget,
                                          max_answer_tokens=len(chunk[0][1].answer) + 3, **sampling, **depth_kwargs(depth))
         for (index, problem), result in zip(chunk, results):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .adaptive import AdaptiveExit
-from .data import collate, hint_labels, prompt_ids
+from .data import collate, completion_text, generated_text, hint_labels, prompt_ids, prompt_text
 from .flops import generation_flops, positions_flops
 from .model import declared_arguments
 from .tasks import Problem, get_task
@@ -45,7 +45,7 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
         prompts = [{"input_ids": prompt_ids(tokenizer, p, cot)} for p in chunk]
         batch = collate(prompts, tokenizer.pad_token_id, padding_side="left")
         budget = max_new_tokens if max_new_tokens is not None else max(
-            len(tokenizer(t.completion(p, cot), add_special_tokens=False).input_ids) for t, p in zip(tasks, chunk)) + 2
+            len(tokenizer(completion_text(tokenizer, p, cot), add_special_tokens=False).input_ids) for p in chunk) + 2
         settings = dict(do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True)
         out = model.generate(batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
@@ -57,7 +57,7 @@ def answer_problems(model, tokenizer, problems: Sequence[Problem], cot: bool = F
             ids = new[i].tolist()
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-            text = tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.pad_token, "")
+            text = generated_text(tokenizer, ids)
             parsed = task.parse_answer(text, cot)
             real = batch["attention_mask"][i].bool()
             answers.append(Answer(problem, text, parsed, task.score(parsed, problem), len(ids), int(real.sum()),
@@ -85,7 +85,7 @@ def read_answers(model, tokenizer, problems: Sequence[Problem], batch_size: int 
     answers = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        encoded = [tokenizer(get_task(p.task).prompt(p), return_offsets_mapping=True,
+        encoded = [tokenizer(prompt_text(tokenizer, p), return_offsets_mapping=True,
                              return_special_tokens_mask=True) for p in chunk]
         batch = collate([{"input_ids": e["input_ids"]} for e in encoded], tokenizer.pad_token_id, padding_side="left")
         out = model(batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .outputs import read_text
-from .special_tokens import BAD_STEP, GOOD_STEP, STEP_TAG
+from .special_tokens import BAD_STEP, EOS, GOOD_STEP, STEP_TAG
 from .tasks import Problem, Task, get_task
 from .tokenization import THINK_END
 
@@ -32,10 +32,70 @@ IGNORE = -100
 LOSS_ON = ("answer", "completion", "all")
 
 
+# How a model reads task problems, saved with its tokenizer (tokenizer_config.json), so that every command that
+# loads the model prompts it as it was trained: "plain" (the task's own text) or "chat" (the question as the user turn
+# of the tokenizer's chat template, the answer as the assistant's turn, ended by the tokenizer's eos token)
+PROMPT_FORMAT_KEY = "task_prompt_format"
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def prompt_format(tokenizer) -> str:
+    return getattr(tokenizer, "init_kwargs", {}).get(PROMPT_FORMAT_KEY, "plain")
+
+
+def set_prompt_format(tokenizer, fmt: str) -> None:
+    """Record how the model trained on this tokenizer reads problems (saved with the tokenizer)."""
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {fmt!r}")
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format chat needs a tokenizer with a chat template (a pretrained model's); this one "
+                         "has none")
+    tokenizer.init_kwargs[PROMPT_FORMAT_KEY] = fmt
+
+
+def prompt_text(tokenizer, problem: Problem, cot: bool = False, thinking_budget: int | None = None) -> str:
+    """The problem's prompt as the tokenizer's model reads it: the task's text, or, in the chat format, the question
+    framed by the chat template (system turn, user turn, the assistant's header) with the thinking delimiter (and a
+    stated budget) after the header."""
+    task = get_task(problem.task)
+    text = task.prompt(problem, cot, thinking_budget)
+    if prompt_format(tokenizer) == "plain":
+        return text
+    if task.answered_at_hints:
+        raise ValueError(f"task {task.name!r} is answered at positions inside its prompt: it has no chat format")
+    return chat_turn(tokenizer, problem.question) + text[len(problem.question):]
+
+
+def completion_text(tokenizer, problem: Problem, cot: bool = False) -> str:
+    """What the model writes after the prompt: the task's completion, in the chat format ended by the tokenizer's
+    eos token (the assistant turn's end) instead of the tasks' EOS."""
+    completion = get_task(problem.task).completion(problem, cot)
+    if prompt_format(tokenizer) == "plain":
+        return completion
+    return completion.removesuffix(EOS) + tokenizer.eos_token
+
+
+def chat_turn(tokenizer, question: str) -> str:
+    """The question as the user turn of the tokenizer's chat template, then the assistant's header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def prompt_ids(tokenizer, problem: Problem, cot: bool = False, thinking_budget: int | None = None) -> list[int]:
     """The problem's prompt as every model sees it at generation time: encoded with the tokenizer's own special
-    tokens (bos first for this project's tokenizers; nothing for a tokenizer that adds none, such as GPT-2's)."""
-    return tokenizer(get_task(problem.task).prompt(problem, cot, thinking_budget)).input_ids
+    tokens (bos first for this project's tokenizers; nothing for a tokenizer that adds none, such as GPT-2's), or,
+    in the chat format, exactly the template's text (it writes its own special tokens)."""
+    plain = prompt_format(tokenizer) == "plain"
+    return tokenizer(prompt_text(tokenizer, problem, cot, thinking_budget), add_special_tokens=plain).input_ids
+
+
+def generated_text(tokenizer, ids: Sequence[int]) -> str:
+    """Generated ids as the task's parser reads them: the tokenizer's eos token (a pretrained model's, e.g.
+    "<|im_end|>") written as the tasks' EOS, padding dropped."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if tokenizer.eos_token and tokenizer.eos_token != EOS:  # first: a pretrained model's pad token may be its eos
+        text = text.replace(tokenizer.eos_token, EOS)
+    return text.replace(tokenizer.pad_token, "") if tokenizer.pad_token else text
 
 
 def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, loss_on: str = "answer",
@@ -47,13 +107,17 @@ def encode_problem(tokenizer, task: Task, problem: Problem, cot: bool = False, l
     token-conditional control then asks for at test time)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-    completion = task.completion(problem, cot)
+    completion = completion_text(tokenizer, problem, cot)
     thinking, answer = completion.split(THINK_END, 1) if cot else ("", completion)
+    chat = prompt_format(tokenizer) == "chat"
+    if chat and hints and problem.hints:
+        raise ValueError("hints label positions inside the task's own prompt: the chat format has none")
     thinking_ids = tokenizer(thinking, add_special_tokens=False)["input_ids"] if thinking else []
     thinking_ids += tokenizer(THINK_END, add_special_tokens=False)["input_ids"] if cot else []
     stated = len(thinking_ids) - 1 if cot and state_thinking_length else None  # the delimiter is not thinking
-    prompt = task.prompt(problem, cot, stated)
-    encoded_prompt = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+    prompt = prompt_text(tokenizer, problem, cot, stated)
+    encoded_prompt = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True,
+                               add_special_tokens=not chat)
     prompt_ids = encoded_prompt["input_ids"]  # with the tokenizer's own special tokens, as prompt_ids gives
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     input_ids = prompt_ids + thinking_ids + answer_ids

@@ -224,6 +224,27 @@ class AdditionTask(Task):
         return Problem(self.name, difficulty, f"{ra}+{rb}=", str(total)[::-1], tuple(steps))
 
 
+class AdditionSlotsTask(AdditionTask):
+    """4021+93=_____?  Addition as looped transformers answer it (Fan et al. 2024, arXiv 2409.15647): the operands
+    least significant digit first, then n + 1 answer slots; the model fills every slot at once, in one forward pass
+    (`answered_at_hints`: slot i's position predicts the sum's i-th digit), so carries travel through core steps,
+    not through written tokens, and the answer's length is never in doubt. The answer is the sum's n + 1 digits,
+    least significant first, a final 0 included ("34210"); exact on every slot. Difficulty n as in `addition`."""
+
+    name = "addition-slots"
+    alphabet = "0123456789+=_?"
+    description = "addition answered in n + 1 slots in one forward pass (difficulty = the longer operand's digits)"
+    step_separator = None
+    answered_at_hints = True
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        added = super()._generate(difficulty, rng)
+        digits = added.answer.ljust(difficulty + 1, "0")  # reversed: the missing high digit is a final 0
+        start = len(added.question)
+        hints = tuple((start + i + 1, digit) for i, digit in enumerate(digits))  # slot i predicts digit i
+        return Problem(self.name, difficulty, added.question + "_" * len(digits) + "?", digits, (), hints)
+
+
 class CopyTask(Task):
     """abba?  Copy n symbols (of 8) after the question mark (Fan et al. 2024's copy task, arXiv 2409.15647;
     difficulty = n). The answer's i-th symbol is the input's i-th: a model must find each by its place in the
@@ -247,7 +268,8 @@ class CopyTask(Task):
 # --- registry, JSONL ------------------------------------------------------------------------------------------------
 
 TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask(), PointerTask(),
-                                                        PrefixSumsTask(), AdditionTask(), CopyTask())}
+                                                        PrefixSumsTask(), AdditionTask(), AdditionSlotsTask(),
+                                                        CopyTask())}
 
 
 def problem_set(tasks: Sequence[Task], difficulties: Sequence[int], n: int, seed: int,

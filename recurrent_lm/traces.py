@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import HUB_PREFIX, IGNORE, load_text_dataset, single_token, text_source
+from .data import HUB_PREFIX, IGNORE, chat_turn, load_text_dataset, single_token, text_source
 from .outputs import read_text, write_text_atomically
 from .problem import Problem
 from .special_tokens import THINK_END, THINK_START
@@ -152,8 +152,7 @@ def trace_prompt(tokenizer, question: str, chat_template: bool = True) -> str:
     template (where it has one and `chat_template` is true), the question as the user turn, the template's
     generation prompt, then THINK_START."""
     if uses_chat_template(tokenizer, chat_template):
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True) + THINK_START
+        return chat_turn(tokenizer, question) + THINK_START
     return question + THINK_START
 
 

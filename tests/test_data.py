@@ -239,3 +239,92 @@ def test_one_difficulty_per_batch_is_the_same_on_every_rank():
     assert seen == {1, 2, 3, 4}
     plain = TaskStream(["pointer"], tokenizer, 8, curriculum).batch(0)
     assert "difficulty" not in plain
+
+
+# --- the chat format --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_tokenizer():
+    """A character tokenizer with a chat template and an eos of its own ("<|end|>"), as a pretrained chat model's."""
+    tokenizer = task_tokenizer(["permutation"], extra="u:a")
+    tokenizer.add_special_tokens({"eos_token": "<|end|>"})
+    tokenizer.chat_template = ("{% for m in messages %}u:{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}a:{% endif %}")
+    return tokenizer
+
+
+def test_the_chat_format_frames_prompts_and_ends_answers_with_the_templates_eos(chat_tokenizer, tmp_path):
+    from recurrent_lm.data import generated_text, prompt_format, prompt_ids, prompt_text, set_prompt_format
+    from recurrent_lm.loading import load_tokenizer
+    from recurrent_lm.tasks import get_task
+
+    task = get_task("permutation")
+    problem = task.problems(2, 1, seed=5)[0]
+    assert prompt_format(chat_tokenizer) == "plain" and prompt_text(chat_tokenizer, problem) == problem.question
+    set_prompt_format(chat_tokenizer, "chat")
+    assert prompt_text(chat_tokenizer, problem) == f"u:{problem.question}<|end|>a:"
+    assert prompt_text(chat_tokenizer, problem, cot=True) == f"u:{problem.question}<|end|>a:<think>"
+    encoded = encode_problem(chat_tokenizer, task, problem)
+    prompt = prompt_ids(chat_tokenizer, problem)
+    assert chat_tokenizer.bos_token_id not in prompt  # the template writes its own special tokens
+    assert encoded["input_ids"] == prompt + chat_tokenizer(problem.answer + "<|end|>", add_special_tokens=False).input_ids
+    assert encoded["labels"] == [IGNORE] * len(prompt) + encoded["input_ids"][len(prompt):]
+    assert encoded["input_ids"][-1] == chat_tokenizer.eos_token_id != chat_tokenizer.convert_tokens_to_ids("<eos>")
+    # what a model generates reads as the task's text; the format travels with the saved tokenizer
+    assert generated_text(chat_tokenizer, encoded["input_ids"][len(prompt):]) == problem.answer + "<eos>"
+    assert task.parse_answer(generated_text(chat_tokenizer, encoded["input_ids"][len(prompt):])) == problem.answer
+    chat_tokenizer.save_pretrained(tmp_path)
+    assert prompt_format(load_tokenizer(tmp_path)) == "chat"
+
+
+def test_the_chat_format_rejects_what_it_cannot_write(chat_tokenizer):
+    from recurrent_lm.data import prompt_text, set_prompt_format
+    from recurrent_lm.tasks import get_task
+
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        set_prompt_format(task_tokenizer(["permutation"]), "chat")
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        set_prompt_format(chat_tokenizer, "chatml")
+    set_prompt_format(chat_tokenizer, "chat")
+    with pytest.raises(ValueError, match="answered at positions inside its prompt"):
+        prompt_text(chat_tokenizer, get_task("prefix-sums").problems(4, 1)[0])
+    problem = get_task("chain").problems(2, 1)[0]
+    with pytest.raises(ValueError, match="the chat format has none"):
+        encode_problem(chat_tokenizer, get_task("chain"), problem, hints=True)
+
+
+def test_answers_are_generated_and_parsed_in_the_models_format(chat_tokenizer, tmp_path):
+    """answer_problems prompts a chat-format model through the template and reads its eos as the end."""
+    from recurrent_lm.answering import answer_problems
+    from recurrent_lm.data import prompt_ids, set_prompt_format
+    from recurrent_lm.tasks import get_task
+
+    set_prompt_format(chat_tokenizer, "chat")
+    problems = get_task("permutation").problems(3, 2, seed=1)
+    fed = []
+
+    class Echo(torch.nn.Module):  # writes each problem's answer then eos, and records its prompts
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+            answers = [chat_tokenizer(p.answer + "<|end|>", add_special_tokens=False).input_ids for p in problems]
+            return type("Out", (), {"sequences": torch.cat([input_ids, torch.tensor(answers)], 1)})()
+
+    answers = answer_problems(Echo(), chat_tokenizer, problems)
+    assert fed == [prompt_ids(chat_tokenizer, p) for p in problems]
+    assert [a.answer for a in answers] == [p.answer for p in problems] and all(a.score == 1.0 for a in answers)
+
+
+def test_the_data_module_records_the_prompt_format_on_its_tokenizer(chat_tokenizer, tmp_path):
+    from recurrent_lm.data import prompt_format
+    from train.data import RecurrentDataModule
+
+    chat_tokenizer.save_pretrained(tmp_path)
+    data = RecurrentDataModule(tasks=["permutation"], tokenizer=str(tmp_path), prompt_format="chat")
+    assert prompt_format(data.tokenizer) == "chat"
+    assert prompt_format(RecurrentDataModule(tasks=["permutation"], tokenizer=str(tmp_path)).tokenizer) == "plain"
+    (tmp_path / "text.txt").write_text("some text\n")
+    with pytest.raises(ValueError, match="text_files are read as they are"):
+        RecurrentDataModule(text_files=[str(tmp_path / "text.txt")], tokenizer=str(tmp_path), prompt_format="chat")

@@ -51,6 +51,53 @@ def test_addition_is_right_reversed_and_its_operands_have_the_difficultys_length
     assert task.distinct_problems(1) == 100 and task.distinct_problems(2) == 90 * 200 - 90 * 90
 
 
+def test_addition_slots_hold_the_sum_digit_by_digit_and_are_labelled_where_they_stand():
+    task, tokenizer = get_task("addition-slots"), task_tokenizer(["addition-slots"])
+    for n in (1, 3, 12):
+        for problem in task.problems(n, 30, seed=5):
+            question, slots = problem.question.rstrip("?").split("=")
+            a, b = question.split("+")
+            assert max(len(a), len(b)) == n and slots == "_" * (n + 1) and len(problem.answer) == n + 1
+            assert int(problem.answer[::-1]) == int(a[::-1]) + int(b[::-1])  # a final 0 where there is no carry
+            encoded = encode_problem(tokenizer, task, problem)
+            slot_id = tokenizer.convert_tokens_to_ids("_")
+            first = encoded["input_ids"].index(slot_id)
+            # slot i's position predicts digit i: the label one place after it (transformers' shift); then eos
+            labelled = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE]
+            assert labelled == list(range(first + 1, first + n + 3))
+            assert tokenizer.decode(encoded["labels"][first + 1 : first + n + 2]) == problem.answer
+    with pytest.raises(ValueError, match="no chain of thought"):
+        task.completion(task.problems(2, 1)[0], cot=True)
+
+
+def test_addition_slots_are_counted_as_places_and_read_in_one_forward():
+    tokenizer, task = task_tokenizer(["addition-slots"]), get_task("addition-slots")
+    counted = tokenizer.convert_tokens_to_ids(list("0123456789_"))
+    config = RecurrentConfig.preset("debug", vocab_size=len(tokenizer), use_rope=False, abacus_positions=32,
+                                    abacus_token_ids=counted)
+    model = RecurrentLM(config).eval()
+    ids = torch.tensor([tokenizer("12+345=____?").input_ids])
+    assert model.abacus_ids(ids).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0]]  # slot i shares place i + 1
+
+    class SumOracle(torch.nn.Module):  # logits naming, at each slot, the digit it should hold
+        device = torch.device("cpu")
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            for row, ids in enumerate(input_ids.tolist()):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                a, b = text.split("=")[0].split("+")
+                total = str(int(a[::-1]) + int(b[::-1]))[::-1].ljust(text.count("_"), "0")
+                first = ids.index(tokenizer.convert_tokens_to_ids("_"))
+                for i, digit in enumerate(total):
+                    logits[row, first + i, tokenizer.convert_tokens_to_ids(digit)] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    problems = task.problems(3, 3, seed=1) + task.problems(9, 3, seed=1)  # left padding in a batch
+    answers = answer_problems(SumOracle(), tokenizer, problems, batch_size=6)
+    assert [a.answer for a in answers] == [p.answer for p in problems] and all(a.score == 1.0 for a in answers)
+
+
 def test_copy_answer_is_the_input():
     for problem in get_task("copy").problems(9, 5, seed=1):
         assert problem.question == problem.answer + "?" and len(problem.answer) == 9

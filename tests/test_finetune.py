@@ -128,6 +128,27 @@ def test_chat_template_renders_the_question_as_the_user_turn():
     assert encoded["labels"] == [IGNORE] * len(prompt) + encoded["input_ids"][len(prompt):]
 
 
+def test_a_model_finetuned_through_the_chat_template_is_prompted_through_it(tmp_path):
+    """The trace data module records the chat format on the tokenizer it trains, so that every evaluation (budget
+    forcing, sweeps) prompts the fine-tuned model exactly as its traces were written."""
+    from recurrent_lm.data import prompt_format, prompt_text
+    from recurrent_lm.traces import trace_prompt
+    from recurrent_lm.train.finetune import TraceDataModule
+
+    problems = CHAIN.problems(2, 3, seed=3)
+    (tmp_path / "traces.jsonl").write_text("".join(json.dumps(trace_row(p)) + "\n" for p in problems))
+    for chat_template, expected in ((True, "chat"), (False, "plain")):
+        tokenizer = task_tokenizer(["chain"], extra=":|")
+        tokenizer.chat_template = "{% for m in messages %}u:{{ m['content'] }}|{% endfor %}a:"
+        TraceDataModule(str(tmp_path / "traces.jsonl"), chat_template=chat_template).use_tokenizer(tokenizer)
+        assert prompt_format(tokenizer) == expected
+        assert [prompt_text(tokenizer, p, cot=True) for p in problems] == [
+            trace_prompt(tokenizer, p.question, chat_template) for p in problems]
+    plain = task_tokenizer(["chain"])  # no template: plain, whatever the option says
+    TraceDataModule(str(tmp_path / "traces.jsonl")).use_tokenizer(plain)
+    assert prompt_format(plain) == "plain"
+
+
 def test_delimiters_are_added_where_the_tokenizer_lacks_them():
     tokenizer = plain_tokenizer(CHAIN.alphabet)
     model = tiny_llama(len(tokenizer), tokenizer)

@@ -14,6 +14,7 @@ GOLDEN = {
     "pointer": "ajbmcdddecfcgohhiijckelimnnnohpb?k",
     "prefix-sums": "111?",
     "addition": "9+413=",
+    "addition-slots": "609+6=____?",
     "copy": "eha?",
 }
 

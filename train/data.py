@@ -1,14 +1,16 @@
 """The LightningDataModule: freshly generated task problems (or packed text) for training, fixed held-out
 problems for validation."""
 
+import random
+from typing import Literal
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-import random
-
 from recurrent_lm.data import (Curriculum, TaskStream, TextStream, collate, encode_problem, encode_step_labels,
-                               heldout_problems, labelled_chain, load_step_chains, text_source)
+                               heldout_problems, labelled_chain, load_step_chains, set_prompt_format,
+                               text_source)
 from recurrent_lm.loading import load_tokenizer
 from recurrent_lm.options import ranges
 from recurrent_lm.special_tokens import BAD_STEP, BUDGET_ALPHABET, GOOD_STEP, STEP_TAG
@@ -55,6 +57,11 @@ class RecurrentDataModule(L.LightningDataModule):
         val_problems_per_difficulty: held-out problems per difficulty.
         val_problems: a JSONL file of held-out problems instead of generated ones.
         num_workers: DataLoader workers generating training batches.
+        prompt_format: how task problems are written: "plain" (the task's text) or "chat" (the question as the user
+            turn of the tokenizer's chat template, the answer as the assistant's turn ended by its eos token: a
+            pretrained chat model's own format). Saved with the exported tokenizer, so that `rlm sweep`, `rlm
+            generate` and `rlm compare` prompt the model the same way. None: the tokenizer's own (plain if it
+            records none).
     """
 
     def __init__(self, tasks: list[str] | None = None, text_files: list[str] | None = None, tokenizer: str | None = None,
@@ -63,7 +70,8 @@ class RecurrentDataModule(L.LightningDataModule):
                  seed: int = 0, val_difficulties: list[int] | None = None, val_problems_per_difficulty: int = 32,
                  val_problems: str | None = None, num_workers: int = 0, difficulty_per_batch: bool = False,
                  step_labels: bool = False, step_error_rate: float = 0.5, step_chains: list[str] | None = None,
-                 step_chains_share: float = 0.5, state_thinking_length: bool = False):
+                 step_chains_share: float = 0.5, state_thinking_length: bool = False,
+                 prompt_format: Literal["plain", "chat"] | None = None):
         super().__init__()
         if val_difficulties is not None and len(set(val_difficulties)) < len(val_difficulties):
             raise ValueError(f"data.val_difficulties {list(val_difficulties)} gives a difficulty twice; give each once")
@@ -76,6 +84,10 @@ class RecurrentDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.curriculum = Curriculum(min_difficulty, max_difficulty, curriculum_batches)
         self.tokenizer = self._load_tokenizer()
+        if prompt_format is not None:
+            if text_files:
+                raise ValueError("data.prompt_format is how task problems are written: text_files are read as they are")
+            set_prompt_format(self.tokenizer, prompt_format)  # saved with the tokenizer: every command then reads it
         self.step_chains = [chain for path in step_chains or [] for chain in load_step_chains(path)]
         if step_chains and not step_labels:
             raise ValueError("data.step_chains are labelled chains for a reward model: set data.step_labels: true")

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from recurrent_lm import RecurrentLM
-from recurrent_lm.data import HUB_PREFIX, collate
+from recurrent_lm.data import HUB_PREFIX, collate, set_prompt_format
 from recurrent_lm.loading import load_any_causal_lm, load_tokenizer, model_type
 from recurrent_lm.options import ranges
 from recurrent_lm.traces import (ANSWER_FIELD, QUESTION_FIELD, THINKING_FIELD, add_thinking_delimiters, encode_trace,
-                                 load_traces, pack_examples)
+                                 load_traces, pack_examples, uses_chat_template)
 
 from .cli import RunCLI, build_cli, fit_and_export, keep_last_checkpoint
 from .module import lr_factor
@@ -144,7 +144,11 @@ class TraceDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
 
     def use_tokenizer(self, tokenizer) -> None:
+        """Train on `tokenizer`; a model trained through its chat template records the chat format on it, so that
+        `rlm compare` and `rlm sweep` prompt the fine-tuned model as it learned (recurrent_lm.data.prompt_text)."""
         self.tokenizer = tokenizer
+        if uses_chat_template(tokenizer, self.hparams.chat_template):
+            set_prompt_format(tokenizer, "chat")
 
     def encode(self, traces) -> list[dict[str, list[int]]]:
         if self.tokenizer is None:
