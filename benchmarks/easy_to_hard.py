@@ -43,6 +43,15 @@ def tied_depth(longest_trained: int):
     return lambda length: min(length, longest_trained) + 2
 
 
+def answered_in_slots(recipe: str, test: dict, variants: dict, quoted: str, differs_from_mcleish: str) -> dict:
+    """An addition task answered in n + 1 slots in one forward pass (Fan et al.'s form), trained on operands of 1-10
+    digits with the depth tied to the length."""
+    return {"recipe": recipe, "trained": "operands of 1-10 digits", "unit": "digits", "test": test | {"n": 100},
+            "training_depth": tied_depth(10), "variants": variants, "quoted": quoted,
+            "published": [FAN_ET_AL | {"result": "addition near-perfect at the trained maximum + 10"},
+                          MCLEISH_ET_AL | {"setting": differs_from_mcleish}]}
+
+
 # task -> what is tested, the recipes tried (name: overrides of configs/RECIPE.yaml), the one the README quotes, and
 # the published numbers of the nearest setting
 TASKS = {
@@ -88,16 +97,17 @@ TASKS = {
                                         "positions with offsets 0-100; trained on operands of 1-20 digits (20M "
                                         "samples, 24 GPU hours)"}]},
     # Fan et al.'s form of the same task: n + 1 answer slots filled in one forward pass, the depth tied to the length
-    "addition-slots": {
-        "recipe": "addition-slots", "trained": "operands of 1-10 digits", "unit": "digits",
-        "test": {"difficulties": "10,20,30,40", "steps": "4,11,16,21,31,41,51", "n": 100},
-        "training_depth": tied_depth(10),
-        "variants": {"Abacus, slots": ([], (0, 1, 2))},
-        "quoted": "Abacus, slots",
-        "published": [FAN_ET_AL | {"result": "addition near-perfect at the trained maximum + 10"},
-                      MCLEISH_ET_AL | {"setting": "the answer written digit by digit (no slots); width 1024, 8 "
-                                                  "layers x 2 recurrences, input injection, Abacus offsets 0-100; "
-                                                  "operands of 1-20 digits (20M samples)"}]},
+    "addition-slots": answered_in_slots(
+        "addition-slots", {"difficulties": "10,20,30,40", "steps": "4,11,16,21,31,41,51"},
+        {"Abacus, slots": ([], (0,))}, "Abacus, slots",
+        "the answer written digit by digit (no slots); width 1024, 8 layers x 2 recurrences, input injection, Abacus "
+        "offsets 0-100; operands of 1-20 digits (20M samples)"),
+    # the same sums with the digits aligned by the input: a window of 4 sees a slot's column and the slot before it
+    "addition-columns": answered_in_slots(
+        "addition-columns", {"difficulties": "10,20,40,80", "steps": "2,5,10,20,40,80"},
+        {"NoPE, window 4": ([], (0, 1, 2))}, "NoPE, window 4",
+        "operands written one after the other (aligned by Abacus positions, not by the input), the answer digit by "
+        "digit; width 1024, 8 layers x 2 recurrences; operands of 1-20 digits"),
     "parity": {
         "recipe": "parity", "trained": "1-20 bits", "unit": "bits",
         "test": {"difficulties": "20,30,40,64", "steps": "8,20,30,40,64,80", "n": 100},

@@ -245,6 +245,26 @@ class AdditionSlotsTask(AdditionTask):
         return Problem(self.name, difficulty, added.question + "_" * len(digits) + "?", digits, (), hints)
 
 
+class AdditionColumnsTask(AdditionSlotsTask):
+    """405_291_030_000_?  The same sums with the digits aligned by the input itself: column i (least significant
+    first) is the two operands' i-th digits (0 past a number's end) and the slot for the sum's i-th digit, for the
+    n + 1 columns. Every digit a slot needs is then at most four tokens back (its column and the slot before), so
+    a model with a local attention window computes each column alike at any length, and a carry moves one column
+    further with each layer it crosses: the form in which prefix sums extrapolate. The answer as in
+    `addition-slots`."""
+
+    name = "addition-columns"
+    alphabet = "0123456789_?"
+    description = "addition with the operands' digits in aligned columns, answered in slots (difficulty = digits)"
+
+    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
+        slotted = super()._generate(difficulty, rng)
+        a, b = slotted.question.split("=")[0].split("+")
+        columns = [(a[i] if i < len(a) else "0") + (b[i] if i < len(b) else "0") + "_" for i in range(difficulty + 1)]
+        hints = tuple((3 * i + 3, digit) for i, digit in enumerate(slotted.answer))  # after slot i: digit i
+        return Problem(self.name, difficulty, "".join(columns) + "?", slotted.answer, (), hints)
+
+
 class CopyTask(Task):
     """abba?  Copy n symbols (of 8) after the question mark (Fan et al. 2024's copy task, arXiv 2409.15647;
     difficulty = n). The answer's i-th symbol is the input's i-th: a model must find each by its place in the
@@ -269,7 +289,7 @@ class CopyTask(Task):
 
 TASKS: dict[str, Task] = {task.name: task for task in (ChainTask(), PermutationTask(), ParityTask(), PointerTask(),
                                                         PrefixSumsTask(), AdditionTask(), AdditionSlotsTask(),
-                                                        CopyTask())}
+                                                        AdditionColumnsTask(), CopyTask())}
 
 
 def problem_set(tasks: Sequence[Task], difficulties: Sequence[int], n: int, seed: int,

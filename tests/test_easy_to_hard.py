@@ -70,6 +70,22 @@ def test_addition_slots_hold_the_sum_digit_by_digit_and_are_labelled_where_they_
         task.completion(task.problems(2, 1)[0], cot=True)
 
 
+def test_addition_columns_align_each_digit_with_its_slot():
+    task, tokenizer = get_task("addition-columns"), task_tokenizer(["addition-columns"])
+    for n in (1, 4, 15):
+        for problem in task.problems(n, 30, seed=2):
+            columns = [problem.question[i : i + 3] for i in range(0, len(problem.question) - 1, 3)]
+            assert len(columns) == n + 1 and all(c[2] == "_" for c in columns) and problem.question[-1] == "?"
+            a, b = (int("".join(c[k] for c in columns)[::-1]) for k in (0, 1))
+            assert max(len(str(a)), len(str(b))) == n and columns[-1][:2] == "00"
+            assert problem.answer == str(a + b)[::-1].ljust(n + 1, "0")
+            labels = encode_problem(tokenizer, task, problem)["labels"]
+            digits = [label for label in labels if label != IGNORE][:-1]  # then eos
+            assert tokenizer.decode(digits) == problem.answer
+            # the label after slot i (bos first: slot i is token 3i + 3) is digit i
+            assert [labels[3 * i + 4] for i in range(n + 1)] == digits
+
+
 def test_addition_slots_are_counted_as_places_and_read_in_one_forward():
     tokenizer, task = task_tokenizer(["addition-slots"]), get_task("addition-slots")
     counted = tokenizer.convert_tokens_to_ids(list("0123456789_"))

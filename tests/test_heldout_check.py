@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import recurrent_lm  # noqa: F401  (registers the RecurrentLM Auto classes)
+import recurrent_lm.model  # noqa: F401  (registers the RecurrentLM Auto classes)
 
 CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
 
@@ -84,3 +84,31 @@ def test_shipped_parity_model_needs_and_uses_depth_beyond_its_training_lengths()
 
     assert accuracy(40) >= 0.9
     assert accuracy(20) <= 0.75
+
+
+def columns_accuracy(model, tokenizer, pairs: list[tuple[int, int]], digits: int, depth: int) -> float:
+    """The README's addition-columns definition: for i = 0..digits, the two operands' i-th digits (least
+    significant first, 0 past a number's end) and a slot "_", then "?"; the model's greedy prediction at slot i is
+    the sum's i-th digit (least significant first, digits + 1 of them). Exact on every slot."""
+    def column_digits(x: int) -> str:
+        return str(x)[::-1].ljust(digits + 1, "0")
+
+    prompts = ["".join(f"{x}{y}_" for x, y in zip(column_digits(a), column_digits(b))) + "?" for a, b in pairs]
+    ids = tokenizer(prompts, return_tensors="pt").input_ids  # one length: no padding
+    assert ids.shape[1] == 3 * (digits + 1) + 2  # bos, three tokens a column, "?"
+    with torch.no_grad():
+        predicted = model(ids, num_steps=depth, init_scale=0.0).logits.argmax(-1)
+    slots = [1 + 3 * i + 2 for i in range(digits + 1)]  # after bos, column i's slot
+    right = [tokenizer.decode(row[slots].tolist()) == column_digits(a + b) for row, (a, b) in zip(predicted, pairs)]
+    return sum(right) / len(pairs)
+
+
+def test_shipped_addition_columns_model_adds_numbers_four_times_its_training_length():
+    """Trained on operands of 1-10 digits: 40-digit sums are exact with 20 core steps, and a depth of 1 leaves
+    the longer carries unfinished."""
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINTS / "addition-columns").eval()
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "addition-columns")
+    rng = random.Random(20261210)
+    pairs = [(rng.randrange(10**39, 10**40), rng.randrange(1, 10**rng.randint(1, 40))) for _ in range(32)]
+    assert columns_accuracy(model, tokenizer, pairs, 40, depth=20) >= 0.9
+    assert columns_accuracy(model, tokenizer, pairs, 40, depth=1) <= 0.5

@@ -15,6 +15,7 @@ GOLDEN = {
     "prefix-sums": "111?",
     "addition": "9+413=",
     "addition-slots": "609+6=____?",
+    "addition-columns": "88_23_48_00_?",
     "copy": "eha?",
 }
 
