@@ -28,9 +28,11 @@ FAN_ET_AL = {"source": "Fan et al. 2024 (looped transformers, arXiv 2409.15647)"
                         "T(n) loops (n for parity and copy), lengths 1-20 with a curriculum; 6,400 test examples; "
                         "model size and steps not read"}
 
-MCLEISH_ET_AL = {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)",
-                 "result": "mean accuracy beyond 20 digits 99.1% (standard Abacus transformer 92.9%); up to 99% at "
-                           "100 digits"}
+def mcleish_et_al(setting: str) -> dict:
+    """McLeish et al.'s published addition result, beside how its setting differs from a recipe's."""
+    return {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)", "setting": setting,
+            "result": "mean accuracy beyond 20 digits 99.1% (standard Abacus transformer 92.9%); up to 99% at 100 "
+                      "digits"}
 
 # Abacus positions over the copy task's symbols (their ids in its tokenizer), rows up to 64 symbols + the offset
 COPY_ABACUS = ["--model.architecture.abacus_positions", "128",
@@ -49,7 +51,7 @@ def answered_in_slots(recipe: str, test: dict, variants: dict, quoted: str, diff
     return {"recipe": recipe, "trained": "operands of 1-10 digits", "unit": "digits", "test": test | {"n": 100},
             "training_depth": tied_depth(10), "variants": variants, "quoted": quoted,
             "published": [FAN_ET_AL | {"result": "addition near-perfect at the trained maximum + 10"},
-                          MCLEISH_ET_AL | {"setting": differs_from_mcleish}]}
+                          mcleish_et_al(differs_from_mcleish)]}
 
 
 # task -> what is tested, the recipes tried (name: overrides of configs/RECIPE.yaml), the one the README quotes, and
@@ -93,9 +95,8 @@ TASKS = {
                                                       "--model.abacus_offset", "0"], (0,))},
         "quoted": "abacus, looped",
         "published": [
-            MCLEISH_ET_AL | {"setting": "decoder, width 1024, 8 layers x 2 recurrences, input injection, Abacus "
-                                        "positions with offsets 0-100; trained on operands of 1-20 digits (20M "
-                                        "samples, 24 GPU hours)"}]},
+            mcleish_et_al("decoder, width 1024, 8 layers x 2 recurrences, input injection, Abacus positions with "
+                          "offsets 0-100; trained on operands of 1-20 digits (20M samples, 24 GPU hours)")]},
     # Fan et al.'s form of the same task: n + 1 answer slots filled in one forward pass, the depth tied to the length
     "addition-slots": answered_in_slots(
         "addition-slots", {"difficulties": "10,20,30,40", "steps": "4,11,16,21,31,41,51"},
@@ -178,7 +179,8 @@ def summary(rows: list[dict], trained_depth_of) -> list[dict]:
     return table
 
 
-def collect(task: str, seeds: list[int]) -> dict:
+def collect(task: str) -> dict:
+    """The task's results file and plots from every variant and seed tested (here, or kept from the file)."""
     from recurrent_lm.eval.report import line_plot
 
     spec, out = TASKS[task], BENCHMARKS / f"results-easy-to-hard-{task}.json"
@@ -187,7 +189,7 @@ def collect(task: str, seeds: list[int]) -> dict:
                "machine": "x86_64 Linux, 2-core VM, torch 2.13.0+cpu, float32, runs beside other work",
                "published": spec["published"], "variants": {}}
     for variant, (overrides, variant_seeds) in spec["variants"].items():
-        for seed in sorted(set(seeds) & set(variant_seeds)):
+        for seed in variant_seeds:
             tested = run_dir(task, variant, seed) / "sweep" / "results.json"
             if tested.is_file():
                 manifest = json.loads((run_dir(task, variant, seed) / "model" / "manifest.json").read_text())
@@ -244,7 +246,8 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help="train and test the recipes and seeds not done yet")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--variants", nargs="+", help="only these recipe variants (default: every one)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="of those each variant runs")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="the seeds --run trains, of those each variant lists (collect takes every one tested)")
     parser.add_argument("--ship", action="store_true", help="copy each task's quoted seed-0 model to checkpoints/")
     args = parser.parse_args()
     sys.path.insert(0, str(BENCHMARKS))
@@ -254,7 +257,7 @@ def main() -> None:
                 if args.variants is None or variant in args.variants:
                     for seed in sorted(set(args.seeds) & set(seeds)):
                         train_and_test(task, variant, seed)
-        collect(task, args.seeds)
+        collect(task)
         if args.ship:
             ship(task)
 

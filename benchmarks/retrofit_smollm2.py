@@ -11,9 +11,9 @@ under torch's FlopCounterMode):
 - fixed depth 1 (the issue's arm b): the same layers and recipe at one core step, no curriculum;
 - whole source, no recurrence (arm a): all 30 layers, every weight trainable, at depth 1 (`rlm retrofit` with the
   first injection skipped is the source model exactly), the same recipe and data;
-- recurrent seed 0 and fixed depth 1 in SmolLM2's chat format (`--data.prompt_format chat`: the model's system turn,
-  the question as the user's turn, the answer as the assistant's, ended by <|im_end|>), the same steps as their
-  plain-text runs (each step dearer: the prompts are about 2.3x as long);
+- recurrent seed 0 in SmolLM2's chat format (`--data.prompt_format chat`: the model's system turn, the question as
+  the user's turn, the answer as the assistant's, ended by <|im_end|>), the same steps as the plain-text run (each
+  step dearer: the prompts are about 2.3x as long);
 - chain of thought (arm c): the source fine-tuned (`rlm finetune`, every weight) on the same task's worked chains
   of thought (`rlm tasks export permutation --format traces`, training seeds), then s1 budget forcing and majority
   vote through `rlm compare` against the shipped recurrent result, on one inference-FLOPs axis.
@@ -70,9 +70,8 @@ ARMS = {
     "fixed depth 1, 650 steps": trained_as("retrofit-smollm2-r1", LOOPED, 650, ""),
     # 210 steps of the whole model, every weight: the recurrent seed 0's training FLOPs; evaluated as trained (one
     # pass of its 30 layers: more core steps would repeat 10 layers it never learned to repeat)
-    # the same recipes in the chat format, the same number of steps (the prompts' length makes each step dearer)
+    # the same recipe in the chat format, the same number of steps (the prompts' length makes each step dearer)
     "recurrent seed 0, chat format": recurrent(0, chat=True),
-    "fixed depth 1, chat format": trained_as("retrofit-smollm2-r1e-chat", LOOPED, 491, CHAT.strip()),
     "whole source, no recurrence": trained_as("retrofit-smollm2-full", WHOLE, 210, "--model.trainable null", "1"),
     # 65 steps at batch 32 of chains of thought (about 80 tokens padded): the recurrent seed 0's training FLOPs
     "chain of thought": {
