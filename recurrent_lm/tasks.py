@@ -214,7 +214,10 @@ class AdditionTask(Task):
     def _generate(self, difficulty: int, rng: random.Random) -> Problem:
         lengths = [difficulty, rng.randint(1, difficulty)]
         rng.shuffle(lengths)
-        a, b = (self._number(n, rng) for n in lengths)
+        return self.problem_of(*(self._number(n, rng) for n in lengths), difficulty)
+
+    def problem_of(self, a: int, b: int, difficulty: int) -> Problem:
+        """The problem a + b (e.g. a chosen worst case), its longer operand of `difficulty` digits."""
         total, steps, carry = a + b, [], 0
         ra, rb = str(a)[::-1], str(b)[::-1]
         for i in range(len(str(total))):
@@ -237,12 +240,11 @@ class AdditionSlotsTask(AdditionTask):
     step_separator = None
     answered_at_hints = True
 
-    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
-        added = super()._generate(difficulty, rng)
-        digits = added.answer.ljust(difficulty + 1, "0")  # reversed: the missing high digit is a final 0
-        start = len(added.question)
-        hints = tuple((start + i + 1, digit) for i, digit in enumerate(digits))  # slot i predicts digit i
-        return Problem(self.name, difficulty, added.question + "_" * len(digits) + "?", digits, (), hints)
+    def problem_of(self, a: int, b: int, difficulty: int) -> Problem:
+        question = f"{str(a)[::-1]}+{str(b)[::-1]}="
+        digits = str(a + b)[::-1].ljust(difficulty + 1, "0")  # reversed: the missing high digit is a final 0
+        hints = tuple((len(question) + i + 1, digit) for i, digit in enumerate(digits))  # slot i predicts digit i
+        return Problem(self.name, difficulty, question + "_" * len(digits) + "?", digits, (), hints)
 
 
 class AdditionColumnsTask(AdditionSlotsTask):
@@ -257,12 +259,14 @@ class AdditionColumnsTask(AdditionSlotsTask):
     alphabet = "0123456789_?"
     description = "addition with the operands' digits in aligned columns, answered in slots (difficulty = digits)"
 
-    def _generate(self, difficulty: int, rng: random.Random) -> Problem:
-        slotted = super()._generate(difficulty, rng)
-        a, b = slotted.question.split("=")[0].split("+")
-        columns = [(a[i] if i < len(a) else "0") + (b[i] if i < len(b) else "0") + "_" for i in range(difficulty + 1)]
-        hints = tuple((3 * i + 3, digit) for i, digit in enumerate(slotted.answer))  # after slot i: digit i
-        return Problem(self.name, difficulty, "".join(columns) + "?", slotted.answer, (), hints)
+    def problem_of(self, a: int, b: int, difficulty: int) -> Problem:
+        def column_digits(x: int) -> str:  # least significant first, 0 past the number's end
+            return str(x)[::-1].ljust(difficulty + 1, "0")
+
+        question = "".join(f"{x}{y}_" for x, y in zip(column_digits(a), column_digits(b))) + "?"
+        answer = column_digits(a + b)
+        hints = tuple((3 * i + 3, digit) for i, digit in enumerate(answer))  # after slot i: digit i
+        return Problem(self.name, difficulty, question, answer, (), hints)
 
 
 class CopyTask(Task):
