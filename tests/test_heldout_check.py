@@ -112,3 +112,23 @@ def test_shipped_addition_columns_model_adds_numbers_four_times_its_training_len
     pairs = [(rng.randrange(10**39, 10**40), rng.randrange(1, 10**rng.randint(1, 40))) for _ in range(32)]
     assert columns_accuracy(model, tokenizer, pairs, 40, depth=20) >= 0.9
     assert columns_accuracy(model, tokenizer, pairs, 40, depth=1) <= 0.5
+
+
+def test_shipped_copy_model_copies_its_training_length_and_not_beyond():
+    """The README's copy definition: n symbols of "abcdefgh" then "?"; the answer, the same n symbols, generated
+    greedily after it. Trained on 1-20 symbols: 20 are copied; 30 are not (the failure the README reports)."""
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINTS / "copy").eval()
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "copy")
+    rng = random.Random(20261211)
+
+    def accuracy(length: int, depth: int) -> float:
+        strings = ["".join(rng.choice("abcdefgh") for _ in range(length)) for _ in range(24)]
+        ids = tokenizer([s + "?" for s in strings], return_tensors="pt").input_ids  # one length: no padding
+        out = model.generate(ids, max_new_tokens=length + 1, do_sample=False, num_steps=depth, init_scale=0.0,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        copies = [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True) for row in sequences]
+        return sum(c == s for c, s in zip(copies, strings)) / len(strings)
+
+    assert accuracy(20, depth=22) >= 0.75
+    assert accuracy(30, depth=32) <= 0.2

@@ -59,13 +59,13 @@ def test_shipped_recipes_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
 
 def test_shipped_checkpoints_load_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert checkpoint_names() == ["addition", "addition-columns", "demo-cot", "demo-cot-stated", "demo-exit-gate",
+    assert checkpoint_names() == ["addition", "addition-columns", "copy", "demo-cot", "demo-cot-stated", "demo-exit-gate",
                                  "demo-latent", "demo-prm", "parity", "pointer-cot", "pointer-latent", "prefix-sums",
                                  "smollm2-recurrent"]  # the last assembled from its installed source
     assert (resolve_model_dir("demo-latent") / "model.safetensors").is_file()
     assert load_model("demo-latent").config.model_type == "recurrent_lm"
     assert len(load_tokenizer("demo-cot")) > 0
-    with pytest.raises(FileNotFoundError, match="shipped checkpoints, usable by name: addition, addition-columns, demo-cot, demo-cot-stated, demo-exit-gate, demo-latent, demo-prm, parity, pointer"):
+    with pytest.raises(FileNotFoundError, match="shipped checkpoints, usable by name: addition, addition-columns, copy, demo-cot, demo-cot-stated, demo-exit-gate, demo-latent, demo-prm, parity, pointer"):
         load_model("no-such-model")
 
 
