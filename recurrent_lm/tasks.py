@@ -248,12 +248,12 @@ class AdditionSlotsTask(AdditionTask):
 
 
 class AdditionColumnsTask(AdditionSlotsTask):
-    """405_291_030_000_?  The same sums with the digits aligned by the input itself: column i (least significant
-    first) is the two operands' i-th digits (0 past a number's end) and the slot for the sum's i-th digit, for the
-    n + 1 columns. Every digit a slot needs is then at most four tokens back (its column and the slot before), so
-    a model with a local attention window computes each column alike at any length, and a carry moves one column
-    further with each layer it crosses: the form in which prefix sums extrapolate. The answer as in
-    `addition-slots`."""
+    """13_44_10_00_?  The same sums with the digits aligned by the input itself (141 + 43 = 184, answered "4810"):
+    column i (least significant first) is the two operands' i-th digits (0 past a number's end) and the slot for
+    the sum's i-th digit, for the n + 1 columns. Every digit a slot needs is then at most three tokens back (its
+    column and the slot before), so a model with a local attention window computes each column alike at any
+    length, and a carry moves at most one column per layer it crosses: the form in which prefix sums extrapolate.
+    The answer as in `addition-slots`."""
 
     name = "addition-columns"
     alphabet = "0123456789_?"

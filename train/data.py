@@ -59,9 +59,8 @@ class RecurrentDataModule(L.LightningDataModule):
         num_workers: DataLoader workers generating training batches.
         prompt_format: how task problems are written: "plain" (the task's text) or "chat" (the question as the user
             turn of the tokenizer's chat template, the answer as the assistant's turn ended by its eos token: a
-            pretrained chat model's own format). Saved with the exported tokenizer, so that `rlm sweep`, `rlm
-            generate` and `rlm compare` prompt the model the same way. None: the tokenizer's own (plain if it
-            records none).
+            pretrained chat model's own format). Saved with the exported tokenizer, so that `rlm sweep` and `rlm
+            compare` prompt the model the same way. None: the tokenizer's own (plain if it records none).
     """
 
     def __init__(self, tasks: list[str] | None = None, text_files: list[str] | None = None, tokenizer: str | None = None,
