@@ -157,10 +157,11 @@ def models() -> None:
 
 def tasks_list() -> None:
     """List the reasoning tasks with their difficulty ranges."""
-    print(f"{'task':<12} {'difficulty':<11} description")
+    width = max(len("reasoning-gym:NAME"), *(len(name) for name in TASKS))
+    print(f"{'task':<{width}} {'difficulty':<11} description")
     for task in TASKS.values():
-        print(f"{task.name:<12} {f'{task.min_difficulty}..{task.max_difficulty}':<11} {task.description}")
-    print("reasoning-gym:NAME  (any reasoning-gym dataset, with the reasoning-gym extra installed)")
+        print(f"{task.name:<{width}} {f'{task.min_difficulty}..{task.max_difficulty}':<11} {task.description}")
+    print(f"{'reasoning-gym:NAME':<{width}} {'':<11} any reasoning-gym dataset, with the reasoning-gym extra installed")
 
 
 @ranges(difficulty=">= 1", n=PROBLEMS, seed=">= 0")

@@ -139,6 +139,8 @@ def test_cli_lists_and_samples(capsys):
     main(["tasks", "list"])
     listing = capsys.readouterr().out
     assert all(name in listing for name in TASKS) and "1..24" in listing
+    columns = {line.index(" 1..") for line in listing.splitlines()[1:] if " 1.." in line}
+    assert len(columns) == 1  # every difficulty range in one column, whatever the longest name
     main(["tasks", "sample", "chain", "--difficulty", "3", "--n", "2", "--cot"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0] == "m=1;n=m+1;o=n-5;z=o+6;z?<think> | m=1;n=1+1=2;o=2-5=4;z=4+6=3;</think>3<eos>"
