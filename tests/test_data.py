@@ -294,7 +294,7 @@ def test_the_chat_format_rejects_what_it_cannot_write(chat_tokenizer):
         encode_problem(chat_tokenizer, get_task("chain"), problem, hints=True)
 
 
-def test_answers_are_generated_and_parsed_in_the_models_format(chat_tokenizer, tmp_path):
+def test_answers_are_generated_and_parsed_in_the_models_format(chat_tokenizer):
     """answer_problems prompts a chat-format model through the template and reads its eos as the end."""
     from recurrent_lm.answering import answer_problems
     from recurrent_lm.data import prompt_ids, set_prompt_format
