@@ -26,7 +26,7 @@ class BudgetResult:
     thinking_ids: list[int]  # everything between the delimiters, inserted "Wait"s included
     answer_ids: list[int]
     thinking: str
-    answer_text: str
+    answer_text: str  # as the task's parser reads it (recurrent_lm.data.generated_text: eos written as EOS, no padding)
     waits_inserted: int
     cut_by_budget: bool
     prompt_tokens: int

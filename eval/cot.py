@@ -53,7 +53,7 @@ def cot_runs(model, tokenizer, problems: list[Problem], budget: int, depth: int 
         results = budget_forced_generate(model, tokenizer, prompts, max_thinking=budget,
                                          max_answer_tokens=len(chunk[0][1].answer) + 3, **sampling, **depth_kwargs(depth))
         for (index, problem), result in zip(chunk, results):
-            answer = get_task(problem.task).parse_answer(result.answer_text.replace(tokenizer.pad_token or "\0", ""))
+            answer = get_task(problem.task).parse_answer(result.answer_text)
             flops = causal_lm_generation_flops(model, result.prompt_tokens, result.new_tokens, depth)
             per_problem[index].append(ChainRun(answer, result, flops))
     return per_problem

@@ -23,6 +23,7 @@ from typing import Literal
 from recurrent_lm.options import DEPTH, ranges
 from recurrent_lm.outputs import claimed_output
 from recurrent_lm.problem import Problem, Task
+from recurrent_lm.special_tokens import EOS
 from recurrent_lm.tasks import get_task
 from recurrent_lm.traces import (ANSWER_FIELD, QUESTION_FIELD, THINKING_FIELD, Trace, TraceError,
                                  add_thinking_delimiters, field_text, parse_trace, read_rows, save_rows, thinking_length,
@@ -264,9 +265,7 @@ def keep_unsolved(candidates: list[Candidate], tally: Tally, model: Path, budget
         results = budget_forced_generate(net, tok, prompts, max_thinking=budget, max_answer_tokens=answer_tokens,
                                          do_sample=False, **depth_kwargs(num_steps))
         for candidate, result in zip(chunk, results):
-            text = result.answer_text
-            for special in (tok.eos_token, tok.pad_token):
-                text = text.split(special, 1)[0] if special else text
+            text = result.answer_text.split(EOS, 1)[0]  # the tokenizer's eos, written as EOS; padding dropped
             if checker is not None:
                 right = checker.score(task_answer(checker, text), gold_problem(checker, candidate.trace, candidate.gold))
             else:
