@@ -28,11 +28,13 @@ FAN_ET_AL = {"source": "Fan et al. 2024 (looped transformers, arXiv 2409.15647)"
                         "T(n) loops (n for parity and copy), lengths 1-20 with a curriculum; 6,400 test examples; "
                         "model size and steps not read"}
 
+
 def mcleish_et_al(setting: str) -> dict:
     """McLeish et al.'s published addition result, beside how its setting differs from a recipe's."""
     return {"source": "McLeish et al. 2024 (Abacus, arXiv 2405.17399)", "setting": setting,
             "result": "mean accuracy beyond 20 digits 99.1% (standard Abacus transformer 92.9%); up to 99% at 100 "
                       "digits"}
+
 
 # Abacus positions over the copy task's symbols (their ids in its tokenizer), rows up to 64 symbols + the offset
 COPY_ABACUS = ["--model.architecture.abacus_positions", "128",

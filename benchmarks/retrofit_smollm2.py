@@ -68,10 +68,10 @@ ARMS = {
     # 491 steps: the recurrent seed 0's training FLOPs; the first run of this arm took 650 steps (1.32x them)
     "fixed depth 1": trained_as("retrofit-smollm2-r1e", LOOPED, 491, ""),
     "fixed depth 1, 650 steps": trained_as("retrofit-smollm2-r1", LOOPED, 650, ""),
-    # 210 steps of the whole model, every weight: the recurrent seed 0's training FLOPs; evaluated as trained (one
-    # pass of its 30 layers: more core steps would repeat 10 layers it never learned to repeat)
     # the same recipe in the chat format, the same number of steps (the prompts' length makes each step dearer)
     "recurrent seed 0, chat format": recurrent(0, chat=True),
+    # 210 steps of the whole model, every weight: the recurrent seed 0's training FLOPs; evaluated as trained (one
+    # pass of its 30 layers: more core steps would repeat 10 layers it never learned to repeat)
     "whole source, no recurrence": trained_as("retrofit-smollm2-full", WHOLE, 210, "--model.trainable null", "1"),
     # 65 steps at batch 32 of chains of thought (about 80 tokens padded): the recurrent seed 0's training FLOPs
     "chain of thought": {
