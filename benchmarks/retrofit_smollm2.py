@@ -44,12 +44,19 @@ TRACES = RUNS / "smollm2-permutation-traces.jsonl"
 CHAT = " --data.prompt_format chat"
 
 
-def recurrent(seed: int, chat: bool = False) -> dict:
-    run = RUNS / f"retrofit-smollm2{'-chat' if chat else ''}-s{seed}"
+# distillation from the source's logits on the same batch (half the loss, temperature 1), at the answer's positions
+# ("labels") or at every position ("all": the source's predictions over the question too)
+DISTILL = " --model.distill_from smollm2-135m-instruct --model.distill_weight 0.5 --model.distill_on {}"
+
+
+def recurrent(seed: int, chat: bool = False, distill_on: str | None = None) -> dict:
+    variant = ("-chat" if chat else "") + (f"-distill-{distill_on}" if distill_on else "")
+    run = RUNS / f"retrofit-smollm2{variant}-s{seed}"
     # seed 0 is the shipped result (bfloat16 tensors)
-    model = "smollm2-recurrent" if seed == 0 and not chat else f"{run}/model"
+    model = "smollm2-recurrent" if seed == 0 and not variant else f"{run}/model"
+    extra = (CHAT if chat else "") + (DISTILL.format(distill_on) if distill_on else "")
     return {"train": f"rlm train --config retrofit-smollm2 --model.init_from {LOOPED} --data.tokenizer {LOOPED} "
-                     f"--seed_everything {seed} --model.seed {seed} --data.seed {seed}{CHAT if chat else ''} "
+                     f"--seed_everything {seed} --model.seed {seed} --data.seed {seed}{extra} "
                      f"--trainer.default_root_dir {run} --trainer.logger.init_args.save_dir {run}",
             "run": run, "eval": f"rlm sweep --model {model} {EVAL} --steps 1,2,4,8 --exit_criteria []"}
 
@@ -70,6 +77,9 @@ ARMS = {
     "fixed depth 1, 650 steps": trained_as("retrofit-smollm2-r1", LOOPED, 650, ""),
     # the same recipe in the chat format, the same number of steps (the prompts' length makes each step dearer)
     "recurrent seed 0, chat format": recurrent(0, chat=True),
+    # the same recipe and steps, distilled from the source (its forwards add to the training FLOPs)
+    "recurrent seed 0, distilled at the answer": recurrent(0, distill_on="labels"),
+    "recurrent seed 0, distilled everywhere": recurrent(0, distill_on="all"),
     # 210 steps of the whole model, every weight: the recurrent seed 0's training FLOPs; evaluated as trained (one
     # pass of its 30 layers: more core steps would repeat 10 layers it never learned to repeat)
     "whole source, no recurrence": trained_as("retrofit-smollm2-full", WHOLE, 210, "--model.trainable null", "1"),

@@ -6,7 +6,8 @@ same batches (their padded shapes) and the module draws the same depth for every
 function of seed and step). Each distinct (sequence length, steps without gradient, steps with gradient) is run
 once, forward and backward at batch 1, under torch's FlopCounterMode (every matmul and attention product, forward
 and backward, as they execute: frozen weights get no weight gradient, truncated backprop stops where it stops),
-and the run's total is the sum over its steps of batch size x that count.
+and the run's total is the sum over its steps of batch size x that count. A run that distills from a teacher
+(model.distill_from) also pays the teacher's forward on every sequence: counted the same way and added.
 
     python benchmarks/training_flops.py runs/retrofit-smollm2-s0 runs/cot-smollm2 [--steps 650] [--json OUT]
 
@@ -67,6 +68,15 @@ def step_flops(model, length: int, num_steps) -> int:
     return counter.get_total_flops()
 
 
+def teacher_flops(teacher, length: int) -> int:
+    """The forward FLOPs of a distillation teacher on one sequence of `length` tokens (0 without a teacher)."""
+    if teacher is None:
+        return 0
+    with FlopCounterMode(display=False) as counter:
+        teacher.logits(torch.randint(0, teacher.model.config.vocab_size, (1, length)), torch.ones(1, length, dtype=torch.long))
+    return counter.get_total_flops()
+
+
 def training_flops(config: Path, steps: int | None = None) -> dict:
     cli = build(config, steps)
     module = cli.model
@@ -82,7 +92,8 @@ def training_flops(config: Path, steps: int | None = None) -> dict:
             num_steps = module.hparams.num_steps if isinstance(model, RecurrentLM) else None
         key = (length, num_steps)
         if key not in measured:
-            measured[key] = step_flops(model, length, num_steps)
+            measured[key] = step_flops(model, length, num_steps) + teacher_flops(getattr(module, "teacher", None),
+                                                                                 length)
         total += size * measured[key]
         tokens += size * length
         count += 1

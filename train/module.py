@@ -24,6 +24,7 @@ from recurrent_lm.loading import load_config, load_model
 from recurrent_lm.options import ranges
 
 from .checkpoints import ArchitectureSpec, build_config, resolved_spec, saved_architecture
+from .distillation import Teacher, distillation_loss, distilled_positions
 from .parallel import ShardingPlan, check_strategy, is_sharded, prepare_model, uses_fsdp2
 
 # Fields that set how a model is trained and run, not what its weights are: init_from may differ in them.
@@ -32,7 +33,8 @@ SETTINGS_FIELDS = ("exit_gate_width", "mean_recurrence", "mean_backprop_depth")
 
 @ranges("model.", learning_rate="> 0", weight_decay=">= 0", betas="[0, 1)", warmup_steps=">= 0", min_lr_ratio="[0, 1]",
         decay_fraction="(0, 1]", fixed_num_steps=">= 1", steps_per_difficulty=">= 1", extra_steps=">= 0",
-        seed=">= 0", eval_depths=">= 1", exit_gate_depth=">= 2", progressive_loss="[0, 1]", abacus_offset=">= 0")
+        seed=">= 0", eval_depths=">= 1", exit_gate_depth=">= 2", progressive_loss="[0, 1]", abacus_offset=">= 0",
+        distill_depth=">= 1", distill_weight="(0, 1]", distill_temperature="> 0")
 class RecurrentLMModule(L.LightningModule):
     """Trains a RecurrentLM.
 
@@ -105,6 +107,16 @@ class RecurrentLMModule(L.LightningModule):
         exit_gate_depth: the depth of the unrolls the exit gate learns from (at least the depths it will serve).
             The unrolls start from the model's random initial state (init_scale), as training does; the shipped
             gate agrees with its targets as often from a zero state (0.971 against 0.968 on 64 problems).
+        distill_from: a teacher model (anything --model resolves: a directory, a shipped name, a GGUF file, an
+            installed source such as smollm2-135m-instruct) whose logits on the same batch the model learns from,
+            e.g. the pretrained source a retrofitted model was cut from. It must share the tokenizer. It runs
+            without gradient beside the model and is kept out of checkpoints. None: no distillation.
+        distill_depth: a recurrent teacher's depth (zero initial state); None: its mean_recurrence.
+        distill_weight: the loss is (1 - w) CE + w T^2 KL(teacher || student), each at temperature T.
+        distill_temperature: T, softening both distributions (Hinton et al. 2015).
+        distill_on: the positions that learn from the teacher: "labels", those that take the loss (the answer,
+            under data.loss_on answer); "all", every position, the prompt's too (the source's behaviour on the
+            question, which a retrofit that dropped layers must rebuild).
     """
 
     def __init__(self, architecture: ArchitectureSpec | None = None, learning_rate: float = 1e-3, weight_decay: float = 0.1,
@@ -117,7 +129,9 @@ class RecurrentLMModule(L.LightningModule):
                  recurrence_curriculum: RecurrenceCurriculum | None = None, trainable: list[str] | None = None,
                  sharding: ShardingPlan = ShardingPlan(), activation_checkpointing: bool = False, compile: bool = False,
                  prompt_depth: Literal["same", "random"] = "same", progressive_loss: float | None = None,
-                 abacus_offset: int = 0, abacus_places: Literal["offset", "random"] = "offset"):
+                 abacus_offset: int = 0, abacus_places: Literal["offset", "random"] = "offset",
+                 distill_from: str | None = None, distill_depth: int | None = None, distill_weight: float = 0.5,
+                 distill_temperature: float = 1.0, distill_on: Literal["labels", "all"] = "labels"):
         super().__init__()
         if len(set(eval_depths)) < len(eval_depths):
             raise ValueError(f"model.eval_depths {list(eval_depths)} gives a depth twice; give each once")
@@ -166,6 +180,13 @@ class RecurrentLMModule(L.LightningModule):
                 parameter.requires_grad_(name.startswith("exit_gate."))
         elif self.model.exit_gate is not None:  # the LM loss never reaches a gate: keep it as it is (DDP, export)
             self.model.exit_gate.requires_grad_(False)
+        if distill_from is None and distill_depth is not None:
+            raise ValueError("model.distill_depth is a teacher's depth: set model.distill_from")
+        if distill_from is not None and objective != "lm":
+            raise ValueError("model.distill_from teaches the language model: objective lm")
+        # a plain attribute, not a submodule: outside the parameters, the checkpoints and the strategy's reach
+        self.teacher = None if distill_from is None else Teacher(distill_from, distill_depth,
+                                                                  self.model.config.vocab_size)
         self._step_started = None
 
     @staticmethod
@@ -280,13 +301,15 @@ class RecurrentLMModule(L.LightningModule):
         runs = [(num_steps, 1.0)] if weight is None else [
             (progressive_num_steps(num_steps.total, self.model.config.mean_backprop_depth,
                                    self._generator(self.global_step, salt=3)), weight), (num_steps, 1.0 - weight)]
+        teacher_logits = None if self.teacher is None else self.teacher.logits(batch["input_ids"],
+                                                                                 batch["attention_mask"])
         loss = 0.0
         for steps, share in runs:
             if share > 0:
                 out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                                  num_steps=steps, generator=self._generator(self.global_step, salt=1),
                                  position_depths=position_depths, abacus_ids=abacus_ids)
-                loss = loss + share * out.loss
+                loss = loss + share * self.distilled(out, batch, teacher_logits)
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
         self.log_dict({"train/loss": loss, "train/num_steps": float(sum(num_steps)),
                        "train/mean_recurrence": float(self.mean_recurrence_at(self.global_step)),
@@ -296,6 +319,16 @@ class RecurrentLMModule(L.LightningModule):
             self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._step_started))
         self._step_started = time.perf_counter()
         return loss
+
+    def distilled(self, out, batch, teacher_logits: Tensor | None) -> Tensor:
+        """The step's loss: the model's CE, mixed with the KL to the teacher's logits when there is a teacher."""
+        if teacher_logits is None:
+            return out.loss
+        hparams = self.hparams
+        positions = distilled_positions(batch["labels"], batch["attention_mask"], hparams.distill_on)
+        kl = distillation_loss(out.logits, teacher_logits, positions, hparams.distill_temperature)
+        self.log_dict({"train/ce": out.loss, "train/kl": kl})
+        return (1 - hparams.distill_weight) * out.loss + hparams.distill_weight * kl
 
     def training_abacus_ids(self, input_ids: Tensor) -> Tensor:
         """The batch's Abacus positions spread over the table's rows (abacus_places), one draw per batch (an offset
