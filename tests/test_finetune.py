@@ -287,19 +287,42 @@ def test_select_traces_with_a_task_checks_answers(tmp_path):
     assert kept["kept"] == 1 and kept["dropped"] == {"unparseable": 1, "wrong": 1}
 
 
+def two_solved_of_four(tmp_path) -> tuple[Path, list[dict]]:
+    """A pool of four 1-permutation traces, of which the last two carry a gold answer the model will not give
+    (still a permutation, so it parses)."""
+    rows = [trace_row(p) for p in get_task("permutation").problems(1, 4, seed=4242)]
+    for r in rows[2:]:
+        r["answer"] = r["answer"][1:] + r["answer"][0]
+    return write_jsonl(tmp_path / "pool.jsonl", rows), rows
+
+
 def test_select_traces_keeps_the_problems_the_model_fails(tmp_path):
     """Difficulty with a model: the shipped demo-cot solves 1-permutation problems within 16 thinking tokens, so
     the traces whose gold answer is its right answer are dropped and those with a changed gold answer kept."""
-    task = get_task("permutation")
-    rows = [trace_row(p) for p in task.problems(1, 4, seed=4242)]
-    for r in rows[2:]:  # a gold answer the model will not give (still a permutation, so it parses)
-        r["answer"] = r["answer"][1:] + r["answer"][0]
-    pool = write_jsonl(tmp_path / "pool.jsonl", rows)
+    pool, rows = two_solved_of_four(tmp_path)
     out = tmp_path / "hard.jsonl"
     for checked in ({"task": "permutation"}, {}):
         kept = select_traces(str(pool), out, n=10, model=Path("demo-cot"), budget=16, overwrite=True, **checked)
         assert kept["dropped"].get("solved") == 2, kept
         assert [json.loads(r)["question"] for r in out.read_text().splitlines()] == [r["question"] for r in rows[2:]]
+
+
+def test_select_traces_reads_the_answers_of_a_model_with_its_own_eos(tmp_path):
+    """A pretrained model ends its answers with an eos of its own (SmolLM2's <|im_end|>, not the tasks' <eos>):
+    selection must still cut each answer there. demo-cot with its eos token renamed answers as before."""
+    import shutil
+
+    from recurrent_lm.recipes import resolve_model_dir
+
+    model = shutil.copytree(resolve_model_dir("demo-cot"), tmp_path / "im-end")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_text((model / name).read_text().replace("<eos>", "<|im_end|>"))
+    assert AutoTokenizer.from_pretrained(model).eos_token == "<|im_end|>"
+    pool, _ = two_solved_of_four(tmp_path)
+    for checked in ({"task": "permutation"}, {}):
+        kept = select_traces(str(pool), tmp_path / "hard.jsonl", n=10, model=model, budget=16, overwrite=True,
+                             **checked)
+        assert kept["dropped"].get("solved") == 2, kept
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
