@@ -33,6 +33,7 @@ def test_the_loss_is_the_softened_kl_times_t_squared():
     changed = student.clone()
     changed[0, 0] += 5
     assert distillation_loss(changed, teacher, positions, 1.0) == distillation_loss(student, teacher, positions, 1.0)
+    assert distillation_loss(student, teacher, torch.zeros_like(positions), 1.0) == 0  # nothing to distil: 0, not NaN
 
 
 def test_positions_are_the_answers_or_every_real_next_token():

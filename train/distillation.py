@@ -51,7 +51,10 @@ def distilled_positions(labels: Tensor, attention_mask: Tensor, on: str) -> Tens
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, positions: Tensor, temperature: float) -> Tensor:
     """KL(teacher || student) of the temperature-softened next-token distributions, averaged over the chosen
-    positions and scaled by temperature^2, so that its gradients keep their size as the temperature changes."""
+    positions and scaled by temperature^2, so that its gradients keep their size as the temperature changes.
+    A batch without such positions (answers all cut off, say) contributes 0, not a NaN."""
+    if not positions.any():
+        return student_logits.sum() * 0.0
     student = F.log_softmax(student_logits[positions].float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits[positions] / temperature, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
