@@ -72,8 +72,9 @@ def teacher_flops(teacher, length: int) -> int:
     """The forward FLOPs of a distillation teacher on one sequence of `length` tokens (0 without a teacher)."""
     if teacher is None:
         return 0
+    input_ids = torch.randint(0, teacher.model.config.vocab_size, (1, length))
     with FlopCounterMode(display=False) as counter:
-        teacher.logits(torch.randint(0, teacher.model.config.vocab_size, (1, length)), torch.ones(1, length, dtype=torch.long))
+        teacher.logits(input_ids, torch.ones_like(input_ids))
     return counter.get_total_flops()
 
 
