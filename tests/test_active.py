@@ -66,7 +66,8 @@ def test_a_position_that_is_not_running_keeps_its_latest_keys_and_is_not_compute
     running = torch.tensor([[True, False, True, False, False], [False, True, False, False, True]])
     active = ActiveSet.of(running, bias, past)
     assert len(active) == 4 and active.width == 2
-    out = model.core_step(active.pack(x), active.pack(injected), 1, active.pack_rope(rope), None, cache, active)
+    moved = torch.randn_like(x)  # a state that moved: the running positions' keys at step 1 must be new ones
+    out = model.core_step(active.pack(moved), active.pack(injected), 1, active.pack_rope(rope), None, cache, active)
     assert out.shape == (1, 4, model.config.hidden_size)  # four positions computed, not ten
     step0, step1 = cache._layer(("core", 0, 0)).keys, cache._layer(("core", 0, 1)).keys
     resting = ~running
