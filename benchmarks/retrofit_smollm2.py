@@ -14,6 +14,9 @@ under torch's FlopCounterMode):
 - recurrent seed 0 in SmolLM2's chat format (`--data.prompt_format chat`: the model's system turn, the question as
   the user's turn, the answer as the assistant's, ended by <|im_end|>), the same steps as the plain-text run (each
   step dearer: the prompts are about 2.3x as long);
+- recurrent seed 0 distilled from the source (`--model.distill_from smollm2-135m-instruct`, half the loss the KL
+  to its logits), at the answer's positions or at every position: the same 400 steps, each dearer by the
+  teacher's forward (training_flops counts it);
 - chain of thought (arm c): the source fine-tuned (`rlm finetune`, every weight) on the same task's worked chains
   of thought (`rlm tasks export permutation --format traces`, training seeds), then s1 budget forcing and majority
   vote through `rlm compare` against the shipped recurrent result, on one inference-FLOPs axis.
