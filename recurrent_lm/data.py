@@ -29,6 +29,14 @@ from .tasks import Problem, Task, get_task
 from .tokenization import THINK_END
 
 IGNORE = -100
+
+
+def takes_loss(labels: torch.Tensor) -> torch.Tensor:
+    """Which positions' predictions take the loss: position t predicts label t + 1 (the causal shift), so t does
+    where that label is not IGNORE; the last position predicts nothing."""
+    predicting = torch.zeros_like(labels, dtype=torch.bool)
+    predicting[:, :-1] = labels[:, 1:] != IGNORE
+    return predicting
 LOSS_ON = ("answer", "completion", "all")
 
 

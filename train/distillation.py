@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recurrent_lm.config import read_config_json
+from recurrent_lm.data import takes_loss
 from recurrent_lm.loading import load_any_causal_lm, model_dir, model_type
 
 
@@ -41,11 +42,10 @@ class Teacher:
 def distilled_positions(labels: Tensor, attention_mask: Tensor, on: str) -> Tensor:
     """Which positions' predictions (logits[:, t], predicting token t + 1) learn from the teacher: "labels", those
     that take the loss (the answer, under data.loss_on answer); "all", every position whose next token is real."""
-    positions = torch.zeros_like(labels, dtype=torch.bool)
     if on == "labels":
-        positions[:, :-1] = labels[:, 1:] != -100
-    else:
-        positions[:, :-1] = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        return takes_loss(labels)
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     return positions
 
 

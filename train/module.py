@@ -18,6 +18,7 @@ from torch import Tensor
 from recurrent_lm import RecurrentConfig, RecurrentLM
 from recurrent_lm.adaptive import settled_from
 from recurrent_lm.answering import accuracy, answer_problems
+from recurrent_lm.data import takes_loss
 from recurrent_lm.depth import (RecurrenceCurriculum, StepCounts, difficulty_num_steps, sample_num_steps,
                                  truncated)
 from recurrent_lm.loading import load_config, load_model
@@ -413,10 +414,8 @@ def progressive_num_steps(depth: int, backprop_depth: int, generator: torch.Gene
 def prompt_depths(labels: Tensor, total: int, generator: torch.Generator) -> Tensor:
     """Per-position depths for prompt_depth "random": `total` at the positions that take a loss (position t
     predicts label t + 1), a uniform draw in 1..total at every other position."""
-    takes_loss = torch.zeros_like(labels, dtype=torch.bool)
-    takes_loss[:, :-1] = labels[:, 1:] != -100
     drawn = torch.randint(1, total + 1, labels.shape, generator=generator).to(labels.device)
-    return torch.where(takes_loss, total, drawn)
+    return torch.where(takes_loss(labels), total, drawn)
 
 
 def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float, decay_fraction: float) -> float:
